@@ -1,0 +1,114 @@
+"""The PACT objective on tensors (DESIGN.md section 1.2), shared by the online
+and the cached modes so both run one code path for the math.
+
+Shapes: the response positions of a batch are flattened to `N` rows; `S` is
+the safety-token set. Inputs on the reference side are logits restricted to
+`S` (columns whose weight is zero may hold any finite value: the target puts
+no mass there), plus the post-only top-p count that the gate needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pact.kernels import masked_kl
+
+
+@dataclass(frozen=True)
+class PactConfig:
+    """Every constant of the objective, with the paper's defaults.
+
+    temperature: T of the KL; lam: weight of the KL term; p0: top-p mass of
+    the gate's count; alpha, b: gate slope and offset; gate_temperature: Tg;
+    n_free, tau: the gate decays as exp(-max(t - N, 0) / tau); boost: gate scale.
+    """
+
+    temperature: float = 2.0
+    lam: float = 1.0
+    p0: float = 0.9
+    alpha: float = 2.0
+    b: float = 0.0
+    gate_temperature: float = 1.0
+    n_free: int = 8
+    tau: float = 8.0
+    boost: float = 1.0
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for manifests, configs and logs."""
+        return asdict(self)
+
+
+def topp_count(logits: torch.Tensor, p0: float, temperature: float = 1.0) -> torch.Tensor:
+    """Smallest k such that the k largest entries of softmax(logits / temperature) sum to at least p0.
+
+    Computed in float32 over the last dimension; returns int64 of the leading shape.
+    """
+    probs = torch.softmax(logits.detach().float() / temperature, dim=-1)
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+    below = torch.cumsum(sorted_probs, dim=-1) < p0
+    return (below.sum(dim=-1) + 1).clamp(max=logits.shape[-1])
+
+
+def gate(student_count: torch.Tensor, post_count: torch.Tensor, steps: torch.Tensor, num_safety: int, cfg: PactConfig) -> torch.Tensor:
+    """The mixing weight c_t: how much of the post-only reference enters the target (no gradient)."""
+    spread = (student_count.float() - post_count.float()) / num_safety
+    decay = torch.exp(-torch.clamp(steps.float() - cfg.n_free, min=0.0) / cfg.tau)
+    return torch.sigmoid(cfg.alpha * (spread - cfg.b)) * decay * cfg.boost
+
+
+def mixed_target(full_logits: torch.Tensor, post_logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """r_t = (1 - c_t) f_t + c_t p_t, mixed in logit space, in float32."""
+    c = c.float().unsqueeze(-1)
+    return (1.0 - c) * full_logits.float() + c * post_logits.float()
+
+
+def pact_kl(
+    student_logits: torch.Tensor,
+    full_logits: torch.Tensor,
+    post_logits: torch.Tensor,
+    post_count: torch.Tensor,
+    steps: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: PactConfig,
+) -> torch.Tensor:
+    """Per-position KL_t (already times T^2) of section 1.2; zero where `mask` is False.
+
+    student_logits [N, S] carries the gradient; full/post logits [N, S] and
+    post_count [N] come from the reference (live or cached); steps [N] is the
+    response step t of each row.
+    """
+    num_safety = student_logits.shape[-1]
+    student_count = topp_count(student_logits, cfg.p0, cfg.gate_temperature)
+    c = gate(student_count, post_count, steps, num_safety, cfg)
+    target = mixed_target(full_logits, post_logits, c)
+    return masked_kl(student_logits, target, weights, mask, cfg.temperature)
+
+
+def pact_loss(ce: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: PactConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = CE + lambda * mean KL_t over the batch's response tokens; returns (loss, mean KL)."""
+    tokens = mask.sum().clamp(min=1)
+    kl = kl_per_position.sum() / tokens
+    return ce + cfg.lam * kl, kl
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Mean next-token cross-entropy of `hidden @ W.T` against `targets` without keeping [N, V] logits.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing),
+    so peak memory holds one chunk of full-vocabulary logits, not all of them.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(_ce_sum, hidden[chunk], lm_head_weight, targets[chunk], use_reentrant=False)
+    return total / max(hidden.shape[0], 1)
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
