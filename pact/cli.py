@@ -12,7 +12,7 @@ import sys
 
 from pact.errors import PactError
 
-SUBCOMMANDS = ("safety_tokens",)
+SUBCOMMANDS = ("safety_tokens", "train", "evaluate")
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -74,17 +74,25 @@ def pact_kl(
     mask: torch.Tensor,
     weights: torch.Tensor,
     cfg: PactConfig,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position KL_t (already times T^2) of section 1.2; zero where `mask` is False.
 
-    student_logits [N, S] carries the gradient; full/post logits [N, S] and
-    post_count [N] come from the reference (live or cached); steps [N] is the
-    response step t of each row.
+    student_logits [N, |S|] carries the gradient; steps [N] is each row's
+    response step t. The reference side (live or cached) gives full/post
+    logits on the target columns and post_count [N], the top-p count of the
+    post-only distribution over all of S. `columns` maps target columns to
+    positions in S ([k] or per row [N, k]); `None` means all of S. Columns of
+    S outside `columns` get zero target mass, which is exact for zero-weight
+    tokens and the documented top-k approximation otherwise.
     """
     num_safety = student_logits.shape[-1]
     student_count = topp_count(student_logits, cfg.p0, cfg.gate_temperature)
     c = gate(student_count, post_count, steps, num_safety, cfg)
     target = mixed_target(full_logits, post_logits, c)
+    if columns is not None:
+        index = columns.expand_as(target) if columns.dim() == 1 else columns
+        target = torch.full(student_logits.shape, float("-inf"), device=target.device).scatter(1, index, target)
     return masked_kl(student_logits, target, weights, mask, cfg.temperature)
 
 

@@ -38,9 +38,10 @@ class ReferenceTargets:
 def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor]:
     """The decoder stack (tokens -> final hidden states) and the LM-head weight [V, H] of a causal LM.
 
-    Works on PEFT-wrapped models too (LoRA layers stay active inside the decoder).
+    Works on PEFT- and DDP-wrapped models too (LoRA layers stay active inside the decoder).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     if getattr(base.config, "final_logit_softcapping", None):
         raise NotImplementedError("models with final_logit_softcapping are not supported by the safety-column path")
     head = base.get_output_embeddings()
@@ -61,14 +62,23 @@ def pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
 
 
 def response_hidden_states(
-    decoder: torch.nn.Module, sequences: list[list[int]], starts: list[int], pad_id: int, device: torch.device
+    model: PreTrainedModel, sequences: list[list[int]], starts: list[int], pad_id: int, device: torch.device
 ) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token, flattened to [sum n_resp, H].
 
     Response step t of sequence i is predicted at position starts[i] - 1 + t.
+    In grad mode the call goes through the model's own forward (asking it for
+    no logits), so wrappers such as DistributedDataParallel see the forward;
+    without grad the decoder stack is called directly and no per-layer
+    hidden states are kept.
     """
     ids, attention = pad_batch(sequences, pad_id, device)
-    hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+    if torch.is_grad_enabled():
+        no_logits = torch.empty(0, dtype=torch.long, device=device)
+        hidden = model(input_ids=ids, attention_mask=attention, logits_to_keep=no_logits, output_hidden_states=True).hidden_states[-1]
+    else:
+        decoder, _ = causal_lm_parts(model)
+        hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
     rows, cols = response_index(sequences, starts, device)
     return hidden[rows, cols]
 
@@ -100,12 +110,12 @@ def reference_targets(
     pad_id: int,
 ) -> list[ReferenceTargets]:
     """Run the reference on the full and post-only contexts of `examples` in one batched forward pass."""
-    decoder, head = causal_lm_parts(model)
+    _, head = causal_lm_parts(model)
     device = head.device
     full_seqs = [ex.input_ids for ex in examples]
     post_seqs = [header_ids + ex.response_ids for ex in examples]
     starts = [ex.response_start for ex in examples] + [len(header_ids)] * len(examples)
-    hidden = response_hidden_states(decoder, full_seqs + post_seqs, starts, pad_id, device)
+    hidden = response_hidden_states(model, full_seqs + post_seqs, starts, pad_id, device)
     n_full = sum(len(ex.response_ids) for ex in examples)
     full_hidden, post_hidden = hidden[:n_full], hidden[n_full:]
     safety_ids = safety_ids.to(device)
