@@ -84,6 +84,22 @@ def masked_kl_reference(
       * `+inf` or NaN in the logits of an active row propagate NaN.
     """
     check_masked_kl_inputs(student_logits, target_logits, weights, mask, temperature)
+    return masked_kl_reference_unchecked(student_logits, target_logits, weights, mask, temperature)
+
+
+def masked_kl_reference_unchecked(
+    student_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """`masked_kl_reference` without input validation.
+
+    Why: the CPU value check on `weights` reads data, which `torch.compile`
+    would turn into a graph break; benchmarks compile this function after
+    validating once. Callers must pass inputs `check_masked_kl_inputs` accepts.
+    """
     T = float(temperature)
     S = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
