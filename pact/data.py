@@ -110,8 +110,11 @@ def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as err:
                     yield f"line {number}", DataError(f"invalid JSON ({err.msg} at column {err.colno})")
     elif suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            return
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -122,8 +125,11 @@ def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
             yield f"row {index}", row
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as handle:
-            for index, row in enumerate(csv.DictReader(handle)):
-                yield f"row {index} (line {index + 2})", {k: v for k, v in row.items() if v not in (None, "")}
+            reader = csv.DictReader(handle)
+            first_line = 2  # line 1 is the header; a quoted field may span several lines
+            for index, row in enumerate(reader):
+                yield f"row {index} (line {first_line})", {k: v for k, v in row.items() if v not in (None, "")}
+                first_line = reader.line_num + 1
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -319,3 +325,89 @@ def load_examples(
     encoded, errors = encode_conversations(tokenizer, conversations, max_length, skip_invalid, source=str(path))
     report.errors.extend(errors)
     return encoded, LoadReport(report.path, len(encoded), report.skipped + len(errors), report.errors)
+
+
+# --- Prompt-only rows (evaluation) ---------------------------------------------------------------
+
+_PLACEHOLDER_ANSWER = "(answer)"
+
+
+@dataclass
+class Prompt:
+    """One validated request: chat messages ending with the user's turn (no answer)."""
+
+    example_id: int
+    messages: list[dict[str, str]]
+
+    @property
+    def text(self) -> str:
+        """The last user message: the request itself."""
+        return self.messages[-1]["content"]
+
+
+def _with_placeholder_answer(row: dict) -> dict:
+    """`row` with its answer (if any) replaced by a placeholder, so `row_to_messages` can validate the rest."""
+    if "messages" in row:
+        messages = row["messages"]
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                return row  # row_to_messages reports it
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+            return row
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        return {**row, "messages": [*messages, {"role": "assistant", "content": _PLACEHOLDER_ANSWER}]}
+    if "instruction" not in row and "prompt" in row:
+        row = {**row, "instruction": row["prompt"]}
+    return {**row, "output": _PLACEHOLDER_ANSWER}
+
+
+def row_to_prompt_messages(row: object) -> list[dict[str, str]]:
+    """Validate one raw row as a request; returns its chat messages up to where the answer would start.
+
+    Accepts the formats of `row_to_messages` without requiring an answer:
+    Alpaca rows with `instruction` (or `prompt`) and optional `input`, and chat
+    rows with `messages` (a final assistant message, if present, is dropped).
+    The validation is `row_to_messages`'s own, run on the row completed with a
+    placeholder answer, so training and evaluation files follow one set of rules.
+    """
+    if isinstance(row, dict):
+        row = _with_placeholder_answer(row)
+    messages = row_to_messages(row)[:-1]
+    if messages[-1]["role"] != "user":
+        raise DataError("the conversation must end with a 'user' message (the request)")
+    return messages
+
+
+def _load_rows(path: str | Path, convert, skip_invalid: bool, limit: int | None) -> tuple[list, LoadReport]:
+    """Read a data file and apply `convert(index, raw_row)` to each row, with the error policy of `load_conversations`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    items: list = []
+    errors: list[str] = []
+    for index, (location, raw) in enumerate(_rows_from_file(path)):
+        if limit is not None and index >= limit:
+            break
+        try:
+            items.append(convert(index, raw))
+        except DataError as err:
+            message = f"{path}, {location}: {err}"
+            if not skip_invalid:
+                raise DataError(message) from None
+            errors.append(message)
+    if not items:
+        raise DataError(f"{path}: no usable rows" + (f" ({len(errors)} invalid, first: {errors[0]})" if errors else " (the file is empty)"))
+    return items, LoadReport(str(path), len(items), len(errors), errors)
+
+
+def load_prompts(path: str | Path, skip_invalid: bool = False, limit: int | None = None) -> tuple[list[Prompt], LoadReport]:
+    """Read requests (answers optional and ignored) from any format `load_conversations` reads.
+
+    For evaluation files of prompts alone, e.g. harmful requests for refusal
+    rates; `example_id` is each row's index in the file, errors as in
+    `load_conversations`.
+    """
+    return _load_rows(path, lambda index, raw: Prompt(index, row_to_prompt_messages(raw)), skip_invalid, limit)

@@ -192,6 +192,15 @@ def load_model(
     )
 
 
+def _is_weight_file(path: Path) -> bool:
+    """Whether a file in a model directory holds weights (not `training_args.bin`, `optimizer.pt`, ...)."""
+    if not path.is_file() or path.suffix not in _WEIGHT_SUFFIXES:
+        return False
+    if path.suffix in (".safetensors", ".gguf"):
+        return True
+    return path.name.startswith(("pytorch_model", "model"))
+
+
 def model_fingerprint(model: PreTrainedModel, path: Path | None = None) -> str:
     """Identify a model's weights independently of the dtype it was loaded in.
 
@@ -199,7 +208,7 @@ def model_fingerprint(model: PreTrainedModel, path: Path | None = None) -> str:
     conversion), else every parameter of `model` cast to float32.
     """
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).iterdir() if p.suffix in _WEIGHT_SUFFIXES) if path and Path(path).is_dir() else []
+    files = sorted(p for p in Path(path).iterdir() if _is_weight_file(p)) if path and Path(path).is_dir() else []
     if files:
         for file in files:
             digest.update(file.name.encode())

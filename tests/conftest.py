@@ -15,3 +15,31 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- Shared model fixtures (tests/helpers.py builds the tiny pieces) ---------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (seed 0) saved with the tiny ChatML tokenizer; loadable by `load_model(str(dir))`."""
+    from helpers import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct, loaded once per session with `pact.models.load_model()`.
+
+    The embedded model is part of the quickstart install, so a missing package fails the test
+    (with the pip command to run) instead of skipping it.
+    """
+    from pact.models import ModelNotFoundError, load_model
+
+    try:
+        return load_model()
+    except ModelNotFoundError as err:
+        pytest.fail(f"the embedded model is not available: {err}", pytrace=False)
