@@ -1,0 +1,176 @@
+"""Training cost of PACT variants against plain SFT, side by side in one run.
+
+Each variant runs in its own subprocess (so peak RSS is its own) on the same
+cache rows, batches and LoRA settings, and the script prints median step time
+and peak memory as ratios to plain SFT:
+
+* sft            -- an independent plain-SFT loop: `model(..., labels=...)`, CE only
+* online-separate-- online PACT with a separate reference model: two extra
+                    forward passes per step (as the paper's released code)
+* online-adapter -- online PACT, reference = the student with adapters disabled
+* cached         -- cached PACT (`cached_pact_loss`), no reference model
+* pact-train     -- the `pact train` loop itself (`pact.train.train`)
+
+Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
+on CUDA. Usage:
+
+    python benchmarks/bench_train.py --data ../shared/data/sst2_5k.jsonl --rows 32 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("sft", "online-separate", "online-adapter", "cached", "pact-train")
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(args) -> None:
+    """Run one variant for --warmup + --steps optimizer steps and print a JSON line."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pact.cache_tools import CacheReader
+    from pact.data import assistant_header_ids
+    from pact.loss import cached_pact_loss, compute_pact_loss
+    from pact.models import load_model
+    from pact.objective import PactConfig
+    from pact.targets import OnlineReference, examples_from_cache_rows
+
+    torch.manual_seed(0)
+    reader = CacheReader(args.cache)
+    rows = [reader[i] for i in range(min(len(reader), args.rows))]
+    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    needed = args.warmup + args.steps
+    batches = (batches * (needed // len(batches) + 1))[:needed]
+    cfg = PactConfig()
+    lora = dict(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+    if args.variant == "pact-train":
+        from pact.train import TrainConfig, train
+
+        with tempfile.TemporaryDirectory() as out:
+            result = train(TrainConfig(cache=args.cache, out=out, max_steps=needed, batch_size=args.batch_size, lr=1e-4,
+                                       seed=0, device=args.device, progress=False))
+            times = [m["seconds"] for m in result.metrics][args.warmup :]
+            device = torch.device("cuda" if args.device == "cuda" else "cpu")
+            print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
+        return
+
+    loaded = load_model(reader.manifest["model_source"], device=args.device, dtype="float32")
+    tok = loaded.tokenizer
+    reference_model = load_model(reader.manifest["model_source"], device=args.device, dtype="float32").model if args.variant == "online-separate" else None
+    model = get_peft_model(loaded.model, LoraConfig(**lora))
+    model.train()
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    safety = reader.manifest["safety_tokens"]
+    safety_ids = torch.tensor(safety["ids"])
+    weights = torch.tensor(safety["weights"])
+    pad = tok.pad_token_id
+    if args.variant.startswith("online"):
+        online = OnlineReference(reference_model if reference_model is not None else model, safety_ids,
+                                 assistant_header_ids(tok), cfg, pad)
+
+    times = []
+    for index, batch in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        if args.variant == "sft":
+            length = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            labels = torch.full((len(batch), length), -100, dtype=torch.long)
+            attention = torch.zeros((len(batch), length), dtype=torch.long)
+            for i, r in enumerate(batch):
+                seq = torch.as_tensor(r["input_ids"], dtype=torch.long)
+                ids[i, : len(seq)] = seq
+                attention[i, : len(seq)] = 1
+                labels[i, int(r["response_start"]) : len(seq)] = seq[int(r["response_start"]) :]
+            loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+        elif args.variant == "cached":
+            loss = cached_pact_loss(model, batch, safety_ids, weights, cfg, pad).loss
+        else:
+            examples = examples_from_cache_rows(batch)
+            loss = compute_pact_loss(model, examples, online.targets(examples), safety_ids, weights, cfg, pad).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - started)
+    print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
+
+
+def _run_variant(variant: str, args, cache: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--cache", str(cache), "--rows", str(args.rows),
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if result.returncode != 0:
+        raise SystemExit(f"variant {variant} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="training data file (default: the project's demo benign data)")
+    parser.add_argument("--cache", help="use this cache instead of building one")
+    parser.add_argument("--rows", type=int, default=32, help="rows to train on (default 32)")
+    parser.add_argument("--max-length", type=int, default=256, help="cache --max-length (default 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step (default 4)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (default 6)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants, interleaved (default 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.variant = args.worker
+        _worker(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
+        if not args.cache:
+            build = [sys.executable, "-m", "pact.cache_tools.cli", "build", "--out", str(cache), "--max-length", str(args.max_length),
+                     "--limit", str(args.rows), "--dtype", "float32"]
+            if args.data:
+                build += ["--data", args.data]
+            subprocess.run(build, check=True)
+        variants = [v for v in args.variants.split(",") if v]
+        results: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for variant in variants:
+                results[variant].append(_run_variant(variant, args, cache))
+                print(f"  {variant}: {results[variant][-1]}", file=sys.stderr)
+    summary = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)} for v, rs in results.items()}
+    base = summary.get("sft")
+    print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}")
+    print(f"{'variant':<16} {'step s':>8} {'peak MB':>9} {'time/SFT':>9} {'mem/SFT':>8}")
+    for variant, values in summary.items():
+        time_ratio = values["step_s"] / base["step_s"] if base else float("nan")
+        mem_ratio = values["peak_mb"] / base["peak_mb"] if base else float("nan")
+        print(f"{variant:<16} {values['step_s']:8.3f} {values['peak_mb']:9.0f} {time_ratio:9.3f} {mem_ratio:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Fine-tuning from a reference cache: the PACT loss with cached targets, LoRA
+(via peft) or full fine-tuning, and no reference model in memory.
+
+`train(TrainConfig)` is the plain loop behind `pact train`; it checkpoints
+every `save_steps` optimizer steps and resumes to the same result.
+`PactTrainer` offers the same loss inside `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from pact.cache_tools import CacheReader
+from pact.errors import PactError
+from pact.loss import cached_pact_loss
+from pact.models import LoadedModel, load_model
+from pact.objective import PactConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (defaults follow the paper's released configuration)."""
+
+    cache: str
+    out: str
+    model: str | None = None
+    full: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-5
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    save_steps: int = 0
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+    objective: PactConfig = field(default_factory=PactConfig)
+    ce_chunk_size: int = 1024
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, written to `config.json`."""
+        data = asdict(self)
+        data["objective"] = self.objective.to_dict()
+        return data
+
+
+@dataclass
+class TrainResult:
+    """Where the run wrote its outputs and how far it got."""
+
+    out: Path
+    steps: int
+    metrics: list[dict]
+
+
+def check_compatibility(manifest: dict, loaded: LoadedModel, cfg: PactConfig, force: bool) -> list[str]:
+    """Refuse a model, tokenizer or objective setting the cache was not built for.
+
+    Returns warnings (mismatches overridden by `force`); raises `PactError` otherwise.
+    Objective parameters baked into the cache (the gate's p0 and Tg) are never overridable.
+    """
+    gate = manifest.get("gate", {})
+    for key, value in (("p0", cfg.p0), ("gate_temperature", cfg.gate_temperature)):
+        if key in gate and not math.isclose(float(gate[key]), float(value)):
+            raise PactError(f"the cache was built with gate {key}={gate[key]} but training asks for {value}; rebuild the cache")
+    if manifest.get("objective_temperature") is not None and manifest.get("top_k") and not math.isclose(float(manifest["objective_temperature"]), cfg.temperature):
+        raise PactError(f"the cache's top-k columns were chosen for T={manifest['objective_temperature']}, training asks for T={cfg.temperature}")
+    expected = manifest.get("fingerprints", {})
+    problems = [
+        f"{what} fingerprint differs from the cache's ({have} vs {want})"
+        for what, have, want in (("model", loaded.fingerprint, expected.get("model")), ("tokenizer", loaded.tokenizer_fingerprint, expected.get("tokenizer")))
+        if want is not None and have != want
+    ]
+    if problems and not force:
+        raise PactError("; ".join(problems) + " (pass --force to train anyway)")
+    return problems
+
+
+def _lora_wrap(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic shuffled row indices for an epoch, cut into batches (the last may be short)."""
+    order = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _save_weights(model, directory: Path, full: bool, tokenizer) -> None:
+    model.save_pretrained(directory)
+    if full:
+        tokenizer.save_pretrained(directory)
+
+
+def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict, config: TrainConfig, tokenizer) -> None:
+    """Write a checkpoint under a temporary name, then rename it into place."""
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    staging = out / f".{final.name}.tmp"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    _save_weights(model, staging / "model", config.full, tokenizer)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+               staging / "optimizer.pt")
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+    staging.rename(final)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, full: bool) -> dict:
+    from safetensors.torch import load_file
+
+    weights_dir = path / "model"
+    if full:
+        files = sorted(weights_dir.glob("*.safetensors"))
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        model.load_state_dict(state, strict=False)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(weights_dir / "adapter_model.safetensors"))
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """Plot CE and KL against optimizer steps into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, key, title in ((axes[0], "ce", "cross-entropy"), (axes[1], "kl", "safety-token KL")):
+        axis.plot(steps, [m[key] for m in metrics], marker="." if len(steps) < 50 else None)
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune the cache's reference model (or `config.model`) on the cache with the PACT loss.
+
+    Writes to `config.out`: the adapter (or full model with `full`),
+    `metrics.jsonl` (one object per optimizer step), `curves.png` and
+    `config.json` with every effective setting.
+    """
+    out = Path(config.out)
+    reader = CacheReader(config.cache)
+    manifest = reader.manifest
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise PactError(f"output directory {out} is not empty; pass --resume to continue a run there or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    loaded = load_model(config.model or manifest["model_source"], device=config.device, dtype="float32")
+    for warning in check_compatibility(manifest, loaded, config.objective, config.force):
+        print(f"warning: {warning} (--force)")
+    model = loaded.model
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not config.full:
+        model = _lora_wrap(model, config)
+    model.train()
+    device = next(model.parameters()).device
+    safety_ids, weights = reader.safety_ids, reader.safety_weights
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+
+    steps_per_epoch = math.ceil(math.ceil(len(reader) / config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    metrics: list[dict] = []
+    metrics_path = out / "metrics.jsonl"
+    checkpoint = _latest_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config.full)
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()][: state["step"]] if metrics_path.exists() else []
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "model_source": loaded.source, "total_steps": total_steps,
+                                                 "cache_rows": len(reader), "safety_tokens": len(safety_ids)}, indent=2))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not config.progress)
+    with open(metrics_path, "a") as log:
+        while state["step"] < total_steps:
+            batches = _batches_for_epoch(len(reader), config.batch_size, config.seed, state["epoch"])
+            groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
+            for group in groups[state["batch_in_epoch"]:]:
+                started = time.perf_counter()
+                row_groups = [[reader[i] for i in batch] for batch in group]
+                total_tokens = sum(len(row["post_count"]) for rows in row_groups for row in rows)
+                sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+                for rows in row_groups:
+                    with autocast:
+                        result = cached_pact_loss(model, rows, safety_ids, weights, config.objective, pad_id, config.ce_chunk_size)
+                    share = result.tokens / total_tokens
+                    (result.loss * share).backward()
+                    for key in sums:
+                        sums[key] += getattr(result, key).item() * share
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                seconds = time.perf_counter() - started
+                record = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": lr, "tokens": total_tokens, "seconds": seconds}
+                metrics.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", ce=f"{sums['ce']:.4f}", kl=f"{sums['kl']:.4f}", tok_s=f"{total_tokens / seconds:.0f}")
+                if config.save_steps and state["step"] % config.save_steps == 0:
+                    _save_checkpoint(out, state["step"], model, optimizer, scheduler, state, config, loaded.tokenizer)
+                if state["step"] >= total_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+    bar.close()
+    _save_weights(model, out, config.full, loaded.tokenizer)
+    plot_curves(metrics, out / "curves.png")
+    return TrainResult(out=out, steps=state["step"], metrics=metrics)
