@@ -12,7 +12,7 @@ import sys
 
 from pact.errors import PactError
 
-SUBCOMMANDS = ("safety_tokens", "train", "evaluate")
+SUBCOMMANDS = ("safety_tokens", "train", "evaluate", "report")
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -196,24 +196,7 @@ def load_conversations(path: str | Path, skip_invalid: bool = False, limit: int 
     A bad row raises `DataError` naming the file, the row or line and the
     field, unless `skip_invalid`, which skips it and counts it in the report.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    conversations: list[Conversation] = []
-    errors: list[str] = []
-    for index, (location, raw) in enumerate(_rows_from_file(path)):
-        if limit is not None and index >= limit:
-            break
-        try:
-            conversations.append(Conversation(index, row_to_messages(raw)))
-        except DataError as err:
-            message = f"{path}, {location}: {err}"
-            if not skip_invalid:
-                raise DataError(message) from None
-            errors.append(message)
-    if not conversations:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(errors)} invalid, first: {errors[0]})" if errors else " (the file is empty)"))
-    return conversations, LoadReport(str(path), len(conversations), len(errors), errors)
+    return _load_rows(path, lambda index, raw: Conversation(index, row_to_messages(raw)), skip_invalid, limit)
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
