@@ -1,0 +1,123 @@
+"""`pact safety-tokens`: compute the safety-token file of an aligned model, or show one.
+
+    pact safety-tokens [--aligned M] [--base M] [--data FILE] ... --out FILE.json
+    pact safety-tokens show FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pact.data import demo_data_path, load_conversations
+from pact.errors import PactError
+from pact.models import EMBEDDED_MODEL, load_model
+from pact.safety_tokens import DIFF_MODES, SafetyTokens, compute_safety_tokens
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `safety-tokens` (compute) and its `show` action to the `pact` parser."""
+    parser = subparsers.add_parser(
+        "safety-tokens",
+        help="compute the safety tokens of an aligned model (or show a safety-token file)",
+        description=(
+            "Find the tokens on which the aligned model's refusals differ most from its base model "
+            "(DESIGN.md 1.1) and write them with their weights to a JSON file. "
+            "Use 'pact safety-tokens show FILE' to print an existing file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--aligned", metavar="M", default=None,
+                        help=f"aligned chat model: local directory, hub id, .gguf file, or {EMBEDDED_MODEL!r} "
+                             "(default: the embedded model)")
+    parser.add_argument("--base", metavar="M", default=None,
+                        help="its base model, same tokenizer required (default: the aligned model itself, "
+                             "contrasting its chat template with the plain 'User: ... Assistant: ' template)")
+    parser.add_argument("--data", metavar="FILE", default=None,
+                        help="harmful prompts paired with refusals (.jsonl/.json/.csv/.parquet or a save_to_disk "
+                             "folder; Alpaca or chat rows) (default: the bundled demo refusals)")
+    parser.add_argument("--top", type=int, default=50,
+                        help="keep the tokens the aligned model puts most mass on (the largest mean p_A)")
+    parser.add_argument("--max-examples", type=int, default=512,
+                        help="use the first K rows of the data; rows with an empty response among them are skipped")
+    parser.add_argument("--max-resp-len", type=int, default=64,
+                        help="score only the first N tokens of each refusal")
+    parser.add_argument("--diff-mode", choices=DIFF_MODES, default="p_diff",
+                        help="per-step difference: p_diff = p_A - p_B; pref_logratio = p_A * (log p_B - log p_A)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature applied to both models' logits")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="examples per forward pass (speed/memory only; results do not depend on it)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto",
+                        help="model weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16; "
+                             "probabilities are always computed in float32")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip malformed data rows (counted and reported) instead of stopping at the first one")
+    parser.add_argument("--out", metavar="FILE.json", default=None,
+                        help="where to write the safety-token JSON file (required unless 'show' is used)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run, parser=parser)
+
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", dest="action")
+    show = actions.add_parser(
+        "show",
+        help="print a safety-token file as a table",
+        description="Print a safety-token file: rank by weight, token id, token text and weight, then its parameters.",
+    )
+    show.add_argument("file", metavar="FILE", help="a file written by 'pact safety-tokens --out'")
+    show.set_defaults(func=run_show)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the safety tokens from the command-line arguments and write them to `--out`."""
+    if not args.out:
+        args.parser.error("--out FILE.json is required (or use: pact safety-tokens show FILE)")
+    started = time.perf_counter()
+    data_path = args.data or str(demo_data_path("refusals"))
+    conversations, report = load_conversations(data_path, skip_invalid=args.skip_invalid, limit=args.max_examples)
+    if report.skipped:
+        print(f"skipped {report.skipped} invalid row(s) of {data_path}; first: {report.errors[0]}")
+    aligned = load_model(args.aligned, device=args.device, dtype=args.dtype)
+    same = args.base is None or args.base == args.aligned
+    base = aligned if same else load_model(args.base, device=args.device, dtype=args.dtype)
+    tokens = compute_safety_tokens(
+        aligned,
+        base,
+        conversations,
+        top=args.top,
+        max_examples=args.max_examples,
+        max_resp_len=args.max_resp_len,
+        diff_mode=args.diff_mode,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        data_path=data_path,
+    )
+    path = tokens.save(args.out)
+    positive = sum(w > 0 for w in tokens.weights)
+    print(
+        f"{len(tokens)} safety tokens ({positive} with positive weight) from "
+        f"{tokens.params['examples_used']} examples in {time.perf_counter() - started:.1f}s -> {path}"
+    )
+    return 0
+
+
+def format_table(tokens: SafetyTokens) -> str:
+    """A readable table of a safety-token set, heaviest first, followed by its parameters and fingerprints."""
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens.weights[i], tokens.ids[i]))
+    lines = [f"{'rank':>4}  {'id':>7}  {'token':<24}  {'weight':>8}"]
+    for rank, i in enumerate(order, start=1):
+        lines.append(f"{rank:>4}  {tokens.ids[i]:>7}  {repr(tokens.tokens[i]):<24}  {tokens.weights[i]:>8.4f}")
+    positive = sum(w > 0 for w in tokens.weights)
+    lines.append(f"|S| = {len(tokens)}, {positive} with positive weight")
+    lines.extend(f"{key}: {value!r}" if isinstance(value, str) else f"{key}: {value}" for key, value in tokens.params.items())
+    lines.extend(f"fingerprint {key}: {value}" for key, value in tokens.fingerprints.items())
+    return "\n".join(lines)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Print the safety-token file named on the command line."""
+    print(format_table(SafetyTokens.load(args.file)))
+    return 0

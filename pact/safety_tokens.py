@@ -1,0 +1,334 @@
+"""Safety tokens (DESIGN.md section 1.1): the vocabulary entries on which the
+aligned model's refusals differ most from its base model, with their weights.
+
+They are computed once per aligned model from harmful prompts paired with
+refusals, saved as JSON, and restrict the PACT objective (and the cache) to a
+small set of columns.
+
+Choices the design leaves open, made here:
+
+* "the first K examples (skipping any whose response is empty)" means the
+  first `max_examples` conversations given; those among them whose stripped
+  response is empty are skipped, so fewer than K may be used
+  (`params["examples_used"]` records how many were).
+* The aligned model's prompt is the chat template's text (generation prompt
+  on) tokenized without special tokens, since the template writes its own.
+  The base model's plain prompt is ordinary text and is tokenized the way its
+  tokenizer encodes text by default (with special tokens: a BOS where the
+  tokenizer adds one). The refusal is tokenized on its own, without special
+  tokens, and appended to both token lists unchanged, so both models are
+  scored on the same response ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pact.data import Conversation, render_prompt
+from pact.errors import PactError
+from pact.models import LoadedModel
+from pact.reference import causal_lm_parts, response_hidden_states
+
+DIFF_MODES = ("p_diff", "pref_logratio")
+PLAIN_TEMPLATE = "User: {prompt}\n\nAssistant: "
+FILE_FORMAT = "pact-safety-tokens"
+FILE_VERSION = 1
+_NONZERO = 1e-9
+_EPS = 1e-6
+
+
+class SafetyTokensFileError(PactError):
+    """A safety-token file is missing, not JSON, or has a malformed field; the message names both."""
+
+
+@dataclass
+class SafetyTokens:
+    """The safety-token set S: sorted ids, their weights max(v, 0), and how they were made.
+
+    ids: sorted token ids; weights: one float >= 0 per id; tokens: each id
+    decoded on its own; params: every input of the computation (see
+    `compute_safety_tokens`); fingerprints: `aligned_model`, `base_model` and
+    `tokenizer` (the aligned tokenizer, chat template included), so a cache or
+    trainer can refuse a set made for another model.
+    """
+
+    ids: list[int]
+    weights: list[float]
+    tokens: list[str]
+    params: dict = field(default_factory=dict)
+    fingerprints: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """|S|, the number of safety tokens."""
+        return len(self.ids)
+
+    def id_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ids as a long tensor, for indexing logit columns."""
+        return torch.tensor(self.ids, dtype=torch.long, device=device)
+
+    def weight_tensor(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights as a tensor aligned with `id_tensor` (the objective's `w`)."""
+        return torch.tensor(self.weights, dtype=dtype, device=device)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready form, tagged with the file format and version."""
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "ids": list(self.ids),
+            "weights": list(self.weights),
+            "tokens": list(self.tokens),
+            "params": dict(self.params),
+            "fingerprints": dict(self.fingerprints),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the set as JSON (never a pickle), atomically, creating parent folders."""
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(self.to_dict(), out, indent=2, ensure_ascii=False)
+                out.write("\n")
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SafetyTokens":
+        """Read and validate a file written by `save`; any problem raises `SafetyTokensFileError` naming the file and field."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SafetyTokensFileError(f"safety-token file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SafetyTokensFileError(f"{path}: not a JSON safety-token file ({err})") from err
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "safety tokens") -> "SafetyTokens":
+        """Validate the output of `to_dict` (e.g. read back from JSON); `source` names it in errors."""
+
+        def fail(field_name: str, problem: str) -> SafetyTokensFileError:
+            return SafetyTokensFileError(f"{source}: field '{field_name}' {problem}")
+
+        if not isinstance(data, dict):
+            raise SafetyTokensFileError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FILE_FORMAT:
+            raise fail("format", f"must be {FILE_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != FILE_VERSION:
+            raise fail("version", f"must be {FILE_VERSION}, got {data.get('version')!r} (written by another pact version?)")
+        for name, kind in (("ids", list), ("weights", list), ("tokens", list), ("params", dict), ("fingerprints", dict)):
+            if name not in data:
+                raise fail(name, "is missing")
+            if not isinstance(data[name], kind):
+                raise fail(name, f"must be a JSON {'array' if kind is list else 'object'}, got {type(data[name]).__name__}")
+        ids, weights, tokens = data["ids"], data["weights"], data["tokens"]
+        if not ids:
+            raise fail("ids", "is empty")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise fail("ids", "must hold non-negative integers")
+        if any(b <= a for a, b in zip(ids, ids[1:])):
+            raise fail("ids", "must be sorted in increasing order without duplicates")
+        for name, values in (("weights", weights), ("tokens", tokens)):
+            if len(values) != len(ids):
+                raise fail(name, f"has {len(values)} entries but 'ids' has {len(ids)}")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+            raise fail("weights", "must hold finite numbers")
+        if any(w < 0 for w in weights):
+            raise fail("weights", "must be >= 0 (weights are max(v, 0))")
+        if not any(w > 0 for w in weights):
+            raise fail("weights", "has no positive weight, so the objective would have no target")
+        if any(not isinstance(t, str) for t in tokens):
+            raise fail("tokens", "must hold strings")
+        for key in ("aligned_model", "base_model", "tokenizer"):
+            if not isinstance(data["fingerprints"].get(key), str):
+                raise fail(f"fingerprints.{key}", "is missing or not a string")
+        return cls(
+            ids=list(ids),
+            weights=[float(w) for w in weights],
+            tokens=list(tokens),
+            params=dict(data["params"]),
+            fingerprints=dict(data["fingerprints"]),
+        )
+
+
+def _check_arguments(top: int, max_examples: int, max_resp_len: int, diff_mode: str, temperature: float, batch_size: int) -> None:
+    if diff_mode not in DIFF_MODES:
+        raise PactError(f"unknown diff mode {diff_mode!r}; choose one of {', '.join(DIFF_MODES)}")
+    for name, value in (("top", top), ("max_examples", max_examples), ("max_resp_len", max_resp_len), ("batch_size", batch_size)):
+        if value < 1:
+            raise PactError(f"{name} must be at least 1, got {value}")
+    if not temperature > 0:
+        raise PactError(f"temperature must be positive, got {temperature}")
+
+
+def _check_same_vocabulary(aligned: LoadedModel, base: LoadedModel) -> int:
+    """Both models must share a vocabulary, or their distributions cannot be compared; returns its size."""
+    if aligned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
+        raise PactError(
+            f"the aligned model ({aligned.source}) and the base model ({base.source}) have different tokenizer "
+            "vocabularies; safety tokens compare both models token by token, so the base must be the aligned "
+            "model's own base (same tokenizer)"
+        )
+    sizes = {causal_lm_parts(m.model)[1].shape[0] for m in (aligned, base)}
+    if len(sizes) != 1:
+        raise PactError(f"the aligned and base models have different output vocabulary sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _encode(aligned: LoadedModel, base: LoadedModel, conversation: Conversation, max_resp_len: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of (aligned prompt, base prompt, response) for one example; see the module notes."""
+    tokenizer = aligned.tokenizer
+    response = tokenizer(conversation.response.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
+    aligned_prompt = tokenizer(render_prompt(tokenizer, conversation.messages[:-1]), add_special_tokens=False)["input_ids"]
+    base_prompt = base.tokenizer(PLAIN_TEMPLATE.format(prompt=conversation.prompt))["input_ids"]
+    return list(aligned_prompt), list(base_prompt), list(response)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _response_logprobs(loaded: LoadedModel, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the full vocabulary at every response step, as [sum n_resp, V] float32.
+
+    Only the positions that predict response tokens are projected to the
+    vocabulary, and the projection runs in float32 even for half-precision
+    models (bfloat16 logits would be off by ~0.1, i.e. ~10% in probability).
+    """
+    _, head = causal_lm_parts(loaded.model)
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    starts = [len(p) for p in prompts]
+    hidden = response_hidden_states(loaded.model, sequences, starts, _pad_id(loaded.tokenizer), head.device)
+    return torch.log_softmax(F.linear(hidden.float(), head.float()) / temperature, dim=-1)
+
+
+@torch.inference_mode()
+def compute_safety_tokens(
+    aligned: LoadedModel,
+    base: LoadedModel | None,
+    conversations: Sequence[Conversation],
+    top: int = 50,
+    max_examples: int = 512,
+    max_resp_len: int = 64,
+    diff_mode: str = "p_diff",
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    progress: bool = True,
+    data_path: str | None = None,
+) -> SafetyTokens:
+    """Compute the safety-token set S and its weights exactly as DESIGN.md 1.1 specifies.
+
+    Scores the refusals of the first `max_examples` conversations under the
+    aligned model (chat template) and the base model (plain "User: ...
+    Assistant: " template), averages the per-step difference `d_t` (`p_diff`:
+    p_A - p_B; `pref_logratio`: p_A * (log p_B - log p_A)) per example and then
+    over examples, keeps the `top` tokens the aligned model puts most mass on,
+    standardises and L2-normalises their values, and returns the tokens with a
+    non-zero value, weighted by max(value, 0).
+
+    `base=None` (or the aligned model itself) contrasts the aligned model with
+    itself under the plain template. `batch_size` only changes speed (results
+    agree with one-at-a-time up to float rounding). `data_path` is recorded in
+    `params` so a file says which data it came from.
+    """
+    _check_arguments(top, max_examples, max_resp_len, diff_mode, temperature, batch_size)
+    base = base or aligned
+    vocab_size = _check_same_vocabulary(aligned, base)
+    window = list(conversations)[:max_examples]
+    chosen = [c for c in window if c.response.strip()]
+    if not chosen:
+        raise PactError(f"none of the first {len(window)} examples has a non-empty response")
+
+    # Longest first: batches of similar lengths waste little padding, and running out of memory shows at once.
+    encoded_all = sorted(
+        (_encode(aligned, base, c, max_resp_len) for c in chosen),
+        key=lambda e: max(len(e[0]), len(e[1])) + len(e[2]),
+        reverse=True,
+    )
+    d_sum = torch.zeros(vocab_size, dtype=torch.float64)
+    m_sum = torch.zeros(vocab_size, dtype=torch.float64)
+    steps = 0
+    with tqdm(total=len(chosen), desc="safety tokens", unit="ex", disable=not progress) as bar:
+        for begin in range(0, len(encoded_all), batch_size):
+            encoded = encoded_all[begin:begin + batch_size]
+            aligned_prompts, base_prompts, responses = (list(column) for column in zip(*encoded))
+            logp_a = _response_logprobs(aligned, aligned_prompts, responses, temperature)
+            logp_b = _response_logprobs(base, base_prompts, responses, temperature).to(logp_a.device)
+            p_a = logp_a.exp()
+            d = p_a - logp_b.exp() if diff_mode == "p_diff" else p_a * (logp_b - logp_a)
+            del logp_a, logp_b
+            sizes = [len(r) for r in responses]
+            for d_example, p_example in zip(d.split(sizes), p_a.split(sizes)):
+                d_sum += d_example.double().mean(dim=0).cpu()
+                m_sum += p_example.double().mean(dim=0).cpu()
+            steps += sum(sizes)
+            del d, p_a
+            bar.update(len(encoded))
+
+    d_mean, m_mean = d_sum / len(chosen), m_sum / len(chosen)
+    top_ids = torch.topk(m_mean, min(top, vocab_size)).indices
+    v = torch.zeros(vocab_size, dtype=torch.float64)
+    v[top_ids] = d_mean[top_ids]
+    v = _standardise(v)
+    ids = torch.nonzero(v).flatten().tolist()
+    weights = [max(float(v[i]), 0.0) for i in ids]
+    if not any(w > 0 for w in weights):
+        raise PactError("no safety token got a positive weight: the aligned and base distributions do not differ on these examples")
+    return SafetyTokens(
+        ids=ids,
+        weights=weights,
+        tokens=[aligned.tokenizer.decode([i]) for i in ids],
+        params={
+            "top": top,
+            "max_examples": max_examples,
+            "max_resp_len": max_resp_len,
+            "diff_mode": diff_mode,
+            "temperature": temperature,
+            "data": data_path,
+            "examples_used": len(chosen),
+            "examples_skipped_empty": len(window) - len(chosen),
+            "response_steps": steps,
+            "aligned": aligned.source,
+            "base": base.source,
+            "plain_template": PLAIN_TEMPLATE,
+        },
+        fingerprints={
+            "aligned_model": aligned.fingerprint,
+            "base_model": base.fingerprint,
+            "tokenizer": aligned.tokenizer_fingerprint,
+        },
+    )
+
+
+def _standardise(v: torch.Tensor) -> torch.Tensor:
+    """Standardise the entries with |v| > 1e-9 (sample std + 1e-6), then divide everything by the L2 norm + 1e-6.
+
+    With fewer than two such entries the sample std is undefined; it is taken
+    as 0, so a single entry standardises to 0.
+    """
+    v = v.clone()
+    mask = v.abs() > _NONZERO
+    kept = v[mask]
+    if kept.numel():
+        std = kept.std(unbiased=True) if kept.numel() > 1 else kept.new_zeros(())
+        v[mask] = (kept - kept.mean()) / (std + _EPS)
+    return v / (v.norm() + _EPS)
