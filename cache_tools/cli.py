@@ -1,0 +1,185 @@
+"""The `pact-cache` command: build, verify, inspect, summarise and merge
+reference caches. A thin layer over the Python API of `pact.cache_tools`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pact.cache_tools.builder import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD
+from pact.cache_tools.codec import DEFAULT_DTYPE, DTYPES
+from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, SAFETY_TOKENS_NAME
+from pact.cli import dispatch
+from pact.objective import PactConfig
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def _safety_tokens(args, loaded):
+    """The safety tokens of a build: the given file, the cache's own on --resume, else computed on the demo refusals."""
+    from pact.data import DEMO_REFUSALS, demo_data_path, load_conversations
+    from pact.safety_tokens import SafetyTokens, compute_safety_tokens
+
+    if args.safety_tokens:
+        return SafetyTokens.load(args.safety_tokens)
+    stored = Path(args.out).expanduser() / SAFETY_TOKENS_NAME
+    if args.resume and stored.is_file():
+        return SafetyTokens.load(stored)
+    refusals = demo_data_path(DEMO_REFUSALS)
+    conversations, _ = load_conversations(refusals)
+    print(f"pact-cache: no --safety-tokens given; computing them from {refusals} (aligned model vs itself "
+          "under a plain template; see `pact safety-tokens` for a base model)", file=sys.stderr)
+    return compute_safety_tokens(loaded, None, conversations, progress=not args.quiet, data_path=str(refusals))
+
+
+def _build(args) -> int:
+    from pact.cache_tools.builder import build_cache
+    from pact.cache_tools.manifest import describe_data
+    from pact.data import DEMO_BENIGN, demo_data_path, load_examples
+    from pact.models import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    data_path = args.data or demo_data_path(DEMO_BENIGN)
+    examples, report = load_examples(data_path, loaded.tokenizer, max_length=args.max_length,
+                                     skip_invalid=args.skip_invalid, limit=args.limit)
+    if report.skipped:
+        print(f"pact-cache: skipped {report.skipped} invalid row(s) of {data_path} (first: {report.errors[0]})", file=sys.stderr)
+    safety_tokens = _safety_tokens(args, loaded)
+    result = build_cache(
+        loaded, examples, safety_tokens, args.out,
+        data=describe_data(data_path, loaded.tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
+        dtype=args.dtype, top_k=args.top_k,
+        objective=PactConfig(p0=args.p0, gate_temperature=args.gate_temperature, temperature=args.temperature),
+        batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+def _verify(args) -> int:
+    from pact.cache_tools.verify import verify_cache
+
+    report = verify_cache(args.dir, recompute=args.recompute, seed=args.seed, device=args.device)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _inspect(args) -> int:
+    from pact.cache_tools.inspection import format_inspection, inspect_cache
+
+    info = inspect_cache(args.dir, row=args.row, top=args.top)
+    print(json.dumps(info, indent=1) if args.json else format_inspection(info))
+    return 0
+
+
+def _stats(args) -> int:
+    from pact.cache_tools.stats import cache_stats, format_stats
+
+    stats = cache_stats(args.dir)
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0
+
+
+def _merge(args) -> int:
+    from pact.cache_tools.merge import merge_caches
+
+    manifest = merge_caches(args.out, args.dirs, overwrite=args.overwrite)
+    t = manifest["totals"]
+    print(f"merged {len(args.dirs)} cache(s) into {args.out}: {t['rows']} rows, {t['response_tokens']} response tokens, "
+          f"{t['shards']} shards, {t['bytes']} bytes")
+    return 0
+
+
+def _add_build(subparsers) -> None:
+    d = PactConfig()
+    p = subparsers.add_parser(
+        "build", help="run the reference model once over a training set and store its targets",
+        description="Run the reference model once over a training set and store, for every response step, what the PACT "
+                    "objective needs from it (logits on the safety tokens for the full and post-only contexts, the gate's "
+                    "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards.",
+    )
+    p.add_argument("--model", metavar="M", default=None, help="reference model: directory, hub id, .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", metavar="FILE", default=None, help="training data: .jsonl/.json/.csv/.parquet or a save_to_disk folder (default: the bundled demo benign set)")
+    p.add_argument("--safety-tokens", metavar="FILE", default=None,
+                   help="safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with the cache)")
+    p.add_argument("--out", metavar="DIR", required=True, help="cache directory to create")
+    p.add_argument("--top-k", metavar="K", type=int, default=None,
+                   help="store only the K safety tokens with the largest w*exp(logit/T) per step (approximate; default: all with weight > 0, exact)")
+    p.add_argument("--max-length", metavar="L", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"truncate sequences to L tokens, cutting the response (default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--limit", metavar="N", type=int, default=None, help="use only the first N rows of the data")
+    p.add_argument("--skip-invalid", action="store_true", help="skip rows that cannot be read or encoded instead of stopping")
+    p.add_argument("--batch-size", metavar="B", type=int, default=DEFAULT_BATCH_SIZE, help=f"examples per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--rows-per-shard", metavar="R", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                   help=f"examples per shard file, the unit of resuming and of reader memory (default {DEFAULT_ROWS_PER_SHARD})")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help=f"storage of the logits: float32 (exact), bfloat16, float16, or int8 (8-bit per-step affine codes; default {DEFAULT_DTYPE})")
+    p.add_argument("--zstd-level", metavar="N", type=int, default=DEFAULT_ZSTD_LEVEL, help=f"zstd compression level 1..22 (default {DEFAULT_ZSTD_LEVEL})")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N] (default auto: CUDA when available)")
+    p.add_argument("--model-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the reference model's weights (default auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--p0", type=float, default=d.p0, help=f"gate top-p mass baked into post_count (default {d.p0}; training must match)")
+    p.add_argument("--gate-temperature", type=float, default=d.gate_temperature,
+                   help=f"gate temperature Tg baked into post_count (default {d.gate_temperature}; training must match)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"objective temperature T used to choose the --top-k columns (default {d.temperature})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted build in DIR (refused if any setting differs)")
+    mode.add_argument("--overwrite", action="store_true", help="replace the cache in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_build)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pact-cache` parser with all subcommands."""
+    parser = argparse.ArgumentParser(prog="pact-cache", description="Build and check offline caches of PACT reference targets.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_build(subparsers)
+
+    p = subparsers.add_parser("verify", help="check checksums, schema, row counts and the manifest (exit 1 on a problem)",
+                              description="Check every shard (size, sha256, schema, row and token counts, row invariants) and the "
+                                          "manifest; exits 1 naming the bad shard on any problem.")
+    p.add_argument("dir", metavar="DIR", help="cache directory")
+    p.add_argument("--recompute", metavar="N", type=int, default=0,
+                   help="also re-run the reference model on N random rows and compare within the storage dtype's tolerance")
+    p.add_argument("--seed", type=int, default=0, help="seed choosing the --recompute rows (default 0)")
+    p.add_argument("--device", default="auto", help="device for --recompute: auto|cpu|cuda[:N]")
+    p.set_defaults(func=_verify)
+
+    p = subparsers.add_parser("inspect", help="summarise the manifest and decode one row",
+                              description="Print the manifest summary; with --row, one row decoded: each response token with its "
+                                          "log-prob and the safety tokens the reference found most likely there.")
+    p.add_argument("dir", metavar="DIR", help="cache directory")
+    p.add_argument("--row", metavar="I", type=int, default=None, help="decode row I (0-based, negative counts from the end)")
+    p.add_argument("--top", metavar="N", type=int, default=3, help="safety tokens shown per step (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_inspect)
+
+    p = subparsers.add_parser("stats", help="bytes per response token, compression ratio and per-step entropy",
+                              description="Size (overall and per column) and the distribution over response steps of the safety "
+                                          "target's entropy, the post-only top-p count and the reference log-prob.")
+    p.add_argument("dir", metavar="DIR", help="cache directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_stats)
+
+    p = subparsers.add_parser("merge", help="join caches built with the same model, tokens and settings",
+                              description="Copy the shards of several complete caches (same model, tokenizer, safety tokens and "
+                                          "layout; disjoint example ids) into one new cache.")
+    p.add_argument("out", metavar="OUT", help="new cache directory")
+    p.add_argument("dirs", metavar="DIR", nargs="+", help="input cache directories, in order")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT")
+    p.set_defaults(func=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pact-cache` console script."""
+    return dispatch(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

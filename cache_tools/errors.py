@@ -1,0 +1,14 @@
+"""The cache's error type."""
+
+from pact.errors import PactError
+
+
+class CacheError(PactError):
+    """A cache directory is unusable (missing, incomplete, corrupt or built for something else).
+
+    The message names the cache, and where it applies the shard file and row.
+    """
+
+
+class CacheWriteError(CacheError):
+    """Writing a cache file failed (disk full, permission denied, ...); nothing was half-written."""

@@ -1,0 +1,96 @@
+"""What a cache stores per response step: which safety-token columns, how
+many, and the size the objective's raw float32 values would take.
+
+The objective's target q_t = normalize(softmax(r_t / T) * w) puts mass only on
+safety tokens with weight > 0 (S+), and the softmax normaliser cancels, so the
+reference logits on S+ are all it needs from them (exact). With `top_k` only
+the K columns of S+ with the largest w * exp(full_logit / T) are kept per step
+(an approximation: the target is renormalised over the kept columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from pact.cache_tools.codec import check_dtype
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape and types of a cache's per-step columns.
+
+    dtype: storage of the logits (see `codec`); stored_ids: S+ (ascending
+    vocabulary ids, the columns stored); num_safety: |S|; vocab_size: the
+    model's vocabulary; top_k: K columns of S+ kept per step, or None for all.
+    """
+
+    dtype: str
+    stored_ids: tuple[int, ...]
+    num_safety: int
+    vocab_size: int
+    top_k: int | None = None
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+
+    @classmethod
+    def create(cls, dtype: str, ids: list[int], weights: list[float], vocab_size: int, top_k: int | None) -> "Layout":
+        """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact)."""
+        stored = tuple(int(i) for i, w in zip(ids, weights) if w > 0)
+        return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Layout":
+        """The layout a manifest describes."""
+        return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(manifest["safety_tokens"]["ids"]),
+                   manifest["vocab_size"], manifest["top_k"])
+
+    @property
+    def width(self) -> int:
+        """Logit columns stored per step (K or |S+|)."""
+        return self.top_k or len(self.stored_ids)
+
+    @property
+    def token_type(self) -> pa.DataType:
+        """Arrow type of token ids: uint16 when the vocabulary fits, else int32."""
+        return pa.uint16() if self.vocab_size <= 1 << 16 else pa.int32()
+
+    @property
+    def count_type(self) -> pa.DataType:
+        """Arrow type of post_count (1..|S|)."""
+        return pa.uint8() if self.num_safety <= 255 else pa.uint16()
+
+    @property
+    def index_type(self) -> pa.DataType:
+        """Arrow type of the top-k column indices into S+."""
+        return pa.uint8() if len(self.stored_ids) <= 256 else pa.uint16()
+
+    @property
+    def raw_float32_bytes_per_token(self) -> int:
+        """Bytes per response token of the plain float32 reference: logits on all of S in both contexts plus two scalars."""
+        return 4 * (2 * self.num_safety + 2)
+
+
+def select_columns(
+    full_logits: torch.Tensor,
+    post_logits: torch.Tensor,
+    weights: list[float],
+    layout: Layout,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reduce reference logits on all of S ([n, |S|]) to the stored columns ([n, width]).
+
+    Returns (full, post, index): index is None (columns = S+) or, with top_k,
+    the ascending positions in S+ of each step's kept columns [n, K], chosen by
+    the largest w * exp(full / T).
+    """
+    plus = torch.tensor([i for i, w in enumerate(weights) if w > 0], device=full_logits.device)
+    full, post = full_logits[:, plus], post_logits[:, plus]
+    if layout.top_k is None:
+        return full, post, None
+    log_w = torch.tensor([w for w in weights if w > 0], device=full.device, dtype=torch.float32).log()
+    index = (full.float() / temperature + log_w).topk(layout.top_k, dim=1).indices.sort(dim=1).values
+    return full.gather(1, index), post.gather(1, index), index

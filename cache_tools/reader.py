@@ -1,0 +1,270 @@
+"""Reading a cache: `CacheReader` gives rows by index or streams them shard by
+shard, in bounded memory, and serves them as a torch map-style `Dataset`, a
+torch `IterableDataset` or a Hugging Face `datasets.Dataset`.
+
+Each shard is checked as it loads: size and sha256 against the manifest, the
+Arrow schema, row and response-token counts, and the row invariants of
+`schema.ShardRows`. Any failure raises `CacheError` naming the shard (and
+row). Decoded shards are held in a least-recently-used buffer bounded in
+bytes; at least one shard is always held.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
+from pact.cache_tools.errors import CacheError
+from pact.cache_tools.layout import Layout
+from pact.cache_tools.manifest import load_manifest
+from pact.cache_tools.schema import ShardRows
+from pact.cache_tools.writer import sha256_hex
+
+DEFAULT_BUFFER_BYTES = 256 << 20
+
+
+def read_shard_bytes(directory: Path, entry: dict) -> bytes:
+    """Read one shard file and check its size and sha256 against its manifest `entry`."""
+    path = Path(directory) / entry["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CacheError(f"{entry['file']}: cannot read {path}: {err.strerror or err}") from err
+    if len(data) != entry["bytes"]:
+        raise CacheError(f"{entry['file']}: {len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced?)")
+    digest = sha256_hex(data)
+    if digest != entry["sha256"]:
+        raise CacheError(f"{entry['file']}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... (corrupt)")
+    return data
+
+
+def read_shard_table(directory: Path, entry: dict) -> pa.Table:
+    """Read one shard as an Arrow table, checking size, sha256 and row count against its manifest `entry`."""
+    try:
+        table = ipc.open_file(pa.py_buffer(read_shard_bytes(directory, entry))).read_all()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CacheError(f"{entry['file']}: not a readable Arrow IPC file ({err})") from err
+    if table.num_rows != entry["rows"]:
+        raise CacheError(f"{entry['file']}: {table.num_rows} rows, the manifest says {entry['rows']}")
+    return table
+
+
+def decode_shard(table: pa.Table, layout: Layout, entry: dict) -> ShardRows:
+    """Decode and check a shard table read by `read_shard_table` (row invariants and response-token count)."""
+    rows = ShardRows(table, layout, entry["file"])
+    if rows.response_tokens != entry["response_tokens"]:
+        raise CacheError(f"{entry['file']}: {rows.response_tokens} response tokens, the manifest says {entry['response_tokens']}")
+    return rows
+
+
+class CacheReader:
+    """Rows of a complete cache directory, by index (`r[i]`, `len(r)`) or streamed (`for row in r`).
+
+    A row is a dict: `example_id` (int), `input_ids` (int64 [L], the whole
+    sequence), `response_start` (int, index of the first response token),
+    `safety_ids` (int64 vocabulary ids of the logit columns: [k], the same at
+    every step, or [n_resp, k] for top-k caches), `full_logits` and
+    `post_logits` (float32 [n_resp, k]), `post_count` (int64 [n_resp]),
+    `target_logprob` and `logsumexp` (float32 [n_resp]).
+
+    `buffer_bytes` bounds the memory of decoded shards (least recently used
+    first out; one shard is always held). Random access across more shards
+    than fit decodes a shard per miss, so shuffle with `ShardShuffleSampler`
+    (or the iterable dataset), which visits one shard at a time.
+    """
+
+    def __init__(self, directory: str | Path, buffer_bytes: int = DEFAULT_BUFFER_BYTES, allow_incomplete: bool = False):
+        self.directory = Path(directory).expanduser()
+        self.manifest = load_manifest(self.directory, allow_incomplete=allow_incomplete)
+        self.layout = Layout.from_manifest(self.manifest)
+        self.buffer_bytes = buffer_bytes
+        self._row_starts = np.cumsum([0] + [s["rows"] for s in self.shards]).tolist()
+        self._buffer: OrderedDict[int, ShardRows] = OrderedDict()
+        self.shards_decoded = 0
+        self.peak_shards_held = 0
+
+    @property
+    def shards(self) -> list[dict]:
+        """The manifest's shard entries, in row order."""
+        return self.manifest["shards"]
+
+    @property
+    def safety_ids(self) -> torch.Tensor:
+        """All safety-token ids S (int64), the columns the student's logits are taken on."""
+        return torch.tensor(self.manifest["safety_tokens"]["ids"], dtype=torch.long)
+
+    @property
+    def safety_weights(self) -> torch.Tensor:
+        """The weights w of S (float32), aligned with `safety_ids`."""
+        return torch.tensor(self.manifest["safety_tokens"]["weights"], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return self._row_starts[-1]
+
+    def __getstate__(self) -> dict:
+        """Pickle without the decoded-shard buffer (DataLoader workers decode their own)."""
+        state = dict(self.__dict__)
+        state["_buffer"] = OrderedDict()
+        return state
+
+    def load_shard(self, index: int) -> ShardRows:
+        """Read, verify and decode shard `index` (no buffering)."""
+        entry = self.shards[index]
+        rows = decode_shard(read_shard_table(self.directory, entry), self.layout, entry)
+        self.shards_decoded += 1
+        return rows
+
+    def shard(self, index: int) -> ShardRows:
+        """Shard `index`, decoded, through the bounded LRU buffer."""
+        if index in self._buffer:
+            self._buffer.move_to_end(index)
+            return self._buffer[index]
+        rows = self.load_shard(index)
+        self._buffer[index] = rows
+        held = sum(r.nbytes for r in self._buffer.values())
+        while len(self._buffer) > 1 and held > self.buffer_bytes:
+            held -= self._buffer.popitem(last=False)[1].nbytes
+        self.peak_shards_held = max(self.peak_shards_held, len(self._buffer))
+        return rows
+
+    def shard_row_range(self, index: int) -> range:
+        """Global row indices held by shard `index`."""
+        return range(self._row_starts[index], self._row_starts[index + 1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row within shard) of global row `index` (negative counts from the end)."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for a cache of {len(self)} rows")
+        shard = bisect.bisect_right(self._row_starts, index) - 1
+        return shard, index - self._row_starts[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        shard, row = self.locate(int(index))
+        return self.shard(shard).row(row)
+
+    def iter_shard_rows(self, shard_indices: list[int], shuffle_rows: random.Random | None = None) -> Iterator[dict]:
+        """Rows of the given shards, shard after shard (rows in order, or shuffled by `shuffle_rows`)."""
+        for index in shard_indices:
+            rows = self.shard(index)
+            order = list(range(len(rows)))
+            if shuffle_rows is not None:
+                shuffle_rows.shuffle(order)
+            for row in order:
+                yield rows.row(row)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iter_shard_rows(list(range(len(self.shards))))
+
+    def torch_dataset(self) -> "CacheDataset":
+        """A map-style `torch.utils.data.Dataset` over the rows (pair it with `ShardShuffleSampler` to shuffle)."""
+        return CacheDataset(self)
+
+    def iterable_dataset(self, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0) -> "CacheIterableDataset":
+        """A `torch.utils.data.IterableDataset` streaming whole shards: rank r of `world_size` gets shards r, r+W, ...,
+        further split among DataLoader workers; `shuffle` permutes shards and rows within them (call `set_epoch`)."""
+        return CacheIterableDataset(self, rank, world_size, shuffle, seed)
+
+    def to_hf_dataset(self, cache_dir: str | None = None):
+        """The rows as a `datasets.Dataset` (written once to the datasets cache, keyed by the shards' sha256)."""
+        from datasets import Dataset, Features, List, Value
+
+        per_step = List(List(Value("float32")))
+        features = Features({
+            "example_id": Value("int64"),
+            "input_ids": List(Value("int64")),
+            "response_start": Value("int64"),
+            "safety_ids": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
+            "full_logits": per_step,
+            "post_logits": per_step,
+            "post_count": List(Value("int64")),
+            "target_logprob": List(Value("float32")),
+            "logsumexp": List(Value("float32")),
+        })
+        return Dataset.from_generator(
+            _hf_rows, features=features, cache_dir=cache_dir,
+            gen_kwargs={"directory": str(self.directory), "shard_sha256": [s["sha256"] for s in self.shards]},
+        )
+
+
+def _hf_rows(directory: str, shard_sha256: list[str]) -> Iterator[dict]:
+    """Generator behind `to_hf_dataset`: the rows of the listed shards as numpy arrays."""
+    reader = CacheReader(directory)
+    index = {s["sha256"]: i for i, s in enumerate(reader.shards)}
+    for row in reader.iter_shard_rows([index[digest] for digest in shard_sha256]):
+        yield {key: value.numpy() if isinstance(value, torch.Tensor) else value for key, value in row.items()}
+
+
+class CacheDataset(Dataset):
+    """Map-style torch dataset over a `CacheReader` (each item is a row dict)."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.reader[index]
+
+
+class CacheIterableDataset(IterableDataset):
+    """Streams a cache shard by shard (see `CacheReader.iterable_dataset`)."""
+
+    def __init__(self, reader: CacheReader, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise CacheError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.reader, self.rank, self.world_size, self.shuffle, self.seed = reader, rank, world_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of the next pass (same seed and epoch, same order on every rank)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch) if self.shuffle else None
+        shards = list(range(len(self.reader.shards)))
+        if rng is not None:
+            rng.shuffle(shards)
+        shards = shards[self.rank::self.world_size]
+        worker = get_worker_info()
+        if worker is not None:
+            shards = shards[worker.id::worker.num_workers]
+        return self.reader.iter_shard_rows(shards, rng)
+
+
+class ShardShuffleSampler(Sampler[int]):
+    """Random row order that visits shards one at a time (shards shuffled, rows shuffled within each).
+
+    With a map-style dataset over a cache larger than the reader's buffer,
+    this keeps decoding to one pass over each shard per epoch.
+    """
+
+    def __init__(self, reader: CacheReader, seed: int = 0):
+        self.reader, self.seed, self.epoch = reader, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the order of the next pass."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        shards = list(range(len(self.reader.shards)))
+        rng.shuffle(shards)
+        for shard in shards:
+            rows = list(self.reader.shard_row_range(shard))
+            rng.shuffle(rows)
+            yield from rows

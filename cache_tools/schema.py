@@ -1,0 +1,262 @@
+"""The Arrow schema of a cache shard and the conversion between reference
+values and shard tables, both ways, with the invariant checks of a load.
+
+One Arrow row per example: `example_id`, `input_ids`, `response_start` and
+`steps`, a `list<struct<...>>` with one struct per response step whose fields
+are the stored values (the logit fields are `fixed_size_list`s of the stored
+columns). One list column keeps a single offsets buffer per row, and each
+struct field is still its own contiguous buffer, so it compresses as well
+as separate columns. Encoding works on whole batches and decoding on whole
+shards with numpy, so no Python loop runs per element; a row is sliced out
+of the decoded shard on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pact.cache_tools import codec
+from pact.cache_tools.errors import CacheError
+from pact.cache_tools.layout import Layout
+from pact.data import EncodedExample
+
+FORMAT_VERSION = 1
+LOGIT_COLUMNS = ("full_logits", "post_logits")
+MATRIX_COLUMNS = (*LOGIT_COLUMNS, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
+
+
+@dataclass
+class StepValues:
+    """Reference values to store for a run of response steps (one row per step).
+
+    full_logits/post_logits: [n, width] float32 on the stored columns;
+    post_count, target_logprob, logsumexp: [n]; index: [n, K] positions in S+
+    of the kept columns (top-k layouts) or None.
+    """
+
+    full_logits: np.ndarray
+    post_logits: np.ndarray
+    post_count: np.ndarray
+    target_logprob: np.ndarray
+    logsumexp: np.ndarray
+    index: np.ndarray | None = None
+
+
+def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
+    """The fields of a step in `layout` as (name, Arrow value type, values per step)."""
+    logit_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.uint8()}[layout.dtype]
+    extras = pa.from_numpy_dtype(np.dtype(codec.extras_dtype(layout.dtype)))
+    columns = [("post_count", layout.count_type, 1)]
+    for name in LOGIT_COLUMNS:
+        columns.append((name, logit_type, layout.width))
+        columns += [(f"{name}_{part}", pa.float16(), 1) for part in codec.side_parts(layout.dtype)]
+    columns += [("target_logprob", extras, 1), ("logsumexp", extras, 1)]
+    if layout.top_k is not None:
+        columns.append(("safety_index", layout.index_type, layout.top_k))
+    return columns
+
+
+def arrow_schema(layout: Layout) -> pa.Schema:
+    """The shard schema of `layout` (documented in docs/cache_format.md)."""
+    fields = [
+        pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.list_(layout.token_type), nullable=False),
+        pa.field("response_start", pa.int32(), nullable=False),
+    ]
+    step = pa.struct([pa.field(name, pa.list_(kind, width) if name in MATRIX_COLUMNS else kind, nullable=False)
+                      for name, kind, width in step_columns(layout)])
+    fields.append(pa.field("steps", pa.list_(step), nullable=False))
+    return pa.schema(fields, metadata={"pact_cache_format_version": str(FORMAT_VERSION), "dtype": layout.dtype})
+
+
+def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
+    """Encode a run of steps into the storage arrays of every step field ([n] or [n, width])."""
+    count_dtype = np.uint8 if layout.count_type == pa.uint8() else np.uint16
+    extras = codec.extras_dtype(layout.dtype)
+    convert = codec.to_float16 if extras == "float16" else (lambda x: np.asarray(x, dtype=np.float32))
+    out = {"post_count": values.post_count.astype(count_dtype)}
+    for name in LOGIT_COLUMNS:
+        encoded = codec.encode(getattr(values, name), layout.dtype)
+        out[name] = encoded.pop("values")
+        out.update({f"{name}_{part}": array for part, array in encoded.items()})
+    out["target_logprob"] = convert(values.target_logprob)
+    out["logsumexp"] = convert(values.logsumexp)
+    if layout.top_k is not None:
+        out["safety_index"] = values.index.astype(np.uint8 if layout.index_type == pa.uint8() else np.uint16)
+    return out
+
+
+def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+
+def build_table(examples: list[EncodedExample], steps: list[dict[str, np.ndarray]], layout: Layout) -> pa.Table:
+    """One shard table: `examples` in order, with `steps[i]` the encoded per-step arrays of example i."""
+    lengths = np.array([len(ex.input_ids) for ex in examples], dtype=np.int64)
+    n_resp = np.array([len(ex.input_ids) - ex.response_start for ex in examples], dtype=np.int64)
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    step_offsets = np.concatenate([[0], np.cumsum(n_resp)])
+    token_dtype = np.uint16 if layout.token_type == pa.uint16() else np.int32
+    schema = arrow_schema(layout)
+    fields = []
+    for name, kind, width in step_columns(layout):
+        values = pa.array(np.concatenate([s[name].reshape(-1) for s in steps]), type=kind)
+        fields.append(pa.FixedSizeListArray.from_arrays(values, width) if name in MATRIX_COLUMNS else values)
+    arrays = [
+        pa.array([ex.example_id for ex in examples], type=pa.int64()),
+        _list_array(token_offsets, pa.array(np.concatenate([np.asarray(ex.input_ids, dtype=token_dtype) for ex in examples]), type=layout.token_type)),
+        pa.array([ex.response_start for ex in examples], type=pa.int32()),
+        _list_array(step_offsets, pa.StructArray.from_arrays(fields, fields=list(schema.field("steps").type.value_type))),
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _offsets_and_values(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(offsets from 0 as numpy, flattened values) of a list column."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0], array.flatten()
+
+
+def _field_types(schema: pa.Schema) -> dict[str, str]:
+    """Column name -> type, ignoring nullability flags (nulls are checked on the data)."""
+    return {field.name: str(field.type).replace(" not null", "") for field in schema}
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False)
+
+
+class ShardRows:
+    """A decoded, checked shard: numpy arrays in storage form, rows decoded on demand.
+
+    Construction checks every invariant (schema, lengths, token ids within the
+    vocabulary, response start inside the sequence, finite values, post_count
+    in 1..|S|, top-k indices inside S+) and raises `CacheError` naming `name`
+    and the first bad row. Holding the storage form (e.g. 8-bit codes) keeps a
+    cached shard about as small as its decompressed file.
+    """
+
+    def __init__(self, table: pa.Table, layout: Layout, name: str):
+        self.layout = layout
+        self.name = name
+        self._stored_ids = torch.tensor(layout.stored_ids, dtype=torch.long)
+        found, expected = _field_types(table.schema), _field_types(arrow_schema(layout))
+        if found != expected:
+            wrong = [f"{n}: {found.get(n, 'missing')} (expected {t})" for n, t in expected.items() if found.get(n) != t]
+            wrong += [f"{n}: unexpected column" for n in found if n not in expected]
+            raise CacheError(f"{name}: schema differs from the manifest's layout: {'; '.join(wrong)}")
+        self.example_id = table.column("example_id").to_numpy()
+        self.response_start = table.column("response_start").to_numpy().astype(np.int64)
+        self.token_offsets, tokens = _offsets_and_values(table.column("input_ids"))
+        self.step_offsets, steps = _offsets_and_values(table.column("steps"))
+        fields = dict(zip([f.name for f in steps.type], steps.flatten()))
+        arrays = [table.column(c) for c in ("example_id", "response_start", "input_ids", "steps")] + [tokens, steps, *fields.values()]
+        arrays += [fields[c].flatten() for c in MATRIX_COLUMNS if c in fields]
+        if any(a.null_count for a in arrays):
+            raise CacheError(f"{name}: the shard holds null values")
+        self.input_ids = _numpy(tokens)
+        lengths = np.diff(self.token_offsets)
+        self._check_rows((self.response_start < 1) | (self.response_start >= lengths), "response_start is not inside the sequence (needs 1 <= start < length)")
+        self._check_rows(np.diff(self.step_offsets) != lengths - self.response_start,
+                         "the number of steps is not the number of response tokens (length - response_start)")
+        self.columns: dict[str, np.ndarray] = {
+            column: _numpy(fields[column].flatten()).reshape(-1, width) if column in MATRIX_COLUMNS else _numpy(fields[column])
+            for column, _, width in step_columns(layout)
+        }
+        self._check_values()
+
+    def _check_rows(self, bad_rows: np.ndarray, problem: str) -> None:
+        """Raise for the first row flagged in `bad_rows`."""
+        if bad_rows.any():
+            row = int(np.argmax(bad_rows))
+            raise CacheError(f"{self.name}: row {row} (example_id {int(self.example_id[row])}): {problem}")
+
+    def _check_items(self, bad: np.ndarray, offsets: np.ndarray, unit: str, problem: str) -> None:
+        """Raise for the row holding the first flagged item of a flattened per-row sequence ([items] or [items, k])."""
+        if bad.ndim > 1:
+            bad = bad.any(axis=1)
+        if bad.any():
+            item = int(np.argmax(bad))
+            row = int(np.searchsorted(offsets, item, side="right") - 1)
+            raise CacheError(f"{self.name}: row {row} (example_id {int(self.example_id[row])}), {unit} {item - int(offsets[row])}: {problem}")
+
+    def _check_values(self) -> None:
+        layout, steps = self.layout, self.step_offsets
+        _, inverse, counts = np.unique(self.example_id, return_inverse=True, return_counts=True)
+        self._check_rows(counts[inverse] > 1, "example_id appears more than once in the shard")
+        bad_token = self.input_ids >= layout.vocab_size
+        if layout.token_type == pa.int32():
+            bad_token |= self.input_ids < 0
+        self._check_items(bad_token, self.token_offsets, "token", f"id outside the vocabulary (size {layout.vocab_size})")
+        count = self.columns["post_count"]
+        self._check_items((count < 1) | (count > layout.num_safety), steps, "response step", f"post_count outside 1..{layout.num_safety}")
+        for column_name, values in self.columns.items():
+            if values.dtype.kind == "f":
+                self._check_items(~np.isfinite(values), steps, "response step", f"{column_name} holds a non-finite value")
+        if layout.dtype == "bfloat16":
+            for column_name in LOGIT_COLUMNS:
+                self._check_items((self.columns[column_name] & 0x7F80) == 0x7F80, steps, "response step", f"{column_name} holds a non-finite value")
+        if layout.dtype == "int8":
+            for column_name in LOGIT_COLUMNS:
+                self._check_items(self.columns[f"{column_name}_range"] <= 0, steps, "response step", f"{column_name}_range is not positive")
+        if layout.top_k is not None:
+            self._check_items(self.columns["safety_index"] >= len(layout.stored_ids), steps, "response step",
+                              f"safety_index outside 0..{len(layout.stored_ids) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.example_id)
+
+    @property
+    def response_tokens(self) -> int:
+        """Response steps held by the shard."""
+        return int(self.step_offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the decoded arrays."""
+        arrays = [self.example_id, self.response_start, self.token_offsets, self.input_ids, self.step_offsets, *self.columns.values()]
+        return sum(a.nbytes for a in arrays)
+
+    def _parts(self, column: str, steps: slice) -> dict[str, np.ndarray]:
+        """The stored parts of logit `column` over a range of steps, as `codec.decode` takes them."""
+        parts = {part: self.columns[f"{column}_{part}"][steps] for part in codec.side_parts(self.layout.dtype)}
+        return {"values": self.columns[column][steps], **parts}
+
+    def logits(self, column: str, steps: slice) -> np.ndarray:
+        """Decoded float32 logits of `column` (`full_logits`/`post_logits`) for a range of steps, [n, width]."""
+        return codec.decode(self._parts(column, steps), self.layout.dtype)
+
+    def storage_tolerance(self, column: str, steps: slice) -> np.ndarray:
+        """Largest storage error of each decoded value of `column` over a range of steps (what recomputation may differ by)."""
+        if column in LOGIT_COLUMNS:
+            return codec.tolerance(self._parts(column, steps), self.layout.dtype)
+        return codec.tolerance({"values": self.columns[column][steps]}, codec.extras_dtype(self.layout.dtype))
+
+    def step_range(self, index: int) -> slice:
+        """The response steps of row `index` in the shard's per-step arrays."""
+        return slice(int(self.step_offsets[index]), int(self.step_offsets[index + 1]))
+
+    def row(self, index: int) -> dict:
+        """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids)."""
+        tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
+        steps = self.step_range(index)
+        if self.layout.top_k is None:
+            safety_ids = self._stored_ids.clone()
+        else:
+            safety_ids = self._stored_ids[torch.from_numpy(self.columns["safety_index"][steps].astype(np.int64))]
+        return {
+            "example_id": int(self.example_id[index]),
+            "input_ids": torch.from_numpy(self.input_ids[tokens].astype(np.int64)),
+            "response_start": int(self.response_start[index]),
+            "safety_ids": safety_ids,
+            "full_logits": torch.from_numpy(self.logits("full_logits", steps)),
+            "post_logits": torch.from_numpy(self.logits("post_logits", steps)),
+            "post_count": torch.from_numpy(self.columns["post_count"][steps].astype(np.int64)),
+            "target_logprob": torch.from_numpy(self.columns["target_logprob"][steps].astype(np.float32)),
+            "logsumexp": torch.from_numpy(self.columns["logsumexp"][steps].astype(np.float32)),
+        }

@@ -1,0 +1,144 @@
+"""`verify_cache`: check a cache end to end (`pact-cache verify`).
+
+Every shard is read and decoded as the reader does (size, sha256, schema,
+row and response-token counts, row invariants); then the manifest's own
+consistency (totals, stored columns, duplicate example ids across shards);
+optionally the reference is re-run on random rows and compared with the
+stored values within the storage dtype's tolerance plus recompute noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pact.cache_tools.errors import CacheError
+from pact.cache_tools.layout import Layout
+from pact.cache_tools.manifest import load_manifest, set_totals
+from pact.cache_tools.reader import CacheReader
+from pact.cache_tools.writer import CACHE_FILES, is_cache_file
+from pact.data import EncodedExample
+
+RECOMPUTE_ATOL = 2e-3
+RECOMPUTE_RTOL = 1e-3
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `verify_cache`: `problems` (each names its shard) make it fail; `notes` do not."""
+
+    directory: Path
+    shards: int = 0
+    rows: int = 0
+    response_tokens: int = 0
+    recomputed_rows: int = 0
+    worst_recompute_ratio: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def summary(self) -> str:
+        """Multi-line report for the command line."""
+        lines = [f"{'OK' if self.ok else 'FAILED'}: {self.directory}: {self.shards} shard(s), {self.rows} rows, "
+                 f"{self.response_tokens} response tokens checked"]
+        if self.recomputed_rows:
+            lines.append(f"recomputed {self.recomputed_rows} row(s) with the reference model: largest difference "
+                         f"{self.worst_recompute_ratio:.3f}x the allowed one (storage tolerance + {RECOMPUTE_ATOL:g} + "
+                         f"{RECOMPUTE_RTOL:g} * |value|)")
+        lines += [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_manifest(manifest: dict, report: VerifyReport) -> None:
+    """Consistency of the manifest with itself: completeness, stored columns, totals."""
+    if not manifest.get("complete"):
+        report.problems.append("manifest: the build is incomplete (complete: false); finish it with `pact-cache build ... --resume`")
+    tokens = manifest["safety_tokens"]
+    expected = Layout.create(manifest["dtype"], tokens["ids"], tokens["weights"], manifest["vocab_size"], manifest["top_k"])
+    if list(expected.stored_ids) != manifest["stored_ids"]:
+        report.problems.append("manifest: stored_ids are not the safety tokens with positive weight")
+    totals = set_totals(copy.deepcopy(manifest))["totals"]
+    if totals != manifest.get("totals"):
+        report.problems.append(f"manifest: totals {manifest.get('totals')} do not match the shard list ({totals})")
+
+
+def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
+    """Re-run the reference on `count` random rows and compare with what is stored."""
+    from pact.cache_tools.builder import pad_token_id
+    from pact.models import load_model
+    from pact.reference import reference_targets
+
+    manifest = reader.manifest
+    loaded = model or load_model(manifest["model_source"], device=device, dtype=manifest["params"]["model_dtype"])
+    if loaded.fingerprint != manifest["fingerprints"]["model"]:
+        report.problems.append(f"recompute: the model {manifest['model_source']!r} now has fingerprint {loaded.fingerprint}, "
+                               f"the cache was built with {manifest['fingerprints']['model']}")
+        return
+    safety_ids = reader.safety_ids
+    gate = manifest["gate"]
+    pad = pad_token_id(loaded.tokenizer)
+    for index in sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader)))):
+        shard_index, row_index = reader.locate(index)
+        shard = reader.shard(shard_index)
+        row = shard.row(row_index)
+        example = EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"])
+        ref = reference_targets(loaded.model, [example], safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"], pad)[0]
+        columns = torch.searchsorted(safety_ids, row["safety_ids"]).expand_as(row["full_logits"])
+        recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
+                      "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
+        where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
+        steps = shard.step_range(row_index)
+        for column, values in recomputed.items():
+            stored = row[column].numpy()
+            allowed = shard.storage_tolerance(column, steps) + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
+            ratio = float((np.abs(values.float().numpy() - stored) / allowed).max(initial=0.0))
+            report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)
+            if ratio > 1:
+                report.problems.append(f"{where}: recomputed {column} differs from the stored value by {ratio:.2f}x the allowed difference")
+        if not torch.equal(ref.post_count.cpu(), row["post_count"]):
+            report.problems.append(f"{where}: recomputed post_count differs at {int((ref.post_count.cpu() != row['post_count']).sum())} step(s)")
+        report.recomputed_rows += 1
+
+
+def verify_cache(directory: str | Path, recompute: int = 0, seed: int = 0, device: str = "auto", model=None) -> VerifyReport:
+    """Check every shard and the manifest of a cache; with `recompute` > 0 also re-run the reference on that many random rows.
+
+    `model` (a `LoadedModel`) skips loading the manifest's model for the
+    recompute. Never raises for a damaged cache: each finding becomes a
+    problem naming the shard (and row) in the report.
+    """
+    directory = Path(directory).expanduser()
+    report = VerifyReport(directory)
+    manifest = load_manifest(directory, allow_incomplete=True)
+    _check_manifest(manifest, report)
+    reader = CacheReader(directory, buffer_bytes=0, allow_incomplete=True)
+    seen: dict[int, str] = {}
+    for index, entry in enumerate(reader.shards):
+        try:
+            shard = reader.load_shard(index)
+        except CacheError as err:
+            report.problems.append(str(err))
+            continue
+        report.shards += 1
+        report.rows += len(shard)
+        report.response_tokens += shard.response_tokens
+        for example_id in shard.example_id.tolist():
+            if example_id in seen:
+                report.problems.append(f"{entry['file']}: example_id {example_id} is also in {seen[example_id]}")
+            seen.setdefault(example_id, entry["file"])
+    listed = {entry["file"] for entry in reader.shards}
+    strays = sorted(p.name for p in directory.iterdir() if is_cache_file(p.name) and p.name not in listed and p.name not in CACHE_FILES)
+    if strays:
+        report.notes.append(f"files not listed in the manifest (ignored by readers): {', '.join(strays)}")
+    if recompute > 0 and report.ok:
+        _recompute(reader, recompute, seed, device, model, report)
+    return report
