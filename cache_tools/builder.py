@@ -34,7 +34,7 @@ from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, SAFETY_TOKENS_NAME, atomic_write, prepare_output_directory, remove_temporary_files, write_shard
 from pact.data import EncodedExample, assistant_header_ids
-from pact.models import LoadedModel
+from pact.models import LoadedModel, pad_token_id
 from pact.objective import PactConfig
 from pact.reference import ReferenceTargets, causal_lm_parts, reference_targets
 from pact.safety_tokens import SafetyTokens
@@ -82,14 +82,6 @@ class BuildResult:
             f"token, {t['compression_ratio']:.1f}x smaller than raw float32 ({t['raw_float32_bytes']} bytes), "
             f"{self.seconds:.1f} s"
         )
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used to right-pad batches: pad, else end-of-sequence, else 0 (padded positions are masked anyway)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
 
 
 def _note(message: str) -> None:

@@ -73,7 +73,7 @@ def _check_manifest(manifest: dict, report: VerifyReport) -> None:
 
 def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
     """Re-run the reference on `count` random rows and compare with what is stored."""
-    from pact.cache_tools.builder import pad_token_id
+    from pact.models import pad_token_id
     from pact.models import load_model
     from pact.reference import reference_targets
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from pact.cache_tools.builder import pad_token_id
+from pact.models import pad_token_id
 from pact.data import Conversation, encode_conversation, render_prompt
 
 Messages = list[dict[str, str]]

@@ -26,7 +26,7 @@ class StudentOutputs:
     """What the objective needs from the student for a batch's N response positions."""
 
     ce: torch.Tensor
-    safety_logits: torch.Tensor
+    safety_logits: torch.Tensor | None
     steps: torch.Tensor
 
 
@@ -45,12 +45,15 @@ class PactOutput:
 def student_outputs(
     model: PreTrainedModel,
     examples: list[EncodedExample],
-    safety_ids: torch.Tensor,
+    safety_ids: torch.Tensor | None,
     pad_id: int,
     with_ce: bool = True,
     ce_chunk_size: int = 1024,
 ) -> StudentOutputs:
-    """One forward pass of the student: mean response CE and logits on S at every response position."""
+    """One forward pass of the student: mean response CE and logits on S at every response position.
+
+    With `safety_ids=None` only the CE is computed (plain SFT on response tokens).
+    """
     _, head = causal_lm_parts(model)
     device = head.device
     hidden = response_hidden_states(
@@ -58,7 +61,7 @@ def student_outputs(
     )
     targets, steps = response_targets_flat(examples, device)
     ce = chunked_cross_entropy(hidden, head, targets, ce_chunk_size) if with_ce else hidden.new_zeros((), dtype=torch.float32)
-    safety_logits = F.linear(hidden, head[safety_ids.to(device)])
+    safety_logits = None if safety_ids is None else F.linear(hidden, head[safety_ids.to(device)])
     return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=steps)
 
 

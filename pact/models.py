@@ -230,3 +230,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         "chat_template": tokenizer.chat_template,
     }
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used to pad batches: pad, else end-of-sequence, else 0 (padded positions are masked anyway)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pact.data import Conversation, render_prompt
 from pact.errors import PactError
-from pact.models import LoadedModel
+from pact.models import LoadedModel, pad_token_id
 from pact.reference import causal_lm_parts, response_hidden_states
 
 DIFF_MODES = ("p_diff", "pref_logratio")
@@ -200,13 +200,6 @@ def _encode(aligned: LoadedModel, base: LoadedModel, conversation: Conversation,
     return list(aligned_prompt), list(base_prompt), list(response)
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
-
-
 def _response_logprobs(loaded: LoadedModel, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) over the full vocabulary at every response step, as [sum n_resp, V] float32.
 
@@ -217,7 +210,7 @@ def _response_logprobs(loaded: LoadedModel, prompts: list[list[int]], responses:
     _, head = causal_lm_parts(loaded.model)
     sequences = [p + r for p, r in zip(prompts, responses)]
     starts = [len(p) for p in prompts]
-    hidden = response_hidden_states(loaded.model, sequences, starts, _pad_id(loaded.tokenizer), head.device)
+    hidden = response_hidden_states(loaded.model, sequences, starts, pad_token_id(loaded.tokenizer), head.device)
     return torch.log_softmax(F.linear(hidden.float(), head.float()) / temperature, dim=-1)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,9 +19,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pact.cache_tools import CacheReader
+from pact.cache_tools.reader import ShardShuffleSampler
 from pact.errors import PactError
 from pact.loss import cached_pact_loss
-from pact.models import LoadedModel, load_model
+from pact.models import LoadedModel, load_model, pad_token_id
 from pact.objective import PactConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -108,11 +108,16 @@ def _lora_wrap(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Deterministic shuffled row indices for an epoch, cut into batches (the last may be short)."""
-    order = list(range(n_rows))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+def _batches_for_epoch(reader: CacheReader, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic shuffled row indices for an epoch, cut into batches (the last may be short).
+
+    Shards are visited one at a time (shuffled, and rows within each), so a
+    cache larger than the reader's buffer is decoded once per epoch.
+    """
+    sampler = ShardShuffleSampler(reader, seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -207,7 +212,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.train()
     device = next(model.parameters()).device
     safety_ids, weights = reader.safety_ids, reader.safety_weights
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(loaded.tokenizer)
 
     steps_per_epoch = math.ceil(math.ceil(len(reader) / config.batch_size) / config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -230,7 +235,7 @@ def train(config: TrainConfig) -> TrainResult:
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not config.progress)
     with open(metrics_path, "a") as log:
         while state["step"] < total_steps:
-            batches = _batches_for_epoch(len(reader), config.batch_size, config.seed, state["epoch"])
+            batches = _batches_for_epoch(reader, config.batch_size, config.seed, state["epoch"])
             groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
             for group in groups[state["batch_in_epoch"]:]:
                 started = time.perf_counter()

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pact.models import EMBEDDED_MODEL
+from pact.models import EMBEDDED_MODEL, pad_token_id
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +181,7 @@ def run_drift(args: argparse.Namespace) -> int:
 
     reader = CacheReader(args.cache)
     loaded = load_student(args.model or reader.manifest["model_source"], args.adapter, args.device)
-    result = safety_drift(loaded.model, reader, loaded.tokenizer.pad_token_id or 0, batch_size=args.batch_size, progress=not args.json)
+    result = safety_drift(loaded.model, reader, pad_token_id(loaded.tokenizer), batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
