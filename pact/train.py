@@ -206,7 +206,11 @@ def train(config: TrainConfig) -> TrainResult:
         print(f"warning: {warning} (--force)")
     model = loaded.model
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if not config.full:
         model = _lora_wrap(model, config)
     model.train()

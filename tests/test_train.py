@@ -142,3 +142,14 @@ def test_pact_trainer_logs_ce_and_kl(tiny_cache, tiny_model_dir, tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3
     assert all("ce" in entry and "kl" in entry and entry["kl"] >= 0 for entry in logged)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_cache, tmp_path):
+    """Recomputing activations in backward changes memory, not the result."""
+    plain = train(_config(tiny_cache, tmp_path / "plain", max_steps=2))
+    checkpointed = train(_config(tiny_cache, tmp_path / "gc", max_steps=2, gradient_checkpointing=True))
+    assert [m["loss"] for m in checkpointed.metrics] == pytest.approx([m["loss"] for m in plain.metrics], rel=1e-6)
+    want = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "gc" / "adapter_model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
