@@ -6,8 +6,15 @@ examples are sorted by length into batches (little padding), each batch runs
 `pact.reference.reference_targets` (full and post-only contexts in one
 forward pass), its values are reduced to the stored columns and encoded at
 once, and the rows are written back in example order. The shard is written
-atomically, then the manifest is rewritten listing it, so `resume` restarts
-at the first shard the manifest does not list.
+atomically, then the manifest is rewritten listing it, so `resume` rebuilds
+only the shards no manifest lists.
+
+The work splits by whole shards, in contiguous blocks (`contiguous_part`):
+among the parts of a `--num-shards` build, each its own cache directory, and
+among the ranks of a torchrun job, which write into one directory, each rank
+keeping its own progress manifest until rank 0 writes `manifest.json`. Shard
+i holds the same examples whichever way the work was split, so the result
+equals a single-process build shard for shard.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +40,12 @@ from pact.cache_tools.layout import Layout, select_columns
 from pact.cache_tools.manifest import differences, examples_fingerprint, load_manifest, new_manifest, save_manifest, set_totals
 from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
-from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, SAFETY_TOKENS_NAME, atomic_write, prepare_output_directory, remove_temporary_files, write_shard
+from pact.cache_tools.writer import (
+    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PREFIX, SAFETY_TOKENS_NAME, atomic_write, prepare_output_directory,
+    rank_manifest_name, remove_temporary_files, shard_index, write_shard,
+)
 from pact.data import EncodedExample, assistant_header_ids
+from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
 from pact.models import LoadedModel, pad_token_id
 from pact.objective import PactConfig
 from pact.reference import ReferenceTargets, causal_lm_parts, reference_targets
@@ -41,9 +53,11 @@ from pact.safety_tokens import SafetyTokens
 
 DEFAULT_ROWS_PER_SHARD = 1024
 DEFAULT_BATCH_SIZE = 8
+# How long a multi-process build's ranks wait for the slowest one at the end (`distributed_session` timeout).
+RANK_WAIT = timedelta(hours=24)
 
 
-class _Progress:
+class _ProgressBar:
     """The build's progress bar: examples/s from tqdm, tokens/s in the postfix."""
 
     def __init__(self, total: int, done: int, enabled: bool):
@@ -56,7 +70,7 @@ class _Progress:
         self.bar.update(len(examples))
         self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> "_ProgressBar":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,8 +90,12 @@ class BuildResult:
     def summary(self) -> str:
         """The end-of-build report: rows, response tokens, shards, bytes, bytes per response token, ratio to raw float32."""
         t = self.manifest["totals"]
+        part = self.manifest.get("part")
+        name = f"{self.directory} (part {part['index']} of {part['count']})" if part else str(self.directory)
+        if not t["rows"]:
+            return f"cache {name}: empty, no example falls in this part, {self.seconds:.1f} s"
         return (
-            f"cache {self.directory}: {t['rows']} rows, {t['response_tokens']} response tokens, {t['shards']} shards "
+            f"cache {name}: {t['rows']} rows, {t['response_tokens']} response tokens, {t['shards']} shards "
             f"({self.shards_resumed} resumed), {t['bytes']} bytes = {t['bytes_per_response_token']:.1f} bytes per response "
             f"token, {t['compression_ratio']:.1f}x smaller than raw float32 ({t['raw_float32_bytes']} bytes), "
             f"{self.seconds:.1f} s"
@@ -89,9 +107,11 @@ def _note(message: str) -> None:
 
 
 def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, vocab_size: int, batch_size: int,
-                     rows_per_shard: int, top_k: int | None, zstd_level: int) -> None:
+                     rows_per_shard: int, top_k: int | None, zstd_level: int, part_index: int, part_count: int) -> None:
     if not examples:
         raise CacheError("no examples to cache")
+    if part_count < 1 or not 0 <= part_index < part_count:
+        raise CacheError(f"--shard-index {part_index} is not in 0..{part_count - 1} (--num-shards {part_count})")
     for name, value in (("batch size", batch_size), ("rows per shard", rows_per_shard)):
         if value < 1:
             raise CacheError(f"{name} must be at least 1, got {value}")
@@ -112,34 +132,71 @@ def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, 
         _note(f"warning: the safety tokens were computed for another model ({aligned}), building anyway")
 
 
-def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool) -> list[dict]:
-    """Make `out` ready for the build; returns the shard entries a resume keeps (verified), else []."""
+def _same_build(manifests: list[dict]) -> None:
+    """Refuse ranks that would build different caches (another data file, model or setting on some node)."""
+    for rank, other in enumerate(manifests[1:], start=1):
+        changed = differences(manifests[0], other)
+        if changed:
+            raise CacheError(f"rank {rank} would build another cache than rank 0 ({'; '.join(changed)}); "
+                             "give every rank the same model, data, safety tokens and settings")
+
+
+def _manifest_names(out: Path) -> list[str]:
+    """The manifests an earlier build left in `out`: `manifest.json`, then the ranks' progress manifests."""
+    names = [MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else []
+    return names + sorted(p.name for p in out.glob(f"{RANK_MANIFEST_PREFIX}*.json"))
+
+
+def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool) -> tuple[str, dict[int, dict]]:
+    """Make `out` ready for the build (done once, by rank 0, before any shard is written).
+
+    Returns the build's creation time and, for a resume, the shards earlier
+    runs finished by shard index (from every manifest they left, whatever
+    their number of processes; checked later by the rank that owns them).
+    """
     if resume and overwrite:
         raise CacheError("--resume and --overwrite exclude each other")
     if not prepare_output_directory(out, overwrite):
-        return []
+        return manifest["created_at"], {}
     if not resume:
         raise CacheError(f"{out} is not empty; pass --resume to continue the build there or --overwrite to replace it")
-    if not (out / MANIFEST_NAME).exists():  # interrupted before its first manifest: nothing to keep
+    names = _manifest_names(out)
+    if not names:  # interrupted before its first manifest: nothing to keep
         prepare_output_directory(out, overwrite=True)
-        return []
-    old = load_manifest(out, allow_incomplete=True)
-    changed = differences(old, manifest)
-    if changed:
-        raise CacheError(f"cannot resume the build in {out}: it was made with different settings ({'; '.join(changed)}); "
-                         "use the original settings, or --overwrite to start again")
-    manifest["created_at"] = old["created_at"]
+        return manifest["created_at"], {}
+    finished: dict[int, dict] = {}
+    olds = [load_manifest(out, allow_incomplete=True, name=name) for name in names]
+    for old in olds:
+        changed = differences(old, manifest)
+        if changed:
+            raise CacheError(f"cannot resume the build in {out}: it was made with different settings ({'; '.join(changed)}); "
+                             "use the original settings, or --overwrite to start again")
+        finished.update((shard_index(entry["file"]), entry) for entry in old["shards"])
     removed = remove_temporary_files(out)
     if removed:
         _note(f"removed {len(removed)} unfinished file(s) of the interrupted build")
-    kept = []
-    for entry in old["shards"]:
-        try:
-            read_shard_table(out, entry)
-        except CacheError as err:
-            _note(f"{err}; rebuilding from this shard on")
-            break
-        kept.append(entry)
+    return olds[0]["created_at"], finished
+
+
+def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume: bool, overwrite: bool) -> tuple[str, dict[int, dict]]:
+    """Rank 0's part of starting a build: check the ranks agree, prepare `out`, store the safety tokens."""
+    _same_build(manifests)
+    started = _prepare_directory(out, manifests[0], resume, overwrite)
+    atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode())
+    return started
+
+
+def _still_valid(out: Path, finished: dict[int, dict], mine: range) -> dict[int, dict]:
+    """The finished shards among `mine` whose files still match their manifest entry (size, sha256, rows)."""
+    kept = {}
+    for index in mine:
+        if index in finished:
+            try:
+                read_shard_table(out, finished[index])
+            except CacheError as err:
+                _note(f"{err}; building it again")
+                continue
+            kept[index] = finished[index]
     return kept
 
 
@@ -167,7 +224,7 @@ def encode_reference(refs: list[ReferenceTargets], safety_tokens: SafetyTokens, 
 
 
 def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
-                        objective: PactConfig, header_ids: list[int], batch_size: int, progress: _Progress) -> list[dict[str, np.ndarray]]:
+                        objective: PactConfig, header_ids: list[int], batch_size: int, progress: _ProgressBar) -> list[dict[str, np.ndarray]]:
     """Reference values of a shard's examples, encoded per example (in example order), batched by length."""
     ids = safety_tokens.id_tensor()
     pad_id = pad_token_id(model.tokenizer)
@@ -181,32 +238,69 @@ def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safe
     return steps
 
 
-def _record_shard(out: Path, manifest: dict, entry: dict) -> None:
-    """List a written shard in the manifest and save it (the commit point of that shard)."""
-    manifest["shards"].append(entry)
-    save_manifest(out, set_totals(manifest))
+@dataclass
+class _RankProgress:
+    """The shards this process has finished, saved after each one in its progress manifest (the shard's commit point).
+
+    A single process keeps its progress in `manifest.json` itself; rank r of
+    W > 1 in `manifest.rank-r-of-W.json`, joined into `manifest.json` at the end.
+    """
+
+    out: Path
+    name: str
+    manifest: dict
+    done: dict[int, dict]
+
+    def save(self) -> None:
+        """Rewrite the progress manifest listing the finished shards in index order."""
+        self.manifest["shards"] = [self.done[i] for i in sorted(self.done)]
+        save_manifest(self.out, set_totals(self.manifest), self.name)
+
+    def record(self, index: int, entry: dict) -> None:
+        """List written shard `index` and save."""
+        self.done[index] = entry
+        self.save()
+
+
+def _shard_examples(examples: list[EncodedExample], rows_per_shard: int, index: int) -> list[EncodedExample]:
+    """The examples of shard `index`: `rows_per_shard` consecutive ones (the last shard may be short)."""
+    return examples[index * rows_per_shard:(index + 1) * rows_per_shard]
 
 
 def _write_shards(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
                   objective: PactConfig, header_ids: list[int], batch_size: int, rows_per_shard: int, zstd_level: int,
-                  out: Path, manifest: dict, progress: _Progress) -> None:
-    """Build and write every shard the manifest does not list yet.
+                  todo: list[int], record: _RankProgress, progress: _ProgressBar) -> None:
+    """Build and write the shards `todo` (indices), recording each in this process's progress manifest.
 
-    Shard i is compressed and written in a worker thread while shard i + 1
-    runs through the model; the manifest lists a shard only once its file is
+    Shard i is compressed and written in a worker thread while the next one
+    runs through the model; a shard is recorded only once its file is
     complete, in order.
     """
     with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
         pending = None
-        for index in range(len(manifest["shards"]), -(-len(examples) // rows_per_shard)):
-            chunk = examples[index * rows_per_shard:(index + 1) * rows_per_shard]
+        for index in todo:
+            chunk = _shard_examples(examples, rows_per_shard, index)
             steps = _encode_shard_steps(model, chunk, safety_tokens, layout, objective, header_ids, batch_size, progress)
             table = build_table(chunk, steps, layout)
             if pending is not None:
-                _record_shard(out, manifest, pending.result())
-            pending = writer.submit(write_shard, out, index, table, sum(len(ex.response_ids) for ex in chunk), zstd_level)
+                record.record(pending[0], pending[1].result())
+            pending = index, writer.submit(write_shard, record.out, index, table, sum(len(ex.response_ids) for ex in chunk), zstd_level)
         if pending is not None:
-            _record_shard(out, manifest, pending.result())
+            record.record(pending[0], pending[1].result())
+
+
+def _finish(out: Path, manifest: dict, progress: list[dict]) -> dict:
+    """Write the complete `manifest.json` from every rank's progress manifest; returns it.
+
+    Done by rank 0 once all ranks are done: the shards are listed in index
+    order, then the ranks' progress manifests are removed.
+    """
+    final = {**manifest, "complete": True,
+             "shards": sorted((entry for p in progress for entry in p["shards"]), key=lambda e: shard_index(e["file"]))}
+    save_manifest(out, set_totals(final))
+    for path in out.glob(f"{RANK_MANIFEST_PREFIX}*.json"):
+        path.unlink()
+    return final
 
 
 def build_cache(
@@ -222,6 +316,8 @@ def build_cache(
     batch_size: int = DEFAULT_BATCH_SIZE,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    part_index: int = 0,
+    part_count: int = 1,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -232,16 +328,26 @@ def build_cache(
     fingerprints the source file and preprocessing). `dtype` and `top_k`
     choose the stored layout (see docs/cache_format.md); `objective` supplies
     the gate's p0 and Tg (baked into post_count) and, for top-k, the T used to
-    choose columns. A non-empty `out_dir` needs `resume` (continue after the
-    last complete shard; refused if anything that shapes the shards differs)
+    choose columns. A non-empty `out_dir` needs `resume` (reuse every shard an
+    earlier run finished; refused if anything that shapes the shards differs)
     or `overwrite`. Write errors (disk full, permissions) raise
     `CacheWriteError` and leave the last manifest intact.
+
+    Shard i always holds examples [i * rows_per_shard, (i + 1) * rows_per_shard),
+    so every way of splitting the work writes the same shards. With
+    `part_count` K > 1 only part `part_index` of K (a contiguous block of the
+    shards, `contiguous_part`) is built, into a cache of its own marked as that
+    part (`pact-cache merge` joins the parts). Inside an initialized
+    `torch.distributed` process group (torchrun) each rank builds its
+    contiguous block of those shards into the same `out_dir`, and rank 0 writes
+    the manifest once all ranks are done; every rank must call this with the
+    same arguments and gets the same result.
     """
     started = time.perf_counter()
     check_dtype(dtype)
     out = Path(out_dir).expanduser()
     vocab_size = int(causal_lm_parts(model.model)[1].shape[0])
-    _check_arguments(examples, safety_tokens, model, vocab_size, batch_size, rows_per_shard, top_k, zstd_level)
+    _check_arguments(examples, safety_tokens, model, vocab_size, batch_size, rows_per_shard, top_k, zstd_level, part_index, part_count)
     layout = Layout.create(dtype, safety_tokens.ids, safety_tokens.weights, vocab_size, top_k)
     header_ids = assistant_header_ids(model.tokenizer)
     parameter = next(model.model.parameters())
@@ -258,18 +364,31 @@ def build_cache(
                 "zstd_level": zstd_level, "device": str(parameter.device), "model_dtype": str(parameter.dtype).removeprefix("torch.")},
         data=data,
         software=_software(),
+        part={"index": part_index, "count": part_count} if part_count > 1 else None,
     )
-    manifest["shards"] = _prepare_directory(out, manifest, resume, overwrite)
-    resumed = len(manifest["shards"])
+    ranks = current_ranks()
+    shards = -(-len(examples) // rows_per_shard)
+    part = contiguous_part(range(shards), part_count, part_index)
+    mine = contiguous_part(part, ranks.world_size, ranks.rank)
+    if not part and ranks.is_main:
+        _note(f"part {part_index} of {part_count} is empty: the data makes only {shards} shard(s) of {rows_per_shard} rows")
+    manifests = all_gather(manifest)
+    manifest["created_at"], finished = run_on_main(lambda: _start(out, manifests, safety_tokens, resume, overwrite))
+    name = MANIFEST_NAME if ranks.world_size == 1 else rank_manifest_name(ranks.rank, ranks.world_size)
+    record = _RankProgress(out, name, manifest, _still_valid(out, finished, mine))
+    kept = len(record.done)
     try:
-        atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode())
-        save_manifest(out, set_totals(manifest))
-        with _Progress(len(examples), min(resumed * rows_per_shard, len(examples)), progress) as bar:
+        record.save()
+        todo = [index for index in mine if index not in record.done]
+        rows = sum(len(_shard_examples(examples, rows_per_shard, index)) for index in mine)
+        done_rows = sum(entry["rows"] for entry in record.done.values())
+        with _ProgressBar(rows, done_rows, progress and ranks.is_main) as bar:
             _write_shards(model, examples, safety_tokens, layout, objective, header_ids, batch_size, rows_per_shard,
-                          zstd_level, out, manifest, bar)
-        manifest["complete"] = True
-        save_manifest(out, manifest)
+                          zstd_level, todo, record, bar)
+        reports = all_gather((manifest, kept))
+        final = run_on_main(lambda: _finish(out, manifest, [m for m, _ in reports]))
     except CacheWriteError as err:
-        raise CacheWriteError(f"{err}. The cache keeps its {len(manifest['shards'])} complete shard(s) and a valid manifest; "
+        raise CacheWriteError(f"{err}. The cache keeps its {len(record.done)} complete shard(s) and a valid manifest; "
                               "fix the cause and rerun with --resume") from err.__cause__
-    return BuildResult(out, manifest, resumed, len(manifest["shards"]) - resumed, time.perf_counter() - started)
+    resumed = sum(count for _, count in reports)
+    return BuildResult(out, final, resumed, len(final["shards"]) - resumed, time.perf_counter() - started)

@@ -36,27 +36,32 @@ def _safety_tokens(args, loaded):
 
 
 def _build(args) -> int:
-    from pact.cache_tools.builder import build_cache
+    from pact.cache_tools.builder import RANK_WAIT, build_cache
     from pact.cache_tools.manifest import describe_data
     from pact.data import DEMO_BENIGN, demo_data_path, load_examples
+    from pact.distributed import current_ranks, distributed_session, run_on_main
     from pact.models import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype)
-    data_path = args.data or demo_data_path(DEMO_BENIGN)
-    examples, report = load_examples(data_path, loaded.tokenizer, max_length=args.max_length,
-                                     skip_invalid=args.skip_invalid, limit=args.limit)
-    if report.skipped:
-        print(f"pact-cache: skipped {report.skipped} invalid row(s) of {data_path} (first: {report.errors[0]})", file=sys.stderr)
-    safety_tokens = _safety_tokens(args, loaded)
-    result = build_cache(
-        loaded, examples, safety_tokens, args.out,
-        data=describe_data(data_path, loaded.tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
-        dtype=args.dtype, top_k=args.top_k,
-        objective=PactConfig(p0=args.p0, gate_temperature=args.gate_temperature, temperature=args.temperature),
-        batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-    )
-    print(result.summary())
+    with distributed_session(args.device, timeout=RANK_WAIT) as device:
+        main_rank = current_ranks().is_main
+        loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
+        data_path = args.data or demo_data_path(DEMO_BENIGN)
+        examples, report = load_examples(data_path, loaded.tokenizer, max_length=args.max_length,
+                                         skip_invalid=args.skip_invalid, limit=args.limit)
+        if report.skipped and main_rank:
+            print(f"pact-cache: skipped {report.skipped} invalid row(s) of {data_path} (first: {report.errors[0]})", file=sys.stderr)
+        safety_tokens = run_on_main(lambda: _safety_tokens(args, loaded))
+        result = build_cache(
+            loaded, examples, safety_tokens, args.out,
+            data=describe_data(data_path, loaded.tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
+            dtype=args.dtype, top_k=args.top_k,
+            objective=PactConfig(p0=args.p0, gate_temperature=args.gate_temperature, temperature=args.temperature),
+            batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
+            part_index=args.shard_index, part_count=args.num_shards,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        )
+        if main_rank:
+            print(result.summary())
     return 0
 
 
@@ -100,7 +105,9 @@ def _add_build(subparsers) -> None:
         "build", help="run the reference model once over a training set and store its targets",
         description="Run the reference model once over a training set and store, for every response step, what the PACT "
                     "objective needs from it (logits on the safety tokens for the full and post-only contexts, the gate's "
-                    "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards.",
+                    "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards. "
+                    "Under `torchrun --nproc-per-node N $(which pact-cache) build ...` the N processes (one GPU each) share "
+                    "the work and write one cache; see docs/scaling_out.md.",
     )
     p.add_argument("--model", metavar="M", default=None, help="reference model: directory, hub id, .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", metavar="FILE", default=None, help="training data: .jsonl/.json/.csv/.parquet or a save_to_disk folder (default: the bundled demo benign set)")
@@ -127,6 +134,11 @@ def _add_build(subparsers) -> None:
                    help=f"gate temperature Tg baked into post_count (default {d.gate_temperature}; training must match)")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help=f"objective temperature T used to choose the --top-k columns (default {d.temperature})")
+    p.add_argument("--num-shards", metavar="K", type=int, default=1,
+                   help="split the build into K parts, one job each (e.g. a Slurm job array; default 1: the whole data). "
+                        "Each part is a cache of its own; join them with `pact-cache merge`. Counts parts, not shard files")
+    p.add_argument("--shard-index", metavar="I", type=int, default=0,
+                   help="which part, 0..K-1, this job builds into --out (default 0)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in DIR (refused if any setting differs)")
     mode.add_argument("--overwrite", action="store_true", help="replace the cache in DIR")
@@ -166,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_stats)
 
-    p = subparsers.add_parser("merge", help="join caches built with the same model, tokens and settings",
-                              description="Copy the shards of several complete caches (same model, tokenizer, safety tokens and "
-                                          "layout; disjoint example ids) into one new cache.")
+    p = subparsers.add_parser("merge", help="join the parts of a --num-shards build, or caches built with the same settings",
+                              description="Copy the shards of several complete caches into one new cache. Parts of a "
+                                          "`build --num-shards K` (in any order) must be all K parts, each once, of the same "
+                                          "build; the result equals a single build. Other caches need the same model, "
+                                          "tokenizer, safety tokens and layout, and disjoint example ids.")
     p.add_argument("out", metavar="OUT", help="new cache directory")
-    p.add_argument("dirs", metavar="DIR", nargs="+", help="input cache directories, in order")
+    p.add_argument("dirs", metavar="DIR", nargs="+", help="input cache directories (whole caches: in order)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT")
     p.set_defaults(func=_merge)
     return parser

@@ -75,6 +75,7 @@ def inspect_cache(directory: str | Path, row: int | None = None, top: int = TOP_
         "model_source": m["model_source"],
         "fingerprints": m["fingerprints"],
         "data": m.get("data"),
+        "part": m.get("part"),
         "dtype": m["dtype"],
         "top_k": m["top_k"],
         "gate": m["gate"],
@@ -97,9 +98,11 @@ def format_inspection(info: dict) -> str:
     lines = [
         f"cache {info['directory']} (format {info['format_version']}, {'complete' if info['complete'] else 'INCOMPLETE'}, built {info['created_at']})",
         f"model: {info['model_source']} ({info['fingerprints']['model']})",
-        f"data: {data.get('path', '-')} ({info['fingerprints'].get('data') or info['fingerprints']['examples']})",
-        f"rows {t['rows']}, response tokens {t['response_tokens']}, shards {t['shards']}, {t['bytes']} bytes "
-        f"({t['bytes_per_response_token']:.1f} per response token, {t['compression_ratio']:.1f}x smaller than raw float32)",
+        f"data: {data.get('path', '-')} ({info['fingerprints'].get('data') or info['fingerprints']['examples']})"
+        + (f", part {info['part']['index']} of {info['part']['count']} (--num-shards)" if info.get("part") else ""),
+        f"rows {t['rows']}, response tokens {t['response_tokens']}, shards {t['shards']}, {t['bytes']} bytes"
+        + (f" ({t['bytes_per_response_token']:.1f} per response token, {t['compression_ratio']:.1f}x smaller than raw float32)"
+           if t["response_tokens"] else ""),
         f"layout: dtype {info['dtype']}, {info['stored_columns']} of {info['safety_tokens']} safety tokens stored"
         + (f" (top-{info['top_k']} per step, chosen at T={info['objective_temperature']})" if info["top_k"] else " (all with weight > 0: exact)"),
         f"gate baked in: p0={info['gate']['p0']}, Tg={info['gate']['gate_temperature']}",

@@ -2,9 +2,12 @@
 to check it.
 
 It records every build parameter, the safety tokens, the fingerprints of the
-model, tokenizer and data, and per shard its file, rows, response tokens,
-bytes and sha256. A build rewrites it (atomically) after every shard with
-`complete: false`, and a last time with `complete: true`.
+model, tokenizer and data, which part of the data it holds (`part`: index and
+count for `--num-shards` builds, else null), and per shard its file, rows,
+response tokens, bytes and sha256. A build rewrites it (atomically) after
+every shard with `complete: false`, and a last time with `complete: true`; a
+multi-process build keeps one such progress manifest per rank
+(`manifest.rank-*.json`) and rank 0 writes `manifest.json` at the end.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ IDENTITY = (
     ("examples fingerprint", ("fingerprints", "examples")),
     ("rows per shard", ("params", "rows_per_shard")),
     ("zstd level", ("params", "zstd_level")),
+    ("part of the data", ("part",)),
 )
-DATA_DEPENDENT = {"data fingerprint (file contents + preprocessing)", "examples fingerprint", "rows per shard", "zstd level"}
+PART = "part of the data"
+DATA_DEPENDENT = {PART, "data fingerprint (file contents + preprocessing)", "examples fingerprint", "rows per shard", "zstd level"}
 
 
 def _hash_path(path: Path) -> str:
@@ -141,8 +146,9 @@ def new_manifest(
     params: dict,
     data: dict | None,
     software: dict,
+    part: dict | None = None,
 ) -> dict:
-    """An empty (`complete: false`, no shards) manifest for a build."""
+    """An empty (`complete: false`, no shards) manifest for a build (of `part` = {index, count} of the data, or all of it)."""
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -161,23 +167,25 @@ def new_manifest(
         "safety_tokens": safety_tokens,
         "fingerprints": fingerprints,
         "data": data,
+        "part": part,
         "shards": [],
     }
     return set_totals(manifest)
 
 
-def save_manifest(directory: Path, manifest: dict) -> None:
-    """Write `manifest.json` atomically."""
-    atomic_write(Path(directory) / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+def save_manifest(directory: Path, manifest: dict, name: str = MANIFEST_NAME) -> None:
+    """Write `manifest.json` (or the manifest file `name`) atomically."""
+    atomic_write(Path(directory) / name, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def load_manifest(directory: str | Path, allow_incomplete: bool = False) -> dict:
-    """Read and sanity-check `DIR/manifest.json`; raises `CacheError` when missing, unreadable, of another format or incomplete."""
+def load_manifest(directory: str | Path, allow_incomplete: bool = False, name: str = MANIFEST_NAME) -> dict:
+    """Read and sanity-check `DIR/manifest.json` (or the manifest file `name`); raises `CacheError` when missing,
+    unreadable, of another format or incomplete."""
     directory = Path(directory).expanduser()
-    path = directory / MANIFEST_NAME
+    path = directory / name
     if not path.is_file():
         hint = "" if directory.is_dir() else " (no such directory)"
-        raise CacheError(f"{directory} is not a pact cache: {MANIFEST_NAME} not found{hint}")
+        raise CacheError(f"{directory} is not a pact cache: {name} not found{hint}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -18,6 +18,7 @@ from pact.cache_tools.errors import CacheError, CacheWriteError
 
 TEMP_PREFIX = ".tmp-"
 MANIFEST_NAME = "manifest.json"
+RANK_MANIFEST_PREFIX = "manifest.rank-"
 SAFETY_TOKENS_NAME = "safety_tokens.json"
 CACHE_FILES = (MANIFEST_NAME, SAFETY_TOKENS_NAME)
 SHARD_SUFFIX = ".arrow"
@@ -27,6 +28,16 @@ DEFAULT_ZSTD_LEVEL = 3
 def shard_name(index: int) -> str:
     """File name of shard `index` (`shard-00000.arrow`, ...)."""
     return f"shard-{index:05d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int:
+    """The index in a shard's file name (inverse of `shard_name`)."""
+    return int(name.removeprefix("shard-").removesuffix(SHARD_SUFFIX))
+
+
+def rank_manifest_name(rank: int, world_size: int) -> str:
+    """File name of the progress manifest rank `rank` of a `world_size`-process build keeps while it runs."""
+    return f"{RANK_MANIFEST_PREFIX}{rank:05d}-of-{world_size:05d}.json"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -88,8 +99,9 @@ def write_shard(directory: Path, index: int, table: pa.Table, response_tokens: i
 
 
 def is_cache_file(name: str) -> bool:
-    """Whether a file name is one a cache directory holds (manifest, safety tokens, shards, unfinished writes)."""
-    return name in CACHE_FILES or name.startswith(TEMP_PREFIX) or (name.startswith("shard-") and name.endswith(SHARD_SUFFIX))
+    """Whether a file name is one a cache directory holds (manifests, safety tokens, shards, unfinished writes)."""
+    return (name in CACHE_FILES or name.startswith(TEMP_PREFIX) or (name.startswith("shard-") and name.endswith(SHARD_SUFFIX))
+            or (name.startswith(RANK_MANIFEST_PREFIX) and name.endswith(".json")))
 
 
 def prepare_output_directory(directory: Path, overwrite: bool) -> bool:

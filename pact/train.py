@@ -4,14 +4,24 @@
 `train(TrainConfig)` is the plain loop behind `pact train`; it checkpoints
 every `save_steps` optimizer steps and resumes to the same result.
 `PactTrainer` offers the same loss inside `transformers.Trainer`.
+
+Under torchrun (WORLD_SIZE > 1) the loop runs data-parallel: the model is
+wrapped in DistributedDataParallel, `batch_size` counts rows per process, so
+an optimizer step's global batch is batch_size x grad_accum x world size rows,
+cut into the same global micro-batches (batch_size x world size rows) a single
+process with that batch size would use; each rank takes its contiguous part
+of every micro-batch. Losses are weighted by the step's response tokens over
+all ranks, so the gradient, loss and metrics equal those of one process on
+the same global batch. Rank 0 alone writes the outputs and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +30,7 @@ from transformers import get_scheduler
 
 from pact.cache_tools import CacheReader
 from pact.cache_tools.reader import ShardShuffleSampler
+from pact.distributed import Ranks, all_reduce_sum, contiguous_part, current_ranks, distributed_session, run_on_main
 from pact.errors import PactError
 from pact.loss import cached_pact_loss
 from pact.models import LoadedModel, load_model, pad_token_id
@@ -120,6 +131,71 @@ def _batches_for_epoch(reader: CacheReader, batch_size: int, seed: int, epoch: i
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _prepare_output(out: Path, resume: bool, world_size: int) -> Path | None:
+    """Create `out`, refusing a non-empty one unless resuming; returns the checkpoint to resume from, if any.
+
+    A checkpoint written by a run with another number of processes is refused:
+    its global batches, and so the data order, were different.
+    """
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise PactError(f"output directory {out} is not empty; pass --resume to continue a run there or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", 1)
+        if saved != world_size:
+            raise PactError(f"{checkpoint} was written by a run of {saved} process(es), this one has {world_size}; "
+                            "resume with the same number of processes (the global batch depends on it)")
+    return checkpoint
+
+
+def _start_metrics(path: Path, steps: int) -> list[dict]:
+    """The metrics of an earlier run's first `steps` steps (none for a fresh run); `path` is rewritten to hold just those."""
+    metrics = [json.loads(line) for line in path.read_text().splitlines()][:steps] if steps and path.exists() else []
+    path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return metrics
+
+
+def _distributed_model(model, ranks: Ranks, device: torch.device):
+    """`model` wrapped in DistributedDataParallel when this process is one of several (gradients all-reduced in backward)."""
+    if ranks.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _accumulate_step(model, reader: CacheReader, group: list[list[int]], ranks: Ranks, config: TrainConfig,
+                     safety_ids: torch.Tensor, weights: torch.Tensor, pad_id: int, autocast) -> tuple[dict, int]:
+    """Forward and backward of this process's rows of one optimizer step; returns the step's loss, ce and kl and its
+    response-token count, all over every rank.
+
+    `group` holds the step's global micro-batches; this rank takes its
+    contiguous part of each. A micro-batch's loss is weighted by its share of
+    the step's response tokens over all ranks, times the world size because
+    DDP averages gradients over ranks, so the summed gradient is that of one
+    process on the whole global batch. A rank whose part of a micro-batch is
+    empty (an epoch's last, short batch) runs one row of it with weight 0, so
+    DDP's collectives stay in step. Gradients are synchronised once, in the
+    last micro-batch's backward.
+    """
+    row_groups = [[reader[i] for i in contiguous_part(batch, ranks.world_size, ranks.rank)] for batch in group]
+    local_tokens = sum(len(row["post_count"]) for rows in row_groups for row in rows)
+    total_tokens = int(all_reduce_sum([local_tokens])[0])
+    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+    for position, (batch, rows) in enumerate(zip(group, row_groups)):
+        defer_sync = ranks.world_size > 1 and position < len(group) - 1
+        with model.no_sync() if defer_sync else contextlib.nullcontext():
+            with autocast:
+                result = cached_pact_loss(model, rows or [reader[batch[0]]], safety_ids, weights, config.objective, pad_id,
+                                          config.ce_chunk_size)
+            share = result.tokens / total_tokens if rows else 0.0
+            (result.loss * (share * ranks.world_size)).backward()
+        for key in sums:
+            sums[key] += getattr(result, key).item() * share
+    return dict(zip(sums, all_reduce_sum(list(sums.values())))), total_tokens
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
@@ -192,18 +268,25 @@ def train(config: TrainConfig) -> TrainResult:
 
     Writes to `config.out`: the adapter (or full model with `full`),
     `metrics.jsonl` (one object per optimizer step), `curves.png` and
-    `config.json` with every effective setting.
+    `config.json` with every effective setting. Under torchrun it joins the
+    job (see the module notes) and every rank returns the same result.
     """
+    with distributed_session(config.device) as device:
+        return _train(config, device)
+
+
+def _train(config: TrainConfig, device: torch.device) -> TrainResult:
+    """`train` in the process group (if any) `train` joined, computing on `device`."""
+    ranks = current_ranks()
     out = Path(config.out)
     reader = CacheReader(config.cache)
     manifest = reader.manifest
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise PactError(f"output directory {out} is not empty; pass --resume to continue a run there or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_on_main(lambda: _prepare_output(out, config.resume, ranks.world_size))
     torch.manual_seed(config.seed)
-    loaded = load_model(config.model or manifest["model_source"], device=config.device, dtype="float32")
+    loaded = load_model(config.model or manifest["model_source"], device=str(device), dtype="float32")
     for warning in check_compatibility(manifest, loaded, config.objective, config.force):
-        print(f"warning: {warning} (--force)")
+        if ranks.is_main:
+            print(f"warning: {warning} (--force)")
     model = loaded.model
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
@@ -214,46 +297,38 @@ def train(config: TrainConfig) -> TrainResult:
     if not config.full:
         model = _lora_wrap(model, config)
     model.train()
-    device = next(model.parameters()).device
     safety_ids, weights = reader.safety_ids, reader.safety_weights
     pad_id = pad_token_id(loaded.tokenizer)
 
-    steps_per_epoch = math.ceil(math.ceil(len(reader) / config.batch_size) / config.grad_accum)
+    global_micro_batch = config.batch_size * ranks.world_size
+    steps_per_epoch = math.ceil(math.ceil(len(reader) / global_micro_batch) / config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    metrics: list[dict] = []
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "world_size": ranks.world_size}
     metrics_path = out / "metrics.jsonl"
-    checkpoint = _latest_checkpoint(out) if config.resume else None
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config.full)
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()][: state["step"]] if metrics_path.exists() else []
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (out / "config.json").write_text(json.dumps({**config.to_dict(), "model_source": loaded.source, "total_steps": total_steps,
-                                                 "cache_rows": len(reader), "safety_tokens": len(safety_ids)}, indent=2))
+    metrics = run_on_main(lambda: _start_metrics(metrics_path, state["step"]))
+    if ranks.is_main:
+        (out / "config.json").write_text(json.dumps({
+            **config.to_dict(), "model_source": loaded.source, "total_steps": total_steps, "cache_rows": len(reader),
+            "safety_tokens": len(safety_ids), "world_size": ranks.world_size,
+            "global_batch_size": global_micro_batch * config.grad_accum}, indent=2))
 
+    forward_model = _distributed_model(model, ranks, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not config.progress)
-    with open(metrics_path, "a") as log:
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not (config.progress and ranks.is_main))
+    with open(metrics_path, "a") if ranks.is_main else contextlib.nullcontext() as log:
         while state["step"] < total_steps:
-            batches = _batches_for_epoch(reader, config.batch_size, config.seed, state["epoch"])
+            batches = _batches_for_epoch(reader, global_micro_batch, config.seed, state["epoch"])
             groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
             for group in groups[state["batch_in_epoch"]:]:
                 started = time.perf_counter()
-                row_groups = [[reader[i] for i in batch] for batch in group]
-                total_tokens = sum(len(row["post_count"]) for rows in row_groups for row in rows)
-                sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-                for rows in row_groups:
-                    with autocast:
-                        result = cached_pact_loss(model, rows, safety_ids, weights, config.objective, pad_id, config.ce_chunk_size)
-                    share = result.tokens / total_tokens
-                    (result.loss * share).backward()
-                    for key in sums:
-                        sums[key] += getattr(result, key).item() * share
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                sums, total_tokens = _accumulate_step(forward_model, reader, group, ranks, config, safety_ids, weights, pad_id, autocast)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -261,13 +336,15 @@ def train(config: TrainConfig) -> TrainResult:
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 seconds = time.perf_counter() - started
-                record = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": lr, "tokens": total_tokens, "seconds": seconds}
+                record = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": lr, "tokens": total_tokens,
+                          "grad_norm": grad_norm, "seconds": seconds}
                 metrics.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", ce=f"{sums['ce']:.4f}", kl=f"{sums['kl']:.4f}", tok_s=f"{total_tokens / seconds:.0f}")
-                if config.save_steps and state["step"] % config.save_steps == 0:
+                if config.save_steps and state["step"] % config.save_steps == 0 and ranks.is_main:
                     _save_checkpoint(out, state["step"], model, optimizer, scheduler, state, config, loaded.tokenizer)
                 if state["step"] >= total_steps:
                     break
@@ -275,6 +352,7 @@ def train(config: TrainConfig) -> TrainResult:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
     bar.close()
-    _save_weights(model, out, config.full, loaded.tokenizer)
-    plot_curves(metrics, out / "curves.png")
+    if ranks.is_main:
+        _save_weights(model, out, config.full, loaded.tokenizer)
+        plot_curves(metrics, out / "curves.png")
     return TrainResult(out=out, steps=state["step"], metrics=metrics)

@@ -5,7 +5,6 @@ accumulation, DDP through accelerate) work as users expect.
 
 from __future__ import annotations
 
-import torch
 from transformers import Trainer
 
 from pact.cache_tools import CacheReader

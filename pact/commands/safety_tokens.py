@@ -10,7 +10,6 @@ import argparse
 import time
 
 from pact.data import demo_data_path, load_conversations
-from pact.errors import PactError
 from pact.models import EMBEDDED_MODEL, load_model
 from pact.safety_tokens import DIFF_MODES, SafetyTokens, compute_safety_tokens
 

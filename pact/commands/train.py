@@ -46,7 +46,9 @@ def register(subparsers) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=3, help="passes over the cache (default 3)")
     length.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows per micro-batch and process (default 8); under torchrun with N processes an optimizer step "
+                             "takes batch-size x grad-accum x N rows, the same global batch one process with batch-size x N takes")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default 3e-5)")
     parser.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "constant", "constant_with_warmup"], help="learning-rate schedule (default linear)")
@@ -59,7 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument("--save-steps", type=int, default=0, help="write a resumable checkpoint every N optimizer steps (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--force", action="store_true", help="train even if the model or tokenizer fingerprint differs from the cache's")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto; under torchrun each process uses cuda:LOCAL_RANK)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_objective_arguments(parser)
     parser.set_defaults(func=run)

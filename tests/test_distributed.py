@@ -1,0 +1,216 @@
+"""Scaling out on torch.distributed, on CPU with gloo: the 2-process torchrun
+cache build, the `--num-shards` parts joined by `merge`, resuming a crashed
+multi-process build, and data-parallel `pact train`, each against one process.
+
+Each torchrun launch costs about 15 s here (two fresh interpreters), so there
+are two: one build and one training run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pact.cache_tools import CacheReader, load_manifest
+from pact.cache_tools.cli import main as cache_main
+from pact.cache_tools.manifest import differences, save_manifest
+from pact.cache_tools.writer import rank_manifest_name
+from pact.distributed import contiguous_part
+from pact.errors import PactError
+from pact.train import TrainConfig, train
+from test_cache_support import (  # noqa: F401  (fixtures)
+    TINY_MAX_LENGTH, make_safety_tokens, one_thread, subprocess_env, tiny, tiny_safety, tiny_safety_file,
+)
+
+ROWS = 11  # 3 shards of 4, 4, 3 rows: rank 0 builds two, rank 1 one; an odd count leaves a rank an empty micro-batch
+
+
+def _build_args(model_dir, safety_file, out, *extra):
+    return ["build", "--model", str(model_dir), "--safety-tokens", str(safety_file), "--out", str(out), "--device", "cpu",
+            "--max-length", str(TINY_MAX_LENGTH), "--limit", str(ROWS), "--rows-per-shard", "4", "--batch-size", "3",
+            "--dtype", "float32", "--quiet", *extra]
+
+
+def _torchrun(*command) -> str:
+    """Run `command` (a script or `-m module`, then its arguments) in 2 processes under torchrun; returns the output."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, command)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _pact_cache_script() -> list[str]:
+    """The `pact-cache` console script as `$(which pact-cache)` finds it in this environment (else its module)."""
+    script = Path(sys.executable).parent / "pact-cache"
+    return [str(script)] if script.is_file() else ["-m", "pact.cache_tools.cli"]
+
+
+def _assert_same_rows(got_dir, want_dir) -> None:
+    got, want = CacheReader(got_dir), CacheReader(want_dir)
+    assert len(got) == len(want) == ROWS
+    for a, b in zip(got, want):
+        assert a["example_id"] == b["example_id"] and a["response_start"] == b["response_start"]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["post_count"], b["post_count"])
+        for key in ("full_logits", "post_logits", "target_logprob", "logsumexp"):
+            assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def _sha256s(directory) -> list[str]:
+    return [s["sha256"] for s in load_manifest(directory)["shards"]]
+
+
+@pytest.fixture(scope="module")
+def single_cache(tiny_model_dir, tiny_safety_file, tmp_path_factory):
+    """The single-process float32 build everything is compared with (also the training cache)."""
+    out = tmp_path_factory.mktemp("single") / "cache"
+    assert cache_main(_build_args(tiny_model_dir, tiny_safety_file, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def torchrun_cache(tiny_model_dir, tiny_safety_file, tmp_path_factory):
+    """The same build by `torchrun --nproc-per-node 2 $(which pact-cache) build ...`."""
+    out = tmp_path_factory.mktemp("torchrun") / "cache"
+    printed = _torchrun(*_pact_cache_script(), *_build_args(tiny_model_dir, tiny_safety_file, out))
+    assert printed.count("3 shards (0 resumed)") == 1  # one summary, from rank 0
+    return out
+
+
+def test_contiguous_part_splits_in_order():
+    parts = [contiguous_part(range(11), 3, i) for i in range(3)]
+    assert parts == [range(0, 4), range(4, 8), range(8, 11)]
+    assert [contiguous_part([7], 2, i) for i in range(2)] == [[7], []]
+    with pytest.raises(ValueError):
+        contiguous_part(range(4), 2, 2)
+
+
+def test_torchrun_build_equals_one_process(single_cache, torchrun_cache):
+    _assert_same_rows(torchrun_cache, single_cache)
+    assert _sha256s(torchrun_cache) == _sha256s(single_cache)  # the same shards, byte for byte
+    merged, single = load_manifest(torchrun_cache), load_manifest(single_cache)
+    assert differences(single, merged) == [] and merged["part"] is None
+    assert sorted(p.name for p in torchrun_cache.iterdir()) == ["manifest.json", "safety_tokens.json",
+                                                              "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+    assert cache_main(["verify", str(torchrun_cache)]) == 0
+
+
+def test_crashed_two_process_build_resumes_in_one_process(tiny_model_dir, tiny_safety_file, single_cache, torchrun_cache, tmp_path):
+    """Ranks 0 and 1 were killed after recording shards 0 and 2; a single process reuses both and builds shard 1."""
+    out = tmp_path / "crashed"
+    shutil.copytree(torchrun_cache, out)
+    manifest = load_manifest(out)
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.arrow").unlink()
+    for rank, shards in ((0, [0]), (1, [2])):
+        save_manifest(out, {**manifest, "complete": False, "shards": [manifest["shards"][i] for i in shards]},
+                      rank_manifest_name(rank, 2))
+    assert cache_main(_build_args(tiny_model_dir, tiny_safety_file, out, "--resume")) == 0
+    assert _sha256s(out) == _sha256s(single_cache)
+    assert not list(out.glob("manifest.rank-*"))
+    assert load_manifest(out)["complete"]
+
+
+def test_parts_merge_into_the_single_build(tiny_model_dir, tiny_safety_file, single_cache, tmp_path, capsys):
+    """4 parts of 3 shards: one shard each, the last part empty; merged in any order they give the single build back."""
+    parts = [tmp_path / f"part{i}" for i in range(4)]
+    for index, part in enumerate(parts):
+        assert cache_main(_build_args(tiny_model_dir, tiny_safety_file, part, "--num-shards", "4", "--shard-index", str(index))) == 0
+        assert load_manifest(part)["part"] == {"index": index, "count": 4}
+    assert "(part 3 of 4): empty" in capsys.readouterr().out
+    assert [len(load_manifest(p)["shards"]) for p in parts] == [1, 1, 1, 0]
+    assert cache_main(["merge", str(tmp_path / "merged"), *map(str, [parts[2], parts[0], parts[3], parts[1]])]) == 0
+    _assert_same_rows(tmp_path / "merged", single_cache)
+    assert _sha256s(tmp_path / "merged") == _sha256s(single_cache)
+    merged = load_manifest(tmp_path / "merged")
+    assert differences(load_manifest(single_cache), merged) == [] and merged["part"] is None
+    capsys.readouterr()
+    assert cache_main(_build_args(tiny_model_dir, tiny_safety_file, tmp_path / "bad", "--num-shards", "2", "--shard-index", "2")) == 2
+    assert "--shard-index 2 is not in 0..1" in capsys.readouterr().err
+
+
+def test_merge_refuses_missing_duplicate_and_mismatched_parts(tiny, tiny_model_dir, tiny_safety_file, single_cache, tmp_path, capsys):
+    def part(name, index, count, *extra, safety=tiny_safety_file):
+        out = tmp_path / name
+        assert cache_main(_build_args(tiny_model_dir, safety, out, "--num-shards", str(count), "--shard-index", str(index), *extra)) == 0
+        return str(out)
+
+    first, second = part("p0", 0, 2), part("p1", 1, 2)
+    other_safety = make_safety_tokens(tiny, seed=1).save(tmp_path / "other_safety.json")
+    cases = [
+        ([first], "part(s) 1 of 2 missing"),
+        ([first, second, first], "part 0 of 2 is given twice"),
+        ([first, part("third", 1, 3)], "is part 1 of 3"),
+        ([first, part("data", 1, 2, "--limit", "10")], "data fingerprint"),
+        ([first, part("params", 1, 2, "--zstd-level", "5")], "zstd level: 3 vs 5"),
+        ([first, part("safety", 1, 2, safety=other_safety)], "safety-token ids"),
+        ([first, str(single_cache)], "cannot merge parts of a --num-shards build with whole caches"),
+    ]
+    capsys.readouterr()
+    for number, (inputs, message) in enumerate(cases):
+        assert cache_main(["merge", str(tmp_path / f"out{number}"), *inputs]) == 2, message
+        assert message in capsys.readouterr().err
+
+
+def _train_args(cache, out, batch_size):
+    return ["train", "--cache", str(cache), "--out", str(out), "--batch-size", str(batch_size), "--grad-accum", "2",
+            "--max-steps", "2", "--save-steps", "1", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--no-progress"]
+
+
+def test_two_process_training_equals_one_process_on_the_same_global_batch(single_cache, tmp_path):
+    """2 ranks x 5 rows x 2 micro-batches against 1 process x 10 rows x 2: the step's global batch is the epoch's 11 rows
+    (10, then 1: rank 1's part of the second micro-batch is empty). Same loss, gradients and adapter."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = train(TrainConfig(cache=str(single_cache), out=str(one), batch_size=10, grad_accum=2, max_steps=2, save_steps=1,
+                               lr=1e-3, seed=3, device="cpu", progress=False))
+    assert "trained 2 steps" in _torchrun("-m", "pact.cli", *_train_args(single_cache, two, 5))
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 == len(single.metrics)
+    for want, got in zip(single.metrics, logged):
+        assert got["tokens"] == want["tokens"] == 244
+        for key in ("loss", "ce", "kl", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    # AdamW's first moment after step 1 is 0.1 x the step's (clipped) gradient.
+    moments = [torch.load(run / "checkpoint-1" / "optimizer.pt", weights_only=True)["optimizer"]["state"] for run in (one, two)]
+    assert moments[0].keys() == moments[1].keys()
+    for index in moments[0]:
+        torch.testing.assert_close(moments[1][index]["exp_avg"], moments[0][index]["exp_avg"], atol=1e-8, rtol=1e-5)
+    want, got = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all((want[k] - got[k]).abs().max() < 1e-6 for k in want)
+    config = json.loads((two / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_size"] == 20
+    with pytest.raises(PactError, match="written by a run of 2 process"):
+        train(TrainConfig(cache=str(single_cache), out=str(two), batch_size=10, max_steps=3, resume=True, device="cpu", progress=False))
+
+
+def test_the_loss_runs_the_forward_of_a_ddp_wrapped_model(single_cache, tiny_model_dir, tmp_path):
+    """What PactTrainer relies on under accelerate's DDP: `cached_pact_loss` calls the wrapper's forward, same loss."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pact.loss import cached_pact_loss
+    from pact.models import load_model
+    from pact.objective import PactConfig
+
+    reader = CacheReader(single_cache)
+    rows = [reader[i] for i in range(3)]
+    model = get_peft_model(load_model(str(tiny_model_dir), device="cpu").model, LoraConfig(r=4, target_modules=["q_proj"]))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        calls = []
+        wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
+        through_ddp = cached_pact_loss(wrapped, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+        through_ddp.loss.backward()
+    finally:
+        dist.destroy_process_group()
+    direct = cached_pact_loss(model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+    assert calls == [1]
+    assert through_ddp.loss.item() == pytest.approx(direct.loss.item(), rel=1e-6)
