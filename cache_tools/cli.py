@@ -107,7 +107,7 @@ def _add_build(subparsers) -> None:
                     "objective needs from it (logits on the safety tokens for the full and post-only contexts, the gate's "
                     "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards. "
                     "Under `torchrun --nproc-per-node N $(which pact-cache) build ...` the N processes (one GPU each) share "
-                    "the work and write one cache; see "Scaling out" in the README.",
+                    "the work and write one cache; see 'Scaling out' in the README.",
     )
     p.add_argument("--model", metavar="M", default=None, help="reference model: directory, hub id, .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", metavar="FILE", default=None, help="training data: .jsonl/.json/.csv/.parquet or a save_to_disk folder (default: the bundled demo benign set)")
