@@ -80,7 +80,7 @@ def demo_data_path(name: str) -> Path:
     """Path of the project's bundled demo data (`benign` or `refusals`)."""
     if name not in (DEMO_BENIGN, DEMO_REFUSALS):
         raise DataError(f"unknown demo data set {name!r}; choose {DEMO_BENIGN!r} or {DEMO_REFUSALS!r}")
-    return Path(str(resources.files("pact") / "demo_data" / f"{name}.jsonl"))
+    return Path(str(resources.files("pact") / "demo_data" / f"demo_{name}.jsonl"))
 
 
 def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:

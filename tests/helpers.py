@@ -245,3 +245,22 @@ def write_dataset_dir(path, rows) -> Path:
     path = Path(path)
     Dataset.from_list(rows).save_to_disk(str(path))
     return path
+
+
+def random_lora_student(model, seed: int = 0, scale: float = 0.02):
+    """A copy of `model` with LoRA (r=4 on q_proj, v_proj) whose B matrices are random, so the adapter changes outputs.
+
+    Fresh LoRA adapters start at zero (an unchanged model); tests of gradients and drift need a student that differs.
+    """
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    student = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale)
+    return student

@@ -1,14 +1,12 @@
 """Cached PACT equals online PACT: loss and LoRA gradients, and `pact eval drift`
 equals an independent online computation of DESIGN.md 1.2."""
 
-import copy
 import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from helpers import write_jsonl
+from helpers import random_lora_student, write_jsonl
 from pact.cache_tools import CacheReader
 from pact.cache_tools.cli import main as cache_main
 from pact.cli import main as pact_main
@@ -39,16 +37,6 @@ def _build(model_arg, root, dtype, max_examples, top):
     return CacheReader(cache)
 
 
-def _lora_student(model, seed):
-    torch.manual_seed(seed)
-    student = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    return student
-
-
 def _backward(student, output):
     student.zero_grad()
     output.loss.backward()
@@ -65,7 +53,7 @@ def _online_and_cached(loaded, reader, seed):
     cfg = PactConfig()
     rows = [reader[i] for i in range(len(reader))]
     safety_ids, weights = reader.safety_ids, reader.safety_weights
-    student = _lora_student(loaded.model, seed)
+    student = random_lora_student(loaded.model, seed=seed, scale=0.02)
     examples = examples_from_cache_rows(rows)
     online = OnlineReference(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     online_out = compute_pact_loss(student, examples, online.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
@@ -136,7 +124,7 @@ def _check_drift(capsys, loaded, reader, model_arg, tmp_path):
     assert result["tokens"] == tokens
     assert result["kl_mean"] > 0
     assert result["kl_mean"] == pytest.approx(reference_value, rel=1e-3)
-    student = _lora_student(loaded.model, seed=5)
+    student = random_lora_student(loaded.model, seed=5, scale=0.02)
     student.save_pretrained(tmp_path / "adapter")
     adapted_value, _ = _independent_drift(student, loaded.model, reader, cfg)
     adapted = _drift_cli(capsys, reader, model_arg, tmp_path / "adapter")

@@ -1,12 +1,10 @@
 """Online objective on a tiny model: separate reference == PEFT adapter-disabled reference,
 and the batch loss equals an independent per-example transcription."""
 
-import copy
-
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
+from helpers import random_lora_student
 from pact.data import assistant_header_ids, demo_data_path, load_examples
 from pact.loss import compute_pact_loss
 from pact.models import load_model
@@ -26,16 +24,6 @@ def setup(tiny_model_dir):
     return loaded, examples, safety_ids, weights
 
 
-def _lora_student(model, seed=0):
-    torch.manual_seed(seed)
-    student = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in student.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    return student
-
-
 def _loss_and_grads(student, reference_model, examples, safety_ids, weights, tok, cfg):
     reference = OnlineReference(reference_model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     out = compute_pact_loss(student, examples, reference.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
@@ -49,7 +37,7 @@ def test_adapter_disabled_reference_equals_separate_reference(setup):
     """Online PACT with the student's own adapters disabled matches a separate copy of the reference."""
     loaded, examples, safety_ids, weights = setup
     cfg = PactConfig()
-    student = _lora_student(loaded.model)
+    student = random_lora_student(loaded.model, seed=0, scale=0.5)
     shared, g_shared = _loss_and_grads(student, student, examples, safety_ids, weights, loaded.tokenizer, cfg)
     separate, g_separate = _loss_and_grads(student, loaded.model, examples, safety_ids, weights, loaded.tokenizer, cfg)
     assert shared.kl.item() > 0
@@ -63,7 +51,7 @@ def test_online_loss_equals_independent_transcription(setup):
     loaded, examples, safety_ids, weights = setup
     tok = loaded.tokenizer
     cfg = PactConfig(n_free=1, tau=2.0)
-    student = _lora_student(loaded.model, seed=1)
+    student = random_lora_student(loaded.model, seed=1, scale=0.5)
     reference = OnlineReference(loaded.model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     out = compute_pact_loss(student, examples, reference.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
     header = assistant_header_ids(tok)
