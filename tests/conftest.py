@@ -6,14 +6,9 @@ kernel tests can run the real Triton kernel on CPU when no GPU is present.
 
 import os
 
-try:
-    import torch
+import torch
 
-    _HAS_CUDA = torch.cuda.is_available()
-except ImportError:  # pragma: no cover - torch is a hard dependency
-    _HAS_CUDA = False
-
-if not _HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
