@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_llama_config
 from pact.cli import main
 from pact.data import Conversation, demo_data_path, load_conversations
 from pact.errors import PactError
@@ -41,7 +42,7 @@ def _words(text: str) -> list[str]:
 def _make_model(folder: Path, extra_words: tuple[str, ...] = (), seed: int = 0) -> str:
     """Save a tiny random Llama model with a ChatML WordLevel tokenizer to `folder` and return its path."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     texts = [" ".join(row.values()) for row in _ROWS] + ["User : Assistant : system user assistant extra"]
     words = sorted({w for text in texts for w in _words(text)} | set(extra_words))
@@ -54,9 +55,8 @@ def _make_model(folder: Path, extra_words: tuple[str, ...] = (), seed: int = 0) 
     )
     tokenizer.chat_template = _CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False,
+    config = tiny_llama_config(
+        len(vocab), max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False,
         pad_token_id=vocab["<pad>"], eos_token_id=vocab["<|im_end|>"], bos_token_id=None,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
