@@ -1,4 +1,7 @@
-"""The project's user-facing error type."""
+"""The project's user-facing error types and the exit codes the commands give them."""
+
+EXIT_FAILED_CHECK = 1
+EXIT_BAD_INPUT = 2
 
 
 class PactError(Exception):
@@ -6,3 +9,11 @@ class PactError(Exception):
 
     The command-line entry points print these without a traceback and exit 2.
     """
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckFailed(PactError):
+    """A check the user asked for ran and found a problem (a corrupt cache, a non-finite loss); exit 1."""
+
+    exit_code = EXIT_FAILED_CHECK

@@ -38,3 +38,9 @@ def embedded():
         return load_model()
     except ModelNotFoundError as err:
         pytest.fail(f"the embedded model is not available: {err}", pytrace=False)
+
+
+# --- The hostile-input harness (tests/hostile.py) and the cache fixtures it builds on ---------
+
+from hostile import hostile_fixtures, world  # noqa: E402,F401
+from test_cache_support import float32_cache, tiny, tiny_examples, tiny_safety, tiny_safety_file  # noqa: E402,F401
