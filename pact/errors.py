@@ -17,3 +17,11 @@ class CheckFailed(PactError):
     """A check the user asked for ran and found a problem (a corrupt cache, a non-finite loss); exit 1."""
 
     exit_code = EXIT_FAILED_CHECK
+
+
+class InvalidSetting(PactError):
+    """A configuration field holds a value it cannot take; `field` names it, so a command line can name its flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

@@ -1,4 +1,4 @@
-"""The PACT objective on tensors (DESIGN.md section 1.2), shared by the online
+"""The PACT objective on tensors (docs/objective.md section 2), shared by the online
 and the cached modes so both run one code path for the math.
 
 Shapes: the response positions of a batch are flattened to `N` rows; `S` is
@@ -9,12 +9,36 @@ no mass there), plus the post-only top-p count that the gate needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pact.errors import InvalidSetting
 from pact.kernels import masked_kl
+
+
+def check_setting(field: str, value, low: float | None = None, high: float | None = None, *,
+                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Raise `InvalidSetting` naming `field` unless `value` is a finite number (an int with `integer`) within the bounds.
+
+    `low`/`high` are inclusive unless `low_open`/`high_open`. One check for
+    every numeric setting, so the messages read alike: `lr must be a finite
+    number > 0, got nan`.
+    """
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    expected = " ".join(filter(None, ["an integer" if integer else "a finite number", " and ".join(bounds)]))
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    valid = number and math.isfinite(value) and (
+        low is None or (value > low if low_open else value >= low)) and (
+        high is None or (value < high if high_open else value <= high))
+    if not valid:
+        raise InvalidSetting(field, f"{field} must be {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +59,18 @@ class PactConfig:
     n_free: int = 8
     tau: float = 8.0
     boost: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Refuse a constant the objective cannot use (a NaN lambda would train a NaN adapter without any error)."""
+        check_setting("temperature", self.temperature, 0, low_open=True)
+        check_setting("lam", self.lam, 0)
+        check_setting("p0", self.p0, 0, 1, low_open=True)
+        check_setting("alpha", self.alpha, 0, low_open=True)
+        check_setting("b", self.b)
+        check_setting("gate_temperature", self.gate_temperature, 0, low_open=True)
+        check_setting("n_free", self.n_free, 0, integer=True)
+        check_setting("tau", self.tau, 0, low_open=True)
+        check_setting("boost", self.boost, 0)
 
     def to_dict(self) -> dict:
         """Plain-dict form for manifests, configs and logs."""
