@@ -19,11 +19,12 @@ equals a single-process build shard for shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,15 @@ import pact
 from pact.cache_tools.codec import DEFAULT_DTYPE, check_dtype
 from pact.cache_tools.errors import CacheError, CacheWriteError
 from pact.cache_tools.layout import Layout, select_columns
-from pact.cache_tools.manifest import differences, examples_fingerprint, load_manifest, new_manifest, save_manifest, set_totals
+from pact.cache_tools.manifest import (
+    delete_files, differences, directory_entries, examples_fingerprint, is_integer, load_manifest, new_manifest, own_files,
+    save_manifest, set_totals,
+)
 from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
 from pact.cache_tools.writer import (
-    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PREFIX, SAFETY_TOKENS_NAME, atomic_write, prepare_output_directory,
-    rank_manifest_name, remove_temporary_files, shard_index, write_shard,
+    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock, atomic_write,
+    first_file_above, make_directory, rank_manifest_name, shard_index, write_shard,
 )
 from pact.data import EncodedExample, assistant_header_ids
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
@@ -106,19 +110,26 @@ def _note(message: str) -> None:
     print(f"pact-cache: {message}", file=sys.stderr)
 
 
-def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, vocab_size: int, batch_size: int,
-                     rows_per_shard: int, top_k: int | None, zstd_level: int, part_index: int, part_count: int) -> None:
+def check_numbers(batch_size: int, rows_per_shard: int, threads: int | None, top_k: int | None, zstd_level: int) -> None:
+    """Refuse numbers no build can use (`CacheError` naming the parameter and its flag), before any work is done.
+
+    The objective's numbers (p0, the temperatures) are checked by `PactConfig` itself.
+    """
+    counts = {"batch_size (--batch-size)": batch_size, "rows_per_shard (--rows-per-shard)": rows_per_shard,
+              "threads (--threads)": threads, "top_k (--top-k)": top_k}
+    for name, value in counts.items():
+        if value is not None and not is_integer(value, 1):
+            raise CacheError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (is_integer(zstd_level, 1) and zstd_level <= 22):
+        raise CacheError(f"zstd_level (--zstd-level) must be an integer in 1..22, got {zstd_level!r}")
+
+
+def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, vocab_size: int, part_index: int, part_count: int) -> None:
+    """Refuse a build that cannot work: no examples, a part outside the split, safety tokens not made for this model."""
     if not examples:
         raise CacheError("no examples to cache")
     if part_count < 1 or not 0 <= part_index < part_count:
         raise CacheError(f"--shard-index {part_index} is not in 0..{part_count - 1} (--num-shards {part_count})")
-    for name, value in (("batch size", batch_size), ("rows per shard", rows_per_shard)):
-        if value < 1:
-            raise CacheError(f"{name} must be at least 1, got {value}")
-    if top_k is not None and top_k < 1:
-        raise CacheError(f"--top-k must be at least 1, got {top_k}")
-    if not 1 <= zstd_level <= 22:
-        raise CacheError(f"zstd level must be in 1..22, got {zstd_level}")
     if max(safety_tokens.ids) >= vocab_size:
         raise CacheError(f"safety token id {max(safety_tokens.ids)} is outside the model's vocabulary (size {vocab_size})")
     if not any(w > 0 for w in safety_tokens.weights):
@@ -141,28 +152,55 @@ def _same_build(manifests: list[dict]) -> None:
                              "give every rank the same model, data, safety tokens and settings")
 
 
+def _rank_manifest_names(out: Path) -> list[str]:
+    """The ranks' progress manifests in `out` (`manifest.rank-R-of-W.json`), sorted."""
+    return sorted(p.name for p in out.iterdir() if RANK_MANIFEST_PATTERN.fullmatch(p.name))
+
+
 def _manifest_names(out: Path) -> list[str]:
     """The manifests an earlier build left in `out`: `manifest.json`, then the ranks' progress manifests."""
     names = [MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else []
-    return names + sorted(p.name for p in out.glob(f"{RANK_MANIFEST_PREFIX}*.json"))
+    return names + _rank_manifest_names(out)
+
+
+def check_output_directory(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, without touching anything, an output `out` the build would refuse later: a file (or a path under one),
+    a non-empty folder without --resume/--overwrite, or one holding files pact-cache did not write.
+
+    The command runs it before loading any model, so a wrong `--out` costs nothing.
+    """
+    out = Path(out).expanduser()
+    if resume and overwrite:
+        raise CacheError("--resume and --overwrite exclude each other")
+    blocker = out if out.exists() and not out.is_dir() else first_file_above(out)
+    if blocker is not None:
+        raise CacheError(f"cannot use {out} as the cache directory: {blocker} is a file, not a directory; choose another output path")
+    if not out.is_dir() or not directory_entries(out):
+        return
+    if not resume and not overwrite:
+        raise CacheError(f"{out} is not empty; pass --resume to continue the build there or --overwrite to replace it")
+    own_files(out, "--resume" if resume else "--overwrite")
 
 
 def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool) -> tuple[str, dict[int, dict]]:
-    """Make `out` ready for the build (done once, by rank 0, before any shard is written).
+    """Make `out` (existing, locked) ready for the build (done once, by rank 0, before any shard is written).
 
     Returns the build's creation time and, for a resume, the shards earlier
     runs finished by shard index (from every manifest they left, whatever
     their number of processes; checked later by the rank that owns them).
+    Only files provably pact-cache's own are ever deleted (`own_files`): a
+    directory holding anything else is refused for --overwrite and --resume.
     """
     if resume and overwrite:
         raise CacheError("--resume and --overwrite exclude each other")
-    if not prepare_output_directory(out, overwrite):
+    if not directory_entries(out):
         return manifest["created_at"], {}
-    if not resume:
+    if not resume and not overwrite:
         raise CacheError(f"{out} is not empty; pass --resume to continue the build there or --overwrite to replace it")
+    ours = own_files(out, "--resume" if resume else "--overwrite")
     names = _manifest_names(out)
-    if not names:  # interrupted before its first manifest: nothing to keep
-        prepare_output_directory(out, overwrite=True)
+    if overwrite or not names:  # --overwrite, or a resume of a build that never wrote a manifest: nothing to keep
+        delete_files(out, ours)
         return manifest["created_at"], {}
     finished: dict[int, dict] = {}
     olds = [load_manifest(out, allow_incomplete=True, name=name) for name in names]
@@ -172,18 +210,29 @@ def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool)
             raise CacheError(f"cannot resume the build in {out}: it was made with different settings ({'; '.join(changed)}); "
                              "use the original settings, or --overwrite to start again")
         finished.update((shard_index(entry["file"]), entry) for entry in old["shards"])
-    removed = remove_temporary_files(out)
-    if removed:
-        _note(f"removed {len(removed)} unfinished file(s) of the interrupted build")
+    unfinished = [name for name in ours if TEMP_PATTERN.fullmatch(name)]
+    delete_files(out, unfinished)
+    if unfinished:
+        _note(f"removed {len(unfinished)} unfinished file(s) of the interrupted build")
     return olds[0]["created_at"], finished
 
 
-def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume: bool, overwrite: bool) -> tuple[str, dict[int, dict]]:
-    """Rank 0's part of starting a build: check the ranks agree, prepare `out`, store the safety tokens."""
+def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume: bool, overwrite: bool,
+           held: contextlib.ExitStack) -> tuple[str, dict[int, dict]]:
+    """Rank 0's part of starting a build: check the ranks agree, create and lock `out` (the lock stays in `held`),
+    prepare it, then write the (empty, incomplete) manifest and the safety tokens before any shard.
+
+    The manifest comes first, so every later file of the build is one a
+    manifest in `out` accounts for (see `manifest.cache_files`).
+    """
     _same_build(manifests)
-    started = _prepare_directory(out, manifests[0], resume, overwrite)
+    make_directory(out)
+    held.enter_context(DirectoryLock(out))
+    created_at, finished = _prepare_directory(out, manifests[0], resume, overwrite)
+    if not (out / MANIFEST_NAME).exists():
+        save_manifest(out, {**manifests[0], "created_at": created_at})
     atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode())
-    return started
+    return created_at, finished
 
 
 def _still_valid(out: Path, finished: dict[int, dict], mine: range) -> dict[int, dict]:
@@ -262,6 +311,22 @@ class _RankProgress:
         self.save()
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """Run the block with torch's intra-op CPU thread count set to `threads` (None: leave it), restored afterwards.
+
+    CPU matrix products sum in an order that depends on the thread count, so
+    the thread count is part of what makes two builds' bytes equal.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _shard_examples(examples: list[EncodedExample], rows_per_shard: int, index: int) -> list[EncodedExample]:
     """The examples of shard `index`: `rows_per_shard` consecutive ones (the last shard may be short)."""
     return examples[index * rows_per_shard:(index + 1) * rows_per_shard]
@@ -298,8 +363,8 @@ def _finish(out: Path, manifest: dict, progress: list[dict]) -> dict:
     final = {**manifest, "complete": True,
              "shards": sorted((entry for p in progress for entry in p["shards"]), key=lambda e: shard_index(e["file"]))}
     save_manifest(out, set_totals(final))
-    for path in out.glob(f"{RANK_MANIFEST_PREFIX}*.json"):
-        path.unlink()
+    for name in _rank_manifest_names(out):
+        (out / name).unlink()
     return final
 
 
@@ -321,6 +386,7 @@ def build_cache(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> BuildResult:
     """Run the reference `model` once over `examples` and store what the PACT objective needs in `out_dir`.
 
@@ -330,8 +396,12 @@ def build_cache(
     the gate's p0 and Tg (baked into post_count) and, for top-k, the T used to
     choose columns. A non-empty `out_dir` needs `resume` (reuse every shard an
     earlier run finished; refused if anything that shapes the shards differs)
-    or `overwrite`. Write errors (disk full, permissions) raise
-    `CacheWriteError` and leave the last manifest intact.
+    or `overwrite`, which delete only files provably pact-cache's own (a
+    directory holding others is refused). While it writes, the build holds
+    `out_dir/pact-cache.lock` (rank 0 for a torchrun job; the kernel drops it if
+    the process dies): a second build or merge into `out_dir` is refused. Write
+    errors (disk full, permissions) raise `CacheWriteError` and leave the last
+    manifest intact. Invalid counts raise `CacheError` naming the parameter.
 
     Shard i always holds examples [i * rows_per_shard, (i + 1) * rows_per_shard),
     so every way of splitting the work writes the same shards. With
@@ -342,12 +412,21 @@ def build_cache(
     contiguous block of those shards into the same `out_dir`, and rank 0 writes
     the manifest once all ranks are done; every rank must call this with the
     same arguments and gets the same result.
+
+    Determinism: a shard's forward batches are formed from its own examples
+    only, so its inputs never depend on how the work was split. Its bytes are
+    then equal across splits, processes and runs on the same device type and
+    torch build when the pass uses the same intra-op thread count (`threads`,
+    recorded as `params.threads`; None keeps torch's current count). With other
+    thread counts or builds the values agree within float32 rounding, plus one
+    storage step where rounding crosses a quantisation boundary.
     """
     started = time.perf_counter()
     check_dtype(dtype)
+    check_numbers(batch_size, rows_per_shard, threads, top_k, zstd_level)
     out = Path(out_dir).expanduser()
     vocab_size = int(causal_lm_parts(model.model)[1].shape[0])
-    _check_arguments(examples, safety_tokens, model, vocab_size, batch_size, rows_per_shard, top_k, zstd_level, part_index, part_count)
+    _check_arguments(examples, safety_tokens, model, vocab_size, part_index, part_count)
     layout = Layout.create(dtype, safety_tokens.ids, safety_tokens.weights, vocab_size, top_k)
     header_ids = assistant_header_ids(model.tokenizer)
     parameter = next(model.model.parameters())
@@ -361,7 +440,7 @@ def build_cache(
         gate={"p0": objective.p0, "gate_temperature": objective.gate_temperature},
         objective_temperature=objective.temperature,
         params={"dtype": dtype, "top_k": top_k, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
-                "zstd_level": zstd_level, "device": str(parameter.device), "model_dtype": str(parameter.dtype).removeprefix("torch.")},
+                "zstd_level": zstd_level, "threads": threads or torch.get_num_threads(), "device": str(parameter.device), "model_dtype": str(parameter.dtype).removeprefix("torch.")},
         data=data,
         software=_software(),
         part={"index": part_index, "count": part_count} if part_count > 1 else None,
@@ -373,22 +452,23 @@ def build_cache(
     if not part and ranks.is_main:
         _note(f"part {part_index} of {part_count} is empty: the data makes only {shards} shard(s) of {rows_per_shard} rows")
     manifests = all_gather(manifest)
-    manifest["created_at"], finished = run_on_main(lambda: _start(out, manifests, safety_tokens, resume, overwrite))
-    name = MANIFEST_NAME if ranks.world_size == 1 else rank_manifest_name(ranks.rank, ranks.world_size)
-    record = _RankProgress(out, name, manifest, _still_valid(out, finished, mine))
-    kept = len(record.done)
-    try:
-        record.save()
-        todo = [index for index in mine if index not in record.done]
-        rows = sum(len(_shard_examples(examples, rows_per_shard, index)) for index in mine)
-        done_rows = sum(entry["rows"] for entry in record.done.values())
-        with _ProgressBar(rows, done_rows, progress and ranks.is_main) as bar:
-            _write_shards(model, examples, safety_tokens, layout, objective, header_ids, batch_size, rows_per_shard,
-                          zstd_level, todo, record, bar)
-        reports = all_gather((manifest, kept))
-        final = run_on_main(lambda: _finish(out, manifest, [m for m, _ in reports]))
-    except CacheWriteError as err:
-        raise CacheWriteError(f"{err}. The cache keeps its {len(record.done)} complete shard(s) and a valid manifest; "
-                              "fix the cause and rerun with --resume") from err.__cause__
+    with contextlib.ExitStack() as held:
+        manifest["created_at"], finished = run_on_main(lambda: _start(out, manifests, safety_tokens, resume, overwrite, held))
+        name = MANIFEST_NAME if ranks.world_size == 1 else rank_manifest_name(ranks.rank, ranks.world_size)
+        record = _RankProgress(out, name, manifest, _still_valid(out, finished, mine))
+        kept = len(record.done)
+        try:
+            record.save()
+            todo = [index for index in mine if index not in record.done]
+            rows = sum(len(_shard_examples(examples, rows_per_shard, index)) for index in mine)
+            done_rows = sum(entry["rows"] for entry in record.done.values())
+            with _ProgressBar(rows, done_rows, progress and ranks.is_main) as bar, intra_op_threads(threads):
+                _write_shards(model, examples, safety_tokens, layout, objective, header_ids, batch_size, rows_per_shard,
+                              zstd_level, todo, record, bar)
+            reports = all_gather((manifest, kept))
+            final = run_on_main(lambda: _finish(out, manifest, [m for m, _ in reports]))
+        except CacheWriteError as err:
+            raise CacheWriteError(f"{err}. The cache keeps its {len(record.done)} complete shard(s) and a valid manifest; "
+                                  "fix the cause and rerun with --resume") from err.__cause__
     resumed = sum(count for _, count in reports)
     return BuildResult(out, final, resumed, len(final["shards"]) - resumed, time.perf_counter() - started)

@@ -13,21 +13,32 @@ from pact.cache_tools.builder import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD
 from pact.cache_tools.codec import DEFAULT_DTYPE, DTYPES
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, SAFETY_TOKENS_NAME
 from pact.cli import dispatch
+from pact.commands.arguments import integer_in, positive_int, real_above
 from pact.objective import PactConfig
 
 DEFAULT_MAX_LENGTH = 512
+SHOWN = 5  # verify's problems repeated in its one-line error
 
 
-def _safety_tokens(args, loaded):
-    """The safety tokens of a build: the given file, the cache's own on --resume, else computed on the demo refusals."""
-    from pact.data import DEMO_REFUSALS, demo_data_path, load_conversations
-    from pact.safety_tokens import SafetyTokens, compute_safety_tokens
+def _safety_tokens(args, tokenizer):
+    """The safety tokens a build was given (the --safety-tokens file, else the cache's own on --resume), checked
+    against the model's tokenizer before the model is loaded; None when there are none and they must be computed."""
+    from pact.safety_tokens import SafetyTokens
 
-    if args.safety_tokens:
-        return SafetyTokens.load(args.safety_tokens)
     stored = Path(args.out).expanduser() / SAFETY_TOKENS_NAME
-    if args.resume and stored.is_file():
-        return SafetyTokens.load(stored)
+    path = Path(args.safety_tokens).expanduser() if args.safety_tokens else stored
+    if not args.safety_tokens and not (args.resume and stored.is_file()):
+        return None
+    tokens = SafetyTokens.load(path)
+    tokens.check_tokenizer(tokenizer, source=f"{path} (--safety-tokens)" if args.safety_tokens else str(path))
+    return tokens
+
+
+def _default_safety_tokens(args, loaded):
+    """Safety tokens computed from the bundled refusals, for a build given none (the aligned model against itself)."""
+    from pact.data import DEMO_REFUSALS, demo_data_path, load_conversations
+    from pact.safety_tokens import compute_safety_tokens
+
     refusals = demo_data_path(DEMO_REFUSALS)
     conversations, _ = load_conversations(refusals)
     print(f"pact-cache: no --safety-tokens given; computing them from {refusals} (aligned model vs itself "
@@ -36,29 +47,35 @@ def _safety_tokens(args, loaded):
 
 
 def _build(args) -> int:
-    from pact.cache_tools.builder import RANK_WAIT, build_cache
+    """Build a cache: check `--out`, then the data and the safety tokens with the tokenizer alone, then load the model
+    and run it."""
+    from pact.cache_tools.builder import RANK_WAIT, build_cache, check_output_directory
     from pact.cache_tools.manifest import describe_data
     from pact.data import DEMO_BENIGN, demo_data_path, load_examples
     from pact.distributed import current_ranks, distributed_session, run_on_main
-    from pact.models import load_model
+    from pact.models import load_model, load_tokenizer
 
     with distributed_session(args.device, timeout=RANK_WAIT) as device:
         main_rank = current_ranks().is_main
-        loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
+        run_on_main(lambda: check_output_directory(args.out, args.resume, args.overwrite))
+        tokenizer = load_tokenizer(args.model)
         data_path = args.data or demo_data_path(DEMO_BENIGN)
-        examples, report = load_examples(data_path, loaded.tokenizer, max_length=args.max_length,
+        examples, report = load_examples(data_path, tokenizer, max_length=args.max_length,
                                          skip_invalid=args.skip_invalid, limit=args.limit)
         if report.skipped and main_rank:
             print(f"pact-cache: skipped {report.skipped} invalid row(s) of {data_path} (first: {report.errors[0]})", file=sys.stderr)
-        safety_tokens = run_on_main(lambda: _safety_tokens(args, loaded))
+        safety_tokens = run_on_main(lambda: _safety_tokens(args, tokenizer))
+        loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
+        if safety_tokens is None:
+            safety_tokens = run_on_main(lambda: _default_safety_tokens(args, loaded))
         result = build_cache(
             loaded, examples, safety_tokens, args.out,
-            data=describe_data(data_path, loaded.tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
+            data=describe_data(data_path, tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
             dtype=args.dtype, top_k=args.top_k,
             objective=PactConfig(p0=args.p0, gate_temperature=args.gate_temperature, temperature=args.temperature),
             batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
             part_index=args.shard_index, part_count=args.num_shards,
-            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, threads=args.threads,
         )
         if main_rank:
             print(result.summary())
@@ -66,14 +83,20 @@ def _build(args) -> int:
 
 
 def _verify(args) -> int:
+    """Print the verify report; a damaged cache raises `CheckFailed` (exit 1) naming the first problem on stderr."""
     from pact.cache_tools.verify import verify_cache
+    from pact.errors import CheckFailed
 
     report = verify_cache(args.dir, recompute=args.recompute, seed=args.seed, device=args.device)
     print(report.summary())
-    return 0 if report.ok else 1
+    if not report.ok:
+        shown = "; ".join(report.problems[:SHOWN]) + ("; ..." if len(report.problems) > SHOWN else "")
+        raise CheckFailed(f"{report.directory}: {len(report.problems)} problem(s): {shown}")
+    return 0
 
 
 def _inspect(args) -> int:
+    """Print the manifest summary (and a decoded row with --row) as text or JSON."""
     from pact.cache_tools.inspection import format_inspection, inspect_cache
 
     info = inspect_cache(args.dir, row=args.row, top=args.top)
@@ -82,6 +105,7 @@ def _inspect(args) -> int:
 
 
 def _stats(args) -> int:
+    """Print the size and content statistics of a complete cache as text or JSON."""
     from pact.cache_tools.stats import cache_stats, format_stats
 
     stats = cache_stats(args.dir)
@@ -90,6 +114,7 @@ def _stats(args) -> int:
 
 
 def _merge(args) -> int:
+    """Merge the input caches into OUT and print what it holds."""
     from pact.cache_tools.merge import merge_caches
 
     manifest = merge_caches(args.out, args.dirs, overwrite=args.overwrite)
@@ -114,34 +139,38 @@ def _add_build(subparsers) -> None:
     p.add_argument("--safety-tokens", metavar="FILE", default=None,
                    help="safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with the cache)")
     p.add_argument("--out", metavar="DIR", required=True, help="cache directory to create")
-    p.add_argument("--top-k", metavar="K", type=int, default=None,
+    p.add_argument("--top-k", metavar="K", type=positive_int, default=None,
                    help="store only the K safety tokens with the largest w*exp(logit/T) per step (approximate; default: all with weight > 0, exact)")
-    p.add_argument("--max-length", metavar="L", type=int, default=DEFAULT_MAX_LENGTH,
+    p.add_argument("--max-length", metavar="L", type=positive_int, default=DEFAULT_MAX_LENGTH,
                    help=f"truncate sequences to L tokens, cutting the response (default {DEFAULT_MAX_LENGTH})")
-    p.add_argument("--limit", metavar="N", type=int, default=None, help="use only the first N rows of the data")
+    p.add_argument("--limit", metavar="N", type=positive_int, default=None, help="use only the first N rows of the data")
     p.add_argument("--skip-invalid", action="store_true", help="skip rows that cannot be read or encoded instead of stopping")
-    p.add_argument("--batch-size", metavar="B", type=int, default=DEFAULT_BATCH_SIZE, help=f"examples per forward pass (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--rows-per-shard", metavar="R", type=int, default=DEFAULT_ROWS_PER_SHARD,
+    p.add_argument("--batch-size", metavar="B", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"examples per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--rows-per-shard", metavar="R", type=positive_int, default=DEFAULT_ROWS_PER_SHARD,
                    help=f"examples per shard file, the unit of resuming and of reader memory (default {DEFAULT_ROWS_PER_SHARD})")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
                    help=f"storage of the logits: float32 (exact), bfloat16, float16, or int8 (8-bit per-step affine codes; default {DEFAULT_DTYPE})")
-    p.add_argument("--zstd-level", metavar="N", type=int, default=DEFAULT_ZSTD_LEVEL, help=f"zstd compression level 1..22 (default {DEFAULT_ZSTD_LEVEL})")
+    p.add_argument("--zstd-level", metavar="N", type=integer_in(1, 22), default=DEFAULT_ZSTD_LEVEL, help=f"zstd compression level 1..22 (default {DEFAULT_ZSTD_LEVEL})")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N] (default auto: CUDA when available)")
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                   help="intra-op CPU threads of the reference pass (default: torch's default). CPU sums depend on it: "
+                        "give every process and part of a build the same N (and the same torch) for byte-identical shards")
     p.add_argument("--model-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the reference model's weights (default auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--p0", type=float, default=d.p0, help=f"gate top-p mass baked into post_count (default {d.p0}; training must match)")
-    p.add_argument("--gate-temperature", type=float, default=d.gate_temperature,
+    p.add_argument("--p0", type=real_above(0.0, 1.0), default=d.p0, help=f"gate top-p mass baked into post_count (default {d.p0}; training must match)")
+    p.add_argument("--gate-temperature", type=real_above(0.0), default=d.gate_temperature,
                    help=f"gate temperature Tg baked into post_count (default {d.gate_temperature}; training must match)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
+    p.add_argument("--temperature", type=real_above(0.0), default=d.temperature,
                    help=f"objective temperature T used to choose the --top-k columns (default {d.temperature})")
-    p.add_argument("--num-shards", metavar="K", type=int, default=1,
+    p.add_argument("--num-shards", metavar="K", type=positive_int, default=1,
                    help="split the build into K parts, one job each (e.g. a Slurm job array; default 1: the whole data). "
                         "Each part is a cache of its own; join them with `pact-cache merge`. Counts parts, not shard files")
-    p.add_argument("--shard-index", metavar="I", type=int, default=0,
+    p.add_argument("--shard-index", metavar="I", type=integer_in(0), default=0,
                    help="which part, 0..K-1, this job builds into --out (default 0)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in DIR (refused if any setting differs)")
-    mode.add_argument("--overwrite", action="store_true", help="replace the cache in DIR")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the cache in DIR (deletes only pact-cache's own files; refused if DIR holds others)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_build)
 
@@ -153,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(subparsers)
 
     p = subparsers.add_parser("verify", help="check checksums, schema, row counts and the manifest (exit 1 on a problem)",
-                              description="Check every shard (size, sha256, schema, row and token counts, row invariants) and the "
-                                          "manifest; exits 1 naming the bad shard on any problem.")
+                              description="Check the manifest (its checksums name any field edited by hand, shard names, "
+                                          "totals), safety_tokens.json against it, and every shard (size, sha256, schema, row "
+                                          "and token counts, row invariants); exits 1 naming the field or shard on any problem, "
+                                          "2 when DIR is not a pact cache at all.")
     p.add_argument("dir", metavar="DIR", help="cache directory")
-    p.add_argument("--recompute", metavar="N", type=int, default=0,
+    p.add_argument("--recompute", metavar="N", type=integer_in(0), default=0,
                    help="also re-run the reference model on N random rows and compare within the storage dtype's tolerance")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the --recompute rows (default 0)")
     p.add_argument("--device", default="auto", help="device for --recompute: auto|cpu|cuda[:N]")
@@ -167,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "log-prob and the safety tokens the reference found most likely there.")
     p.add_argument("dir", metavar="DIR", help="cache directory")
     p.add_argument("--row", metavar="I", type=int, default=None, help="decode row I (0-based, negative counts from the end)")
-    p.add_argument("--top", metavar="N", type=int, default=3, help="safety tokens shown per step (default 3)")
+    p.add_argument("--top", metavar="N", type=positive_int, default=3, help="safety tokens shown per step (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_inspect)
 
@@ -182,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Copy the shards of several complete caches into one new cache. Parts of a "
                                           "`build --num-shards K` (in any order) must be all K parts, each once, of the same "
                                           "build; the result equals a single build. Other caches need the same model, "
-                                          "tokenizer, safety tokens and layout, and disjoint example ids.")
+                                          "tokenizer, safety tokens and layout; when their example ids (row indices in each "
+                                          "data file) collide, a later cache's ids are shifted to follow the earlier ones "
+                                          "(recorded as example_id_offset in merged_from).")
     p.add_argument("out", metavar="OUT", help="new cache directory")
     p.add_argument("dirs", metavar="DIR", nargs="+", help="input cache directories (whole caches: in order)")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT (refused if OUT holds files pact-cache did not write)")
     p.set_defaults(func=_merge)
     return parser
 

@@ -12,3 +12,7 @@ class CacheError(PactError):
 
 class CacheWriteError(CacheError):
     """Writing a cache file failed (disk full, permission denied, ...); nothing was half-written."""
+
+
+class RowOutOfRange(CacheError, IndexError):
+    """A row index past either end of a cache; an `IndexError` too, so sequence protocols still see the end."""

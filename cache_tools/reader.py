@@ -23,17 +23,24 @@ import pyarrow.ipc as ipc
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from pact.cache_tools.errors import CacheError
+from pact.cache_tools.errors import CacheError, RowOutOfRange
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import load_manifest
 from pact.cache_tools.schema import ShardRows
-from pact.cache_tools.writer import sha256_hex
+from pact.cache_tools.writer import is_shard_name, sha256_hex
 
 DEFAULT_BUFFER_BYTES = 256 << 20
 
 
 def read_shard_bytes(directory: Path, entry: dict) -> bytes:
-    """Read one shard file and check its size and sha256 against its manifest `entry`."""
+    """Read one shard file and check its size and sha256 against its manifest `entry`.
+
+    The entry's file must be a shard name of `directory` itself: nothing
+    outside the cache directory is ever read.
+    """
+    if not is_shard_name(entry.get("file")):
+        raise CacheError(f"{directory}: shard entry file {entry.get('file')!r} is not a shard file name of the cache directory "
+                         "(shard-NNNNN.arrow); the manifest was edited")
     path = Path(directory) / entry["file"]
     try:
         data = path.read_bytes()
@@ -141,11 +148,13 @@ class CacheReader:
         return range(self._row_starts[index], self._row_starts[index + 1])
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(shard, row within shard) of global row `index` (negative counts from the end)."""
+        """(shard, row within shard) of global row `index` (negative counts from the end); `RowOutOfRange` past either end."""
+        given = index
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
-            raise IndexError(f"row {index} out of range for a cache of {len(self)} rows")
+            valid = f"rows 0..{len(self) - 1}, or -{len(self)}..-1 counting from the end" if len(self) else "none to read"
+            raise RowOutOfRange(f"{self.directory}: row {given} is out of range: the cache has {len(self)} rows ({valid})")
         shard = bisect.bisect_right(self._row_starts, index) - 1
         return shard, index - self._row_starts[shard]
 

@@ -22,6 +22,7 @@ import torch
 from pact.cache_tools import codec
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
+from pact.cache_tools.writer import SCHEMA_VERSION_KEY
 from pact.data import EncodedExample
 
 FORMAT_VERSION = 1
@@ -70,7 +71,7 @@ def arrow_schema(layout: Layout) -> pa.Schema:
     step = pa.struct([pa.field(name, pa.list_(kind, width) if name in MATRIX_COLUMNS else kind, nullable=False)
                       for name, kind, width in step_columns(layout)])
     fields.append(pa.field("steps", pa.list_(step), nullable=False))
-    return pa.schema(fields, metadata={"pact_cache_format_version": str(FORMAT_VERSION), "dtype": layout.dtype})
+    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(FORMAT_VERSION), "dtype": layout.dtype})
 
 
 def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:

@@ -1,15 +1,22 @@
 """`verify_cache`: check a cache end to end (`pact-cache verify`).
 
-Every shard is read and decoded as the reader does (size, sha256, schema,
-row and response-token counts, row invariants); then the manifest's own
-consistency (totals, stored columns, duplicate example ids across shards);
+First the manifest: its checksums (a hand edit is named by field), its
+fields and shard entries, its own consistency (totals, stored columns), and
+`safety_tokens.json` against the manifest's copy. Then every shard is read and
+decoded as the reader does (size, sha256, schema, row and response-token
+counts, row invariants) and example ids are checked unique across shards;
 optionally the reference is re-run on random rows and compared with the
 stored values within the storage dtype's tolerance plus recompute noise.
+
+Exit codes of `pact-cache verify`: 1 when it finds a problem in a pact cache
+(damaged, edited, incomplete); 2 when DIR is not a pact cache it can read at
+all (missing, a file, no manifest, not JSON, another format version).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +26,9 @@ import torch
 
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
-from pact.cache_tools.manifest import load_manifest, set_totals
+from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
 from pact.cache_tools.reader import CacheReader
-from pact.cache_tools.writer import CACHE_FILES, is_cache_file
+from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
 from pact.data import EncodedExample
 
 RECOMPUTE_ATOL = 2e-3
@@ -60,15 +67,60 @@ class VerifyReport:
 
 def _check_manifest(manifest: dict, report: VerifyReport) -> None:
     """Consistency of the manifest with itself: completeness, stored columns, totals."""
-    if not manifest.get("complete"):
-        report.problems.append("manifest: the build is incomplete (complete: false); finish it with `pact-cache build ... --resume`")
+    if not manifest["complete"]:
+        report.problems.append(f"{MANIFEST_NAME}: the build is incomplete (complete: false); finish it with `pact-cache build ... --resume`")
     tokens = manifest["safety_tokens"]
     expected = Layout.create(manifest["dtype"], tokens["ids"], tokens["weights"], manifest["vocab_size"], manifest["top_k"])
     if list(expected.stored_ids) != manifest["stored_ids"]:
-        report.problems.append("manifest: stored_ids are not the safety tokens with positive weight")
+        report.problems.append(f"{MANIFEST_NAME}: stored_ids are not the safety tokens with positive weight")
     totals = set_totals(copy.deepcopy(manifest))["totals"]
-    if totals != manifest.get("totals"):
-        report.problems.append(f"manifest: totals {manifest.get('totals')} do not match the shard list ({totals})")
+    recorded = manifest.get("totals") if isinstance(manifest.get("totals"), dict) else {}
+    wrong = [f"totals.{key} {recorded.get(key)!r} (the shards give {value!r})" for key, value in totals.items() if recorded.get(key) != value]
+    if wrong:
+        report.problems.append(f"{MANIFEST_NAME}: {', '.join(wrong)} do not match the shard list")
+
+
+def _check_safety_file(directory: Path, manifest: dict, report: VerifyReport) -> None:
+    """`safety_tokens.json` must hold exactly the manifest's `safety_tokens` (a resume reads it)."""
+    path = directory / SAFETY_TOKENS_NAME
+    if not path.is_file():
+        report.notes.append(f"{SAFETY_TOKENS_NAME} is missing (readers use the manifest's copy; a --resume needs --safety-tokens)")
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        report.problems.append(f"{SAFETY_TOKENS_NAME}: not readable JSON ({err}); restore it from the manifest's safety_tokens")
+        return
+    expected = manifest["safety_tokens"]
+    if stored != expected:
+        fields = sorted(k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k)) if isinstance(stored, dict) else []
+        which = f" (field(s) {', '.join(fields)})" if fields else ""
+        report.problems.append(f"{SAFETY_TOKENS_NAME} differs from the manifest's safety_tokens{which}: it was edited or "
+                               "replaced; restore it from the manifest")
+
+
+def _check_shards(directory: Path, report: VerifyReport) -> CacheReader:
+    """Read, verify and decode every shard the manifest lists, and check example ids unique across them."""
+    reader = CacheReader(directory, buffer_bytes=0, allow_incomplete=True)
+    seen: dict[int, str] = {}
+    for index, entry in enumerate(reader.shards):
+        try:
+            shard = reader.load_shard(index)
+        except CacheError as err:
+            report.problems.append(str(err))
+            continue
+        report.shards += 1
+        report.rows += len(shard)
+        report.response_tokens += shard.response_tokens
+        for example_id in shard.example_id.tolist():
+            if example_id in seen:
+                report.problems.append(f"{entry['file']}: example_id {example_id} is also in {seen[example_id]}")
+            seen.setdefault(example_id, entry["file"])
+    listed = {entry["file"] for entry in reader.shards} | {MANIFEST_NAME, SAFETY_TOKENS_NAME, LOCK_NAME}
+    others = sorted(p.name for p in directory.iterdir() if p.name not in listed)
+    if others:
+        report.notes.append(f"files the manifest does not list (ignored by readers): {', '.join(others)}")
+    return reader
 
 
 def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
@@ -110,35 +162,26 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
 
 
 def verify_cache(directory: str | Path, recompute: int = 0, seed: int = 0, device: str = "auto", model=None) -> VerifyReport:
-    """Check every shard and the manifest of a cache; with `recompute` > 0 also re-run the reference on that many random rows.
+    """Check the manifest and every shard of a cache; with `recompute` > 0 also re-run the reference on that many random rows.
 
     `model` (a `LoadedModel`) skips loading the manifest's model for the
     recompute. Never raises for a damaged cache: each finding becomes a
-    problem naming the shard (and row) in the report.
+    problem naming the manifest field or the shard (and row) in the report. A
+    directory that is not a readable pact cache at all raises `CacheError`.
     """
     directory = Path(directory).expanduser()
     report = VerifyReport(directory)
-    manifest = load_manifest(directory, allow_incomplete=True)
+    _, manifest = read_manifest(directory)
+    problems = manifest_problems(manifest)
+    if problems:
+        report.problems += [f"{MANIFEST_NAME}: {problem}" for problem in problems]
+        report.notes.append("shards not checked: the manifest they are checked against cannot be trusted")
+        return report
+    if edited_fields(manifest) is None:
+        report.notes.append(f"{MANIFEST_NAME} has no checksums (written by an older pact-cache): hand edits to it cannot be detected")
     _check_manifest(manifest, report)
-    reader = CacheReader(directory, buffer_bytes=0, allow_incomplete=True)
-    seen: dict[int, str] = {}
-    for index, entry in enumerate(reader.shards):
-        try:
-            shard = reader.load_shard(index)
-        except CacheError as err:
-            report.problems.append(str(err))
-            continue
-        report.shards += 1
-        report.rows += len(shard)
-        report.response_tokens += shard.response_tokens
-        for example_id in shard.example_id.tolist():
-            if example_id in seen:
-                report.problems.append(f"{entry['file']}: example_id {example_id} is also in {seen[example_id]}")
-            seen.setdefault(example_id, entry["file"])
-    listed = {entry["file"] for entry in reader.shards}
-    strays = sorted(p.name for p in directory.iterdir() if is_cache_file(p.name) and p.name not in listed and p.name not in CACHE_FILES)
-    if strays:
-        report.notes.append(f"files not listed in the manifest (ignored by readers): {', '.join(strays)}")
+    _check_safety_file(directory, manifest, report)
+    reader = _check_shards(directory, report)
     if recompute > 0 and report.ok:
         _recompute(reader, recompute, seed, device, model, report)
     return report

@@ -2,13 +2,18 @@
 tokens) is written under a temporary name in the cache directory, flushed,
 fsynced and renamed into place, then the directory is fsynced. A crash, even
 `kill -9`, leaves either the old file or the new one, never a torn one.
+
+Also the names a cache directory holds (and the patterns that prove a file is
+one of ours) and `DirectoryLock`, which keeps two writers out of one directory.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,14 +25,25 @@ TEMP_PREFIX = ".tmp-"
 MANIFEST_NAME = "manifest.json"
 RANK_MANIFEST_PREFIX = "manifest.rank-"
 SAFETY_TOKENS_NAME = "safety_tokens.json"
-CACHE_FILES = (MANIFEST_NAME, SAFETY_TOKENS_NAME)
+LOCK_NAME = "pact-cache.lock"
 SHARD_SUFFIX = ".arrow"
 DEFAULT_ZSTD_LEVEL = 3
+SHARD_PATTERN = re.compile(r"shard-\d{5,}\.arrow")
+RANK_MANIFEST_PATTERN = re.compile(r"manifest\.rank-\d{5,}-of-\d{5,}\.json")
+# `atomic_write`'s temporary files: `.tmp-<one of the names above>.<pid of the writer>`.
+TEMP_PATTERN = re.compile(re.escape(TEMP_PREFIX) + "(?:" + "|".join(
+    [re.escape(MANIFEST_NAME), re.escape(SAFETY_TOKENS_NAME), SHARD_PATTERN.pattern, RANK_MANIFEST_PATTERN.pattern]) + r")\.\d+")
+SCHEMA_VERSION_KEY = b"pact_cache_format_version"  # in every shard's Arrow schema metadata
 
 
 def shard_name(index: int) -> str:
     """File name of shard `index` (`shard-00000.arrow`, ...)."""
     return f"shard-{index:05d}{SHARD_SUFFIX}"
+
+
+def is_shard_name(name: object) -> bool:
+    """Whether `name` is a shard file name as the writer makes them (`shard-NNNNN.arrow`: no folder, no `..`)."""
+    return isinstance(name, str) and SHARD_PATTERN.fullmatch(name) is not None
 
 
 def shard_index(name: str) -> int:
@@ -38,6 +54,12 @@ def shard_index(name: str) -> int:
 def rank_manifest_name(rank: int, world_size: int) -> str:
     """File name of the progress manifest rank `rank` of a `world_size`-process build keeps while it runs."""
     return f"{RANK_MANIFEST_PREFIX}{rank:05d}-of-{world_size:05d}.json"
+
+
+def _describe(err: OSError) -> str:
+    """`strerror (ENAME)` of an OSError."""
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    return f"{err.strerror or err}{f' ({name})' if name else ''}"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -68,9 +90,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         _fsync_directory(path.parent)
     except OSError as err:
         temp.unlink(missing_ok=True)
-        reason = err.strerror or str(err)
-        name = errno.errorcode.get(err.errno, "") if err.errno else ""
-        raise CacheWriteError(f"cannot write {path}: {reason}{f' ({name})' if name else ''}; nothing was replaced") from err
+        raise CacheWriteError(f"cannot write {path}: {_describe(err)}; nothing was replaced") from err
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -98,38 +118,106 @@ def write_shard(directory: Path, index: int, table: pa.Table, response_tokens: i
     return {"file": name, "rows": table.num_rows, "response_tokens": int(response_tokens), "bytes": len(data), "sha256": sha256_hex(data)}
 
 
-def is_cache_file(name: str) -> bool:
-    """Whether a file name is one a cache directory holds (manifests, safety tokens, shards, unfinished writes)."""
-    return (name in CACHE_FILES or name.startswith(TEMP_PREFIX) or (name.startswith("shard-") and name.endswith(SHARD_SUFFIX))
-            or (name.startswith(RANK_MANIFEST_PREFIX) and name.endswith(".json")))
+def is_pact_shard_file(path: Path) -> bool:
+    """Whether `path` is an Arrow IPC file whose schema carries the pact-cache format key (read from the footer only)."""
+    try:
+        with pa.OSFile(str(path)) as handle:
+            metadata = ipc.open_file(handle).schema.metadata or {}
+    except (pa.ArrowException, OSError, ValueError):
+        return False
+    return SCHEMA_VERSION_KEY in metadata
 
 
-def prepare_output_directory(directory: Path, overwrite: bool) -> bool:
-    """Create `directory`; returns True when it was already non-empty (then refused unless `overwrite`).
+def first_file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` that is not a directory (why `path` cannot be created), if any."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
-    With `overwrite` an existing cache's files are deleted; a directory holding
-    anything else is refused, so a mistyped path never loses unrelated files.
-    """
+
+def make_directory(directory: Path) -> None:
+    """Create the output directory `directory` (and its parents); a clear `CacheWriteError` naming the path when impossible."""
     directory = Path(directory)
+    blocker = directory if directory.exists() and not directory.is_dir() else first_file_above(directory)
+    if blocker is not None:
+        raise CacheWriteError(f"cannot use {directory} as the cache directory: {blocker} is a file, not a directory; "
+                              "choose another output path")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        names = sorted(p.name for p in directory.iterdir())
     except OSError as err:
-        raise CacheWriteError(f"cannot create the cache directory {directory}: {err.strerror or err}") from err
-    if not names or not overwrite:
-        return bool(names)
-    foreign = [name for name in names if not is_cache_file(name)]
-    if foreign:
-        raise CacheError(f"--overwrite only replaces a pact cache, but {directory} also holds {', '.join(foreign[:5])}; choose another directory")
-    for name in names:
-        (directory / name).unlink()
-    return False
+        raise CacheWriteError(f"cannot create the cache directory {directory}: {_describe(err)}") from err
 
 
-def remove_temporary_files(directory: Path) -> list[str]:
-    """Delete leftovers of interrupted writes in `directory`; returns their names."""
-    removed = []
-    for path in Path(directory).glob(f"{TEMP_PREFIX}*"):
-        path.unlink(missing_ok=True)
-        removed.append(path.name)
-    return removed
+class DirectoryLock:
+    """Exclusive use of a cache directory by one writer (a build or a merge): `fcntl.flock` on `DIR/pact-cache.lock`.
+
+    The kernel drops the lock when its process dies, even by `kill -9`, so a
+    crashed build never leaves the directory stuck; the file holds the pid of
+    the holder for the message another writer gets. The holder removes the
+    file when it is done (while still holding the lock; a writer that opened
+    the removed file notices and locks the new one).
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_NAME
+        self.fd: int | None = None
+
+    def _holder(self, fd: int) -> str:
+        """The pid written in the lock file, as text (or `unknown`)."""
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return text if text.isdigit() else "unknown"
+
+    def _open_locked(self) -> int | None:
+        """Open and lock the lock file; None when the file was replaced before the lock was taken (try again)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CacheWriteError(f"cannot create the lock file {self.path}: {_describe(err)}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise CacheError(f"{self.path.parent} is in use by another pact-cache build or merge: pid {holder} holds the lock "
+                             f"{self.path}; wait for it to finish or stop it (a killed one releases the lock by itself)") from None
+        except OSError as err:
+            os.close(fd)
+            raise CacheWriteError(f"cannot lock {self.path}: {_describe(err)}") from err
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def __enter__(self) -> "DirectoryLock":
+        """Take the lock (or raise `CacheError` naming the holder's pid) and write this process's pid into the file."""
+        fd = None
+        while fd is None:
+            fd = self._open_locked()
+        left = os.pread(fd, 64, 0).strip()
+        if left and not left.isdigit():  # not a pid a crashed writer left: a file of the user's, keep it
+            os.close(fd)
+            raise CacheError(f"{self.path} exists and is not a pact-cache lock file (it holds other data); "
+                             "move it away or choose another directory")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            self._release(fd)
+            raise CacheWriteError(f"cannot write the lock file {self.path}: {_describe(err)}") from err
+        self.fd = fd
+        return self
+
+    def _release(self, fd: int) -> None:
+        """Remove the lock file, then drop the lock."""
+        self.path.unlink(missing_ok=True)
+        os.close(fd)
+
+    def __exit__(self, *exc) -> None:
+        """Remove the lock file and drop the lock."""
+        self._release(self.fd)
+        self.fd = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pact.cache_tools import CacheError, CacheReader, CacheWriteError, ShardShuffleSampler, build_cache, load_manifest
+from pact.cache_tools.manifest import save_manifest
 from pact.cache_tools.quality import objective_error
 from pact.data import assistant_header_ids
 from pact.objective import PactConfig
@@ -28,7 +28,8 @@ def _shard_bytes(directory):
 
 
 def _without_time(manifest):
-    return {k: v for k, v in manifest.items() if k != "created_at"}
+    """A manifest less its build time (and the checksums, which cover the time)."""
+    return {k: v for k, v in manifest.items() if k not in ("created_at", "checksums")}
 
 
 def _topp_count(logits, p0, temperature):
@@ -131,9 +132,8 @@ def test_reader_refuses_corrupt_and_incomplete_caches(float32_cache, tmp_path):
     reader[0]
     with pytest.raises(CacheError, match="shard-00001.arrow: sha256"):
         reader[4]
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["complete"] = False
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest = load_manifest(copy)
+    save_manifest(copy, {**manifest, "complete": False})
     with pytest.raises(CacheError, match="incomplete"):
         CacheReader(copy)
 
@@ -144,13 +144,26 @@ def test_non_empty_directory_needs_resume_or_overwrite(tiny, tiny_examples, tiny
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(CacheError, match="--overwrite only replaces a pact cache.*notes.txt"):
+    with pytest.raises(CacheError, match="--overwrite touches only pact-cache's own files, but .* also holds notes.txt"):
         _build(tiny, tiny_examples, tiny_safety, foreign, overwrite=True)
     assert (foreign / "notes.txt").exists()
     out = tmp_path / "again"
     _build(tiny, tiny_examples[:4], tiny_safety, out)
     _build(tiny, tiny_examples, tiny_safety, out, overwrite=True)
     assert len(CacheReader(out)) == len(tiny_examples)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, r"batch_size \(--batch-size\) must be an integer >= 1, got 0"),
+    ({"rows_per_shard": 0}, r"rows_per_shard \(--rows-per-shard\) must be an integer >= 1, got 0"),
+    ({"threads": 0}, r"threads \(--threads\) must be an integer >= 1, got 0"),
+    ({"top_k": 0}, r"top_k \(--top-k\) must be an integer >= 1, got 0"),
+    ({"zstd_level": 23}, r"zstd_level \(--zstd-level\) must be an integer in 1..22, got 23"),
+])
+def test_build_refuses_invalid_counts_naming_the_parameter(tiny, tiny_examples, tiny_safety, tmp_path, kwargs, message):
+    with pytest.raises(CacheError, match=message):
+        _build(tiny, tiny_examples, tiny_safety, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tiny, tiny_examples, tiny_safety, float32_cache):
@@ -168,10 +181,9 @@ def test_resume_after_an_interruption_equals_a_clean_build(tiny, tiny_examples, 
     clean = load_manifest(float32_cache)
     for path in float32_cache.iterdir():
         (out / path.name).write_bytes(path.read_bytes())
-    crashed = {**clean, "complete": False, "shards": clean["shards"][:1]}  # as left after the first shard
-    (out / "manifest.json").write_text(json.dumps(crashed))
+    save_manifest(out, {**clean, "complete": False, "shards": clean["shards"][:1]})  # as left after the first shard
     (out / "shard-00002.arrow").unlink()
-    (out / "shard-00001.arrow").write_bytes(b"half a shard")
+    (out / "shard-00001.arrow").write_bytes((out / "shard-00000.arrow").read_bytes())  # a stale shard, not listed
     (out / ".tmp-shard-00002.arrow.123").write_bytes(b"torn")
     result = _build(tiny, tiny_examples, tiny_safety, out, dtype="float32", resume=True)
     assert (result.shards_resumed, result.shards_built) == (1, 2)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pact.cache_tools import CacheReader, build_cache, load_manifest
 from pact.cache_tools.cli import main
@@ -96,11 +97,41 @@ def test_merge_joins_disjoint_caches_and_refuses_mismatches(tiny, tiny_examples,
     assert main(["verify", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "dup"), str(first), str(first)]) == 2
-    assert "example_id 0 is in both" in capsys.readouterr().err
+    assert "hold the same examples" in capsys.readouterr().err
     other = tmp_path / "int8"
     build_cache(tiny, tiny_examples[5:], tiny_safety, other, rows_per_shard=4, progress=False)
     assert main(["merge", str(tmp_path / "mixed"), str(first), str(other)]) == 2
     assert "dtype: 'float32' vs 'int8'" in capsys.readouterr().err
+
+
+def test_merge_renumbers_caches_of_different_data_files(tiny_model_dir, tiny_safety_file, tmp_path, capsys):
+    """Two data files both number their rows from 0: merged, every row is there once, the second cache's ids follow the
+    first's, and every value is unchanged."""
+    from pact.data import demo_data_path
+
+    rows = [line for line in demo_data_path("benign").read_text(encoding="utf-8").splitlines() if line.strip()][:12]
+    caches = []
+    for name, part in (("first", rows[:5]), ("second", rows[5:])):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("\n".join(part) + "\n", encoding="utf-8")
+        caches.append(tmp_path / name)
+        assert main(_build_args(tiny_model_dir, tiny_safety_file, caches[-1], "--data", str(data), "--dtype", "float32")) == 0
+    inputs = [row for cache in caches for row in CacheReader(cache)]
+    assert [row["example_id"] for row in inputs] == [*range(5), *range(7)]
+    out = tmp_path / "merged"
+    assert main(["merge", str(out), *map(str, caches)]) == 0
+    merged = list(CacheReader(out))
+    assert [row["example_id"] for row in merged] == list(range(12))
+    for got, want in zip(merged, inputs):
+        for key, value in want.items():
+            if key != "example_id":
+                assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    manifest = load_manifest(out)
+    assert [source["example_id_offset"] for source in manifest["merged_from"]] == [0, 5]
+    first, second = (load_manifest(cache)["shards"] for cache in caches)
+    digests = [entry["sha256"] for entry in manifest["shards"]]
+    assert digests[:2] == [e["sha256"] for e in first] and not set(digests[2:]) & {e["sha256"] for e in second}
+    assert main(["verify", str(out)]) == 0
 
 
 def test_kill_9_then_resume_equals_a_clean_build(tiny_model_dir, tiny_safety_file, tmp_path, capsys):
@@ -134,7 +165,7 @@ def test_kill_9_then_resume_equals_a_clean_build(tiny_model_dir, tiny_safety_fil
     clean = tmp_path / "clean"
     assert main(_build_args(tiny_model_dir, tiny_safety_file, clean)) == 0
     assert _shards(out) == _shards(clean)
-    strip = lambda m: {k: v for k, v in m.items() if k != "created_at"}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created_at", "checksums")}  # noqa: E731
     assert strip(load_manifest(out)) == strip(load_manifest(clean))
 
 

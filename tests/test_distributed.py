@@ -4,6 +4,11 @@ multi-process build, and data-parallel `pact train`, each against one process.
 
 Each torchrun launch costs about 15 s here (two fresh interpreters), so there
 are two: one build and one training run.
+
+Shard bytes are compared between builds that use the same intra-op thread
+count (`--threads 1`: CPU sums depend on it, whatever the environment's
+OMP_NUM_THREADS or an earlier `torch.set_num_threads`); builds with other
+thread counts are compared by value, within float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ from test_cache_support import (  # noqa: F401  (fixtures)
 ROWS = 11  # 3 shards of 4, 4, 3 rows: rank 0 builds two, rank 1 one; an odd count leaves a rank an empty micro-batch
 
 
-def _build_args(model_dir, safety_file, out, *extra):
+def _build_args(model_dir, safety_file, out, *extra, threads=1):
     return ["build", "--model", str(model_dir), "--safety-tokens", str(safety_file), "--out", str(out), "--device", "cpu",
             "--max-length", str(TINY_MAX_LENGTH), "--limit", str(ROWS), "--rows-per-shard", "4", "--batch-size", "3",
-            "--dtype", "float32", "--quiet", *extra]
+            "--dtype", "float32", "--threads", str(threads), "--quiet", *extra]
 
 
 def _torchrun(*command) -> str:
@@ -57,7 +62,10 @@ def _assert_same_rows(got_dir, want_dir) -> None:
     assert len(got) == len(want) == ROWS
     for a, b in zip(got, want):
         assert a["example_id"] == b["example_id"] and a["response_start"] == b["response_start"]
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["post_count"], b["post_count"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        # A top-p count is an integer threshold of rounded sums: allow a tie to tip by one at a rare step.
+        count_diff = (a["post_count"] - b["post_count"]).abs()
+        assert count_diff.max() <= 1 and (count_diff > 0).float().mean() <= 0.02
         for key in ("full_logits", "post_logits", "target_logprob", "logsumexp"):
             assert (a[key] - b[key]).abs().max() < 1e-4, key
 
@@ -99,6 +107,13 @@ def test_torchrun_build_equals_one_process(single_cache, torchrun_cache):
     assert sorted(p.name for p in torchrun_cache.iterdir()) == ["manifest.json", "safety_tokens.json",
                                                               "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
     assert cache_main(["verify", str(torchrun_cache)]) == 0
+
+
+def test_other_thread_counts_give_the_same_values_within_rounding(tiny_model_dir, tiny_safety_file, single_cache, tmp_path):
+    """Bytes are promised only for equal thread counts; with 2 threads the decoded values agree within float32 rounding."""
+    assert cache_main(_build_args(tiny_model_dir, tiny_safety_file, tmp_path / "two-threads", threads=2)) == 0
+    assert load_manifest(tmp_path / "two-threads")["params"]["threads"] == 2
+    _assert_same_rows(tmp_path / "two-threads", single_cache)
 
 
 def test_crashed_two_process_build_resumes_in_one_process(tiny_model_dir, tiny_safety_file, single_cache, torchrun_cache, tmp_path):
