@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pact.models import pad_token_id
-from pact.data import Conversation, encode_conversation, render_prompt
+from pact.data import Conversation, encode_conversation, prompt_token_ids
 
 Messages = list[dict[str, str]]
 
@@ -43,11 +43,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(i for i in ids if i is not None)
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
-    """Token ids of a prompt rendered with the chat template, up to where the answer starts."""
-    return list(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,7 +82,7 @@ def generate_ids(
     results are reproducible and do not depend on `batch_size` (up to
     floating-point near-ties between the two best tokens).
     """
-    encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
+    encoded = [prompt_token_ids(tokenizer, messages) for messages in prompts]
     stops = stop_token_ids(tokenizer, model)
     pad = pad_token_id(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)

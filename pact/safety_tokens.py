@@ -1,4 +1,4 @@
-"""Safety tokens (DESIGN.md section 1.1): the vocabulary entries on which the
+"""Safety tokens (docs/objective.md section 1): the vocabulary entries on which the
 aligned model's refusals differ most from its base model, with their weights.
 
 They are computed once per aligned model from harmful prompts paired with
@@ -18,6 +18,9 @@ Choices the design leaves open, made here:
   tokenizer adds one). The refusal is tokenized on its own, without special
   tokens, and appended to both token lists unchanged, so both models are
   scored on the same response ids.
+* The rows' own text is always tokenized as text: a prompt or refusal that
+  quotes a special token (`<|im_end|>`) keeps those characters as ordinary
+  tokens (`pact.data.prompt_token_ids`, `split_special_tokens`).
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from pact.data import Conversation, render_prompt
+from pact.data import Conversation, DataError, prompt_token_ids
 from pact.errors import PactError
-from pact.models import LoadedModel, pad_token_id
+from pact.models import LoadedModel, pad_token_id, tokenizer_fingerprint
 from pact.reference import causal_lm_parts, response_hidden_states
 
 DIFF_MODES = ("p_diff", "pref_logratio")
@@ -111,53 +116,60 @@ class SafetyTokens:
     def load(cls, path: str | Path) -> "SafetyTokens":
         """Read and validate a file written by `save`; any problem raises `SafetyTokensFileError` naming the file and field."""
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise SafetyTokensFileError(f"{path} is a directory, not a safety-token file (give the .json file inside it)")
         if not path.is_file():
             raise SafetyTokensFileError(f"safety-token file not found: {path}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SafetyTokensFileError(f"{path}: not a JSON safety-token file ({err})") from err
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except json.JSONDecodeError as err:
+            raise SafetyTokensFileError(f"{path}: not a JSON safety-token file (invalid JSON at line {err.lineno} "
+                                        f"column {err.colno}: {err.msg}; truncated?)") from err
+        except (UnicodeDecodeError, RecursionError) as err:
+            raise SafetyTokensFileError(f"{path}: not a JSON safety-token file ({type(err).__name__}: {err})") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: object, source: str = "safety tokens") -> "SafetyTokens":
-        """Validate the output of `to_dict` (e.g. read back from JSON); `source` names it in errors."""
+        """Validate the output of `to_dict` (e.g. read back from JSON); `source` names it in errors.
 
-        def fail(field_name: str, problem: str) -> SafetyTokensFileError:
-            return SafetyTokensFileError(f"{source}: field '{field_name}' {problem}")
-
+        Checks what the file alone can show (types, lengths, sorted unique ids,
+        finite non-negative weights with one positive); whether it fits a
+        tokenizer is `check_tokenizer`'s part.
+        """
         if not isinstance(data, dict):
             raise SafetyTokensFileError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FILE_FORMAT:
-            raise fail("format", f"must be {FILE_FORMAT!r}, got {data.get('format')!r}")
+            raise _field_error(source, "format", f"must be {FILE_FORMAT!r}, got {data.get('format')!r}")
         if data.get("version") != FILE_VERSION:
-            raise fail("version", f"must be {FILE_VERSION}, got {data.get('version')!r} (written by another pact version?)")
+            raise _field_error(source, "version", f"must be {FILE_VERSION}, got {data.get('version')!r} (written by another pact version?)")
         for name, kind in (("ids", list), ("weights", list), ("tokens", list), ("params", dict), ("fingerprints", dict)):
             if name not in data:
-                raise fail(name, "is missing")
+                raise _field_error(source, name, "is missing")
             if not isinstance(data[name], kind):
-                raise fail(name, f"must be a JSON {'array' if kind is list else 'object'}, got {type(data[name]).__name__}")
+                raise _field_error(source, name, f"must be a JSON {'array' if kind is list else 'object'}, got {type(data[name]).__name__}")
         ids, weights, tokens = data["ids"], data["weights"], data["tokens"]
         if not ids:
-            raise fail("ids", "is empty")
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-            raise fail("ids", "must hold non-negative integers")
-        if any(b <= a for a, b in zip(ids, ids[1:])):
-            raise fail("ids", "must be sorted in increasing order without duplicates")
+            raise _field_error(source, "ids", "is empty")
+        _check_entries(source, "ids", ids, lambda i: not isinstance(i, bool) and isinstance(i, int) and i >= 0,
+                       "must be a non-negative integer (a token id)")
+        unsorted = next((k for k in range(1, len(ids)) if ids[k] <= ids[k - 1]), None)
+        if unsorted is not None:
+            raise _field_error(source, "ids", f"must be sorted in increasing order without duplicates, but entry {unsorted} "
+                                              f"({ids[unsorted]}) follows {ids[unsorted - 1]}")
         for name, values in (("weights", weights), ("tokens", tokens)):
             if len(values) != len(ids):
-                raise fail(name, f"has {len(values)} entries but 'ids' has {len(ids)}")
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
-            raise fail("weights", "must hold finite numbers")
-        if any(w < 0 for w in weights):
-            raise fail("weights", "must be >= 0 (weights are max(v, 0))")
+                raise _field_error(source, name, f"has {len(values)} entries but 'ids' has {len(ids)}")
+        _check_entries(source, "weights", weights,
+                       lambda w: not isinstance(w, bool) and isinstance(w, (int, float)) and abs(w) <= sys.float_info.max,
+                       "must be a finite number")
+        _check_entries(source, "weights", weights, lambda w: w >= 0, "must be >= 0 (weights are max(v, 0))")
         if not any(w > 0 for w in weights):
-            raise fail("weights", "has no positive weight, so the objective would have no target")
-        if any(not isinstance(t, str) for t in tokens):
-            raise fail("tokens", "must hold strings")
+            raise _field_error(source, "weights", "has no positive weight, so the objective would have no target")
+        _check_entries(source, "tokens", tokens, lambda t: isinstance(t, str), "must be a string (the token's text)")
         for key in ("aligned_model", "base_model", "tokenizer"):
             if not isinstance(data["fingerprints"].get(key), str):
-                raise fail(f"fingerprints.{key}", "is missing or not a string")
+                raise _field_error(source, f"fingerprints.{key}", "is missing or not a string")
         return cls(
             ids=list(ids),
             weights=[float(w) for w in weights],
@@ -166,38 +178,107 @@ class SafetyTokens:
             fingerprints=dict(data["fingerprints"]),
         )
 
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str = "safety tokens") -> None:
+        """Refuse a set made for another tokenizer, before any model is loaded; `source` names the set in errors.
 
-def _check_arguments(top: int, max_examples: int, max_resp_len: int, diff_mode: str, temperature: float, batch_size: int) -> None:
+        The set's tokenizer fingerprint (when recorded) must be the tokenizer's,
+        every id must be inside its vocabulary, and every token text must be
+        what it decodes the id to.
+        """
+        made_for = self.fingerprints.get("tokenizer")
+        actual = tokenizer_fingerprint(tokenizer)
+        if made_for and made_for != actual:
+            raise _field_error(source, "fingerprints.tokenizer",
+                               f"is {made_for} but this model's tokenizer is {actual}: the safety tokens were computed "
+                               "for another tokenizer; compute them for this model with `pact safety-tokens --aligned MODEL`")
+        size = len(tokenizer)
+        outside = next((k for k, i in enumerate(self.ids) if i >= size), None)
+        if outside is not None:
+            raise _field_error(source, "ids", f"entry {outside} ({self.ids[outside]}) is outside the tokenizer's vocabulary "
+                                              f"of {size} tokens")
+        for k, (i, text) in enumerate(zip(self.ids, self.tokens)):
+            decoded = tokenizer.decode([i])
+            if text != decoded:
+                raise _field_error(source, "tokens", f"entry {k} is {text!r} but the tokenizer decodes id {i} to {decoded!r}: "
+                                                     "the file does not belong to this tokenizer")
+
+
+def _field_error(source: str, field_name: str, problem: str) -> SafetyTokensFileError:
+    """The error for a bad field of a safety-token file: `<source>: field '<name>' <problem>`."""
+    return SafetyTokensFileError(f"{source}: field '{field_name}' {problem}")
+
+
+def _check_entries(source: str, field_name: str, values: list, valid: Callable[[object], bool], rule: str) -> None:
+    """Refuse the first entry of `values` that is not `valid`, naming the field, its index and its value."""
+    bad = next((k for k, value in enumerate(values) if not valid(value)), None)
+    if bad is not None:
+        raise _field_error(source, field_name, f"entry {bad} ({json.dumps(values[bad])}) {rule}")
+
+
+def check_arguments(top: int, max_examples: int, max_resp_len: int, diff_mode: str, temperature: float, batch_size: int) -> None:
+    """Refuse settings `compute_safety_tokens` cannot use, naming each by its `pact safety-tokens` flag."""
     if diff_mode not in DIFF_MODES:
-        raise PactError(f"unknown diff mode {diff_mode!r}; choose one of {', '.join(DIFF_MODES)}")
-    for name, value in (("top", top), ("max_examples", max_examples), ("max_resp_len", max_resp_len), ("batch_size", batch_size)):
+        raise PactError(f"--diff-mode: unknown diff mode {diff_mode!r}; choose one of {', '.join(DIFF_MODES)}")
+    for flag, value in (("--top", top), ("--max-examples", max_examples), ("--max-resp-len", max_resp_len), ("--batch-size", batch_size)):
         if value < 1:
-            raise PactError(f"{name} must be at least 1, got {value}")
-    if not temperature > 0:
-        raise PactError(f"temperature must be positive, got {temperature}")
+            raise PactError(f"{flag} must be at least 1, got {value}")
+    if not 0 < temperature < math.inf:
+        raise PactError(f"--temperature must be a positive finite number, got {temperature}")
 
 
-def _check_same_vocabulary(aligned: LoadedModel, base: LoadedModel) -> int:
-    """Both models must share a vocabulary, or their distributions cannot be compared; returns its size."""
-    if aligned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
+def check_same_tokenizer(aligned: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase, aligned_source: str, base_source: str) -> None:
+    """Both models must share a vocabulary, or their distributions cannot be compared token by token."""
+    if aligned.get_vocab() != base.get_vocab():
         raise PactError(
-            f"the aligned model ({aligned.source}) and the base model ({base.source}) have different tokenizer "
+            f"the aligned model ({aligned_source}) and the base model ({base_source}) have different tokenizer "
             "vocabularies; safety tokens compare both models token by token, so the base must be the aligned "
             "model's own base (same tokenizer)"
         )
+
+
+def _check_same_vocabulary(aligned: LoadedModel, base: LoadedModel) -> int:
+    """Both models must share a vocabulary and an output size; returns that size."""
+    check_same_tokenizer(aligned.tokenizer, base.tokenizer, aligned.source, base.source)
     sizes = {causal_lm_parts(m.model)[1].shape[0] for m in (aligned, base)}
     if len(sizes) != 1:
         raise PactError(f"the aligned and base models have different output vocabulary sizes {sorted(sizes)}")
     return sizes.pop()
 
 
-def _encode(aligned: LoadedModel, base: LoadedModel, conversation: Conversation, max_resp_len: int) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of (aligned prompt, base prompt, response) for one example; see the module notes."""
-    tokenizer = aligned.tokenizer
-    response = tokenizer(conversation.response.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
-    aligned_prompt = tokenizer(render_prompt(tokenizer, conversation.messages[:-1]), add_special_tokens=False)["input_ids"]
-    base_prompt = base.tokenizer(PLAIN_TEMPLATE.format(prompt=conversation.prompt))["input_ids"]
-    return list(aligned_prompt), list(base_prompt), list(response)
+def _encode(aligned: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase, conversation: Conversation,
+            max_resp_len: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of (aligned prompt, base prompt, response) for one example; see the module notes.
+
+    The rows' text is tokenized as text: a refusal quoting `<|im_end|>` keeps
+    those characters instead of getting the end-of-turn token.
+    """
+    response = aligned(conversation.response.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    aligned_prompt = prompt_token_ids(aligned, conversation.messages[:-1])
+    base_prompt = base(PLAIN_TEMPLATE.format(prompt=conversation.prompt), split_special_tokens=True)["input_ids"]
+    return list(aligned_prompt), list(base_prompt), list(response)[:max_resp_len]
+
+
+def encode_refusals(aligned: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
+                    max_resp_len: int, skip_invalid: bool = False, source: str = "data"
+                    ) -> tuple[list[Conversation], list[tuple[list[int], list[int], list[int]]], list[str]]:
+    """Encode examples as `compute_safety_tokens` scores them (see the module notes): (those kept, their ids, errors).
+
+    Needs only the tokenizers, so `pact safety-tokens` checks the data this
+    way before loading a model. A row the chat template cannot render raises
+    `DataError` naming `source` and the row, or with `skip_invalid` is left
+    out and described in the errors.
+    """
+    kept, encoded, errors = [], [], []
+    for conversation in conversations:
+        try:
+            encoded.append(_encode(aligned, base, conversation, max_resp_len))
+            kept.append(conversation)
+        except DataError as err:
+            message = f"{source}, row {conversation.example_id}: {err}"
+            if not skip_invalid:
+                raise DataError(message) from None
+            errors.append(message)
+    return kept, encoded, errors
 
 
 def _response_logprobs(loaded: LoadedModel, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> torch.Tensor:
@@ -228,7 +309,7 @@ def compute_safety_tokens(
     progress: bool = True,
     data_path: str | None = None,
 ) -> SafetyTokens:
-    """Compute the safety-token set S and its weights exactly as DESIGN.md 1.1 specifies.
+    """Compute the safety-token set S and its weights exactly as docs/objective.md section 1 specifies.
 
     Scores the refusals of the first `max_examples` conversations under the
     aligned model (chat template) and the base model (plain "User: ...
@@ -243,20 +324,17 @@ def compute_safety_tokens(
     agree with one-at-a-time up to float rounding). `data_path` is recorded in
     `params` so a file says which data it came from.
     """
-    _check_arguments(top, max_examples, max_resp_len, diff_mode, temperature, batch_size)
+    check_arguments(top, max_examples, max_resp_len, diff_mode, temperature, batch_size)
     base = base or aligned
     vocab_size = _check_same_vocabulary(aligned, base)
     window = list(conversations)[:max_examples]
     chosen = [c for c in window if c.response.strip()]
     if not chosen:
         raise PactError(f"none of the first {len(window)} examples has a non-empty response")
+    _, encoded_all, _ = encode_refusals(aligned.tokenizer, base.tokenizer, chosen, max_resp_len, source=data_path or "data")
 
     # Longest first: batches of similar lengths waste little padding, and running out of memory shows at once.
-    encoded_all = sorted(
-        (_encode(aligned, base, c, max_resp_len) for c in chosen),
-        key=lambda e: max(len(e[0]), len(e[1])) + len(e[2]),
-        reverse=True,
-    )
+    encoded_all.sort(key=lambda e: max(len(e[0]), len(e[1])) + len(e[2]), reverse=True)
     d_sum = torch.zeros(vocab_size, dtype=torch.float64)
     m_sum = torch.zeros(vocab_size, dtype=torch.float64)
     steps = 0

@@ -29,6 +29,7 @@ from pact.data import (
     encode_conversations,
     load_conversations,
     load_examples,
+    prompt_token_ids,
     render_prompt,
     row_to_messages,
 )
@@ -132,9 +133,12 @@ def test_chat_rows_keep_system_and_earlier_turns(tmp_path):
 
 
 def test_limit_reads_only_the_first_rows(tmp_path):
-    """`limit` keeps the first rows of the file."""
-    messages, report = _messages(write_jsonl(tmp_path / "rows.jsonl", ALPACA_ROWS), limit=2)
+    """`limit` keeps the first rows of the file; a limit below 1 is an error, not an "empty file"."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ALPACA_ROWS)
+    messages, report = _messages(path, limit=2)
     assert messages == EXPECTED_MESSAGES[:2] and report.rows == 2
+    with pytest.raises(DataError, match="the row limit must be at least 1, got 0"):
+        load_conversations(path, limit=0)
 
 
 def test_unsupported_format_and_missing_file(tmp_path):
@@ -256,6 +260,22 @@ def test_skip_invalid_skips_and_counts(tmp_path):
         load_conversations(path)
 
 
+def test_skip_invalid_skips_undecodable_lines_and_extra_cells(tmp_path):
+    """A JSONL line that is not UTF-8 and a CSV record with a cell too many are single bad rows: `skip_invalid`
+    skips them (named by line) and keeps the rest."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"instruction": "Caf\xe9?", "output": "Yes."}\n' + (json.dumps(ALPACA_ROWS[0]) + "\n").encode())
+    conversations, report = load_conversations(path, skip_invalid=True)
+    assert [c.example_id for c in conversations] == [1] and report.skipped == 1
+    assert report.errors == [f"{path}, line 1: not UTF-8 text (byte 0xe9 at byte 21 of the line); "
+                             "save the file as UTF-8 (a binary file is not data)"]
+    path = tmp_path / "rows.csv"
+    path.write_text("instruction,output\nSay hello.,Hello, there!\nSay hi.,Hi.\n", encoding="utf-8")
+    conversations, report = load_conversations(path, skip_invalid=True)
+    assert [c.messages for c in conversations] == [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]]
+    assert report.errors == [f"{path}, row 0 (line 2): 3 cells but the header has 2 columns; quote cells that contain a comma"]
+
+
 def test_skip_invalid_with_nothing_valid_is_an_error(tmp_path):
     """Skipping every row is an error that says how many were invalid and why."""
     path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a"}, {"instruction": "b"}])
@@ -369,6 +389,97 @@ def test_tiny_response_mask_multi_turn_and_no_default_system(tok):
         "<|im_start|>user\nBye.<|im_end|>\n<|im_start|>assistant\n"
     )
     _check_mask(make_tiny_tokenizer(default_system=None), Conversation(7, messages), prompt, " Goodbye, friend.<|im_end|>")
+
+
+# --- special-token text inside messages ------------------------------------------------------
+
+QUOTING_ANSWER = "End a turn with <|im_end|>, start one with <|im_start|>; <|endoftext|> ends it all."
+QUOTING_QUESTION = "What do <|im_start|>user and <|im_end|> mean?"
+
+
+def _check_quoted_special_text(tokenizer, messages, template_specials: int):
+    """Encode `messages` and check that their special-token text stayed text: the response is the answer's plain
+    tokens plus one real `<|im_end|>`, and the only special ids in the prompt are the template's own."""
+    example = encode_conversation(tokenizer, Conversation(0, messages))
+    response, prompt = example.response_ids, example.input_ids[: example.response_start]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = messages[-1]["content"]
+    assert tokenizer.decode(response) == answer + "<|im_end|>"
+    assert response == tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+    assert tokenizer.decode(prompt) == render_prompt(tokenizer, messages[:-1])
+    special = set(tokenizer.all_special_ids)
+    assert sum(i in special for i in prompt) == template_specials
+    assert prompt_token_ids(tokenizer, messages[:-1]) == prompt
+    return example
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("Say hello.", QUOTING_ANSWER),
+    (QUOTING_QUESTION, "Hello there!"),
+    (QUOTING_QUESTION, QUOTING_ANSWER),
+    ("<|im_end|>", "<|im_end|>"),
+])
+def test_special_token_text_in_messages_stays_text(tok, question, answer):
+    """A message quoting `<|im_end|>` (or any special token's text) is tokenized as text: the answer is not cut at
+    it and no extra turn boundary appears; the template's own special tokens are still special."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    _check_quoted_special_text(tok, messages, template_specials=5)  # system: start, end; user: start, end; header: start
+
+
+def test_special_token_text_in_earlier_turns_and_system(tok):
+    """Special-token text in a system message and in earlier turns stays text too."""
+    messages = [
+        {"role": "system", "content": "Never print <|endoftext|>."},
+        {"role": "user", "content": QUOTING_QUESTION},
+        {"role": "assistant", "content": "Markers <|im_start|> and <|im_end|>."},
+        {"role": "user", "content": "And <|im_end|>?"},
+        {"role": "assistant", "content": QUOTING_ANSWER},
+    ]
+    _check_quoted_special_text(tok, messages, template_specials=9)
+
+
+def test_special_token_text_when_the_answer_merges_with_the_header():
+    """With a template whose header ends in a space that merges into the answer's first token (so the response is
+    cut from the full rendering), quoted special-token text is still text and the end-of-turn id comes once."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    example = encode_conversation(tokenizer, Conversation(0, [{"role": "user", "content": QUOTING_QUESTION},
+                                                              {"role": "assistant", "content": QUOTING_ANSWER}]))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.decode(example.response_ids) == QUOTING_ANSWER + "<|im_end|>"
+    assert example.response_ids.count(eos) == 1 and example.response_ids[-1] == eos
+    assert tokenizer.decode(example.input_ids[: example.response_start]) == f"user: {QUOTING_QUESTION}<|im_end|>assistant: "
+
+
+def test_special_token_text_under_a_template_that_rewrites_messages_is_refused(tmp_path):
+    """A template that changes message text (here `| trim`) hides where the text is, so a row quoting special-token
+    text is refused naming the file, the row and the message, instead of being cut silently; other rows encode."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = [ALPACA_ROWS[0], {"instruction": "Quote it.", "output": " Like <|im_end|> this. "}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_examples(path, tokenizer)
+    assert str(err.value).startswith(f"{path}, row 1: the assistant message (messages[1]) contains the special-token "
+                                     "text '<|im_end|>', which cannot be encoded as plain text")
+    examples, report = load_examples(path, tokenizer, skip_invalid=True)
+    assert [e.example_id for e in examples] == [0] and report.skipped == 1
+
+
+def test_template_that_refuses_a_row_is_a_data_error(tmp_path):
+    """A chat template that raises (`raise_exception`, e.g. no system role) names the file and row, not a traceback."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}] + EXPECTED_MESSAGES[0]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_examples(path, tokenizer)
+    assert str(err.value) == f"{path}, row 0: the chat template cannot render this row: System role not supported"
 
 
 # --- truncation -------------------------------------------------------------------------------
@@ -496,3 +607,10 @@ def test_demo_data_encodes_with_smollm2(embedded):
         examples, report = load_examples(demo_data_path(name), embedded.tokenizer)
         assert report.rows >= 64 and report.skipped == 0
         assert all(e.response_ids[-1] == eos and len(e.response_ids) >= 2 for e in examples)
+
+
+@pytest.mark.embedded
+def test_smollm2_special_token_text_stays_text(embedded):
+    """Under SmolLM2's template an answer quoting `<|im_end|>` is encoded whole, with one real end of turn."""
+    messages = [{"role": "user", "content": QUOTING_QUESTION}, {"role": "assistant", "content": QUOTING_ANSWER}]
+    _check_quoted_special_text(embedded.tokenizer, messages, template_specials=5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import make_tiny_tokenizer, tiny_llama_config, write_jsonl
 
-from pact.data import Conversation, DataError, encode_conversation, load_prompts
-from pact.generation import encode_prompt, generate_ids, generate_responses, score_responses, stop_token_ids
+from pact.data import Conversation, DataError, encode_conversation, load_prompts, prompt_token_ids
+from pact.generation import generate_ids, generate_responses, score_responses, stop_token_ids
 
 PROMPTS = [
     "Say hello.",
@@ -62,6 +62,16 @@ def test_load_prompts_reports_bad_rows(tmp_path):
     assert len(load_prompts(path, skip_invalid=True, limit=1)[0]) == 1
 
 
+def test_a_prompt_quoting_special_token_text_is_encoded_as_text():
+    """A request that quotes `<|im_end|>` keeps it as text: the real end-of-turn id appears only where the template puts it."""
+    tokenizer = make_tiny_tokenizer()
+    quoted = prompt_token_ids(tokenizer, _chat(["What does <|im_end|> mean?"])[0])
+    plain = prompt_token_ids(tokenizer, _chat(["What does X mean?"])[0])
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert quoted.count(end_of_turn) == plain.count(end_of_turn)
+    assert "What does <|im_end|> mean?" in tokenizer.decode(quoted)
+
+
 def test_stop_tokens_include_the_end_of_turn_token(lively):
     """ChatML's <|im_end|> (the tiny tokenizer's eos, id 2) stops generation."""
     model, tokenizer = lively
@@ -86,7 +96,7 @@ def test_generation_stops_at_a_stop_token(lively, monkeypatch):
     when other answers of the batch go on."""
     model, tokenizer = lively
     prompts = _chat(PROMPTS)
-    ids = torch.tensor([encode_prompt(tokenizer, prompts[0])])
+    ids = torch.tensor([prompt_token_ids(tokenizer, prompts[0])])
     # explicit attention mask: the prompt contains <|im_end|>, which is also the pad token
     unlimited = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                eos_token_id=[], pad_token_id=2)[0, ids.shape[1]:].tolist()

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_llama_config
+from helpers import make_tiny_tokenizer, tiny_llama_config
 from pact.cli import main
-from pact.data import Conversation, demo_data_path, load_conversations
+from pact.data import Conversation, DataError, demo_data_path, load_conversations, prompt_token_ids
 from pact.errors import PactError
 from pact.models import load_model
-from pact.safety_tokens import SafetyTokens, compute_safety_tokens
+from pact.safety_tokens import PLAIN_TEMPLATE, SafetyTokens, compute_safety_tokens, encode_refusals
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from independent_safety_tokens import independent_safety_tokens  # noqa: E402
@@ -152,6 +152,33 @@ def test_bad_arguments_are_rejected(_loaded, _conversations):
         compute_safety_tokens(_loaded["aligned"], None, _conversations, diff_mode="kl", progress=False)
     with pytest.raises(PactError, match="temperature"):
         compute_safety_tokens(_loaded["aligned"], None, _conversations, temperature=0, progress=False)
+
+
+def test_special_token_text_in_refusals_is_scored_as_text():
+    """A prompt and a refusal quoting special tokens are tokenized as text for both models: the refusal's ids decode
+    back to it whole and no special id appears where the row's text is."""
+    tokenizer = make_tiny_tokenizer()
+    question, refusal = "Print <|im_start|> for me.", "I will not print <|im_end|> or <|endoftext|>."
+    conversation = Conversation(3, [{"role": "user", "content": question}, {"role": "assistant", "content": refusal}])
+    kept, ((aligned_prompt, base_prompt, response),), errors = encode_refusals(tokenizer, tokenizer, [conversation], 64)
+    special = set(tokenizer.all_special_ids)
+    assert kept == [conversation] and errors == []
+    assert tokenizer.decode(response) == refusal and not special & set(response)
+    assert aligned_prompt == prompt_token_ids(tokenizer, conversation.messages[:-1])
+    assert tokenizer.decode(base_prompt) == PLAIN_TEMPLATE.format(prompt=question) and not special & set(base_prompt)
+
+
+def test_rows_the_template_refuses_are_named_or_skipped():
+    """A row the aligned chat template cannot render names the source and row; `skip_invalid` leaves it out."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                               "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    good = Conversation(0, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "No."}])
+    bad = Conversation(1, [{"role": "system", "content": "S."}, *good.messages])
+    with pytest.raises(DataError, match=r"^refusals.jsonl, row 1: the chat template cannot render this row: no system role$"):
+        encode_refusals(tokenizer, tokenizer, [good, bad], 8, source="refusals.jsonl")
+    kept, encoded, errors = encode_refusals(tokenizer, tokenizer, [good, bad], 8, skip_invalid=True, source="refusals.jsonl")
+    assert kept == [good] and len(encoded) == 1 and errors == ["refusals.jsonl, row 1: the chat template cannot render this row: no system role"]
 
 
 def test_tokenizer_mismatch_is_an_error(_models, _loaded, _conversations):

@@ -7,11 +7,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
-from pact.data import demo_data_path, load_conversations
-from pact.models import EMBEDDED_MODEL, load_model
-from pact.safety_tokens import DIFF_MODES, SafetyTokens, compute_safety_tokens
+from transformers import PreTrainedTokenizerBase
+
+from pact.commands.arguments import (
+    check_model_argument,
+    check_output_file,
+    device_name,
+    input_files,
+    positive_int,
+    refuse_overwriting_inputs,
+)
+from pact.data import DataError, demo_data_path, load_conversations
+from pact.errors import PactError
+from pact.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from pact.safety_tokens import (
+    DIFF_MODES,
+    SafetyTokens,
+    check_arguments,
+    check_same_tokenizer,
+    compute_safety_tokens,
+    encode_refusals,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compute the safety tokens of an aligned model (or show a safety-token file)",
         description=(
             "Find the tokens on which the aligned model's refusals differ most from its base model "
-            "(DESIGN.md 1.1) and write them with their weights to a JSON file. "
+            "(docs/objective.md section 1) and write them with their weights to a JSON file. "
             "Use 'pact safety-tokens show FILE' to print an existing file."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -35,21 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="FILE", default=None,
                         help="harmful prompts paired with refusals (.jsonl/.json/.csv/.parquet or a save_to_disk "
                              "folder; Alpaca or chat rows) (default: the bundled demo refusals)")
-    parser.add_argument("--top", type=int, default=50,
+    parser.add_argument("--top", type=positive_int, default=50,
                         help="keep the tokens the aligned model puts most mass on (the largest mean p_A)")
-    parser.add_argument("--max-examples", type=int, default=512,
+    parser.add_argument("--max-examples", type=positive_int, default=512,
                         help="use the first K rows of the data; rows with an empty response among them are skipped")
-    parser.add_argument("--max-resp-len", type=int, default=64,
+    parser.add_argument("--max-resp-len", type=positive_int, default=64,
                         help="score only the first N tokens of each refusal")
     parser.add_argument("--diff-mode", choices=DIFF_MODES, default="p_diff",
                         help="per-step difference: p_diff = p_A - p_B; pref_logratio = p_A * (log p_B - log p_A)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="softmax temperature applied to both models' logits")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="examples per forward pass (speed/memory only; results do not depend on it)")
-    parser.add_argument("--device", default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="model weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16; "
                              "probabilities are always computed in float32")
     parser.add_argument("--skip-invalid", action="store_true",
@@ -69,17 +89,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_show)
 
 
+def _check_inputs_and_out(args: argparse.Namespace, data_path: str) -> Path:
+    """Refuse model arguments, a temperature and an `--out` that cannot work, before any work is done; returns `--out`.
+
+    `--out` must not be a directory nor the data file, and its nearest existing
+    folder must be a writable folder (the file is saved atomically at the end).
+    """
+    for flag, model in (("--aligned", args.aligned), ("--base", args.base)):
+        check_model_argument(flag, model)
+    check_arguments(args.top, args.max_examples, args.max_resp_len, args.diff_mode, args.temperature, args.batch_size)
+    out = check_output_file("--out", args.out, creates_folder=True)
+    refuse_overwriting_inputs([("--out", out)], {"--data": input_files(data_path)})
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise PactError(f"--out {out}: {folder} is a file, so no folder can be created there")
+    if not os.access(folder, os.W_OK):
+        raise PactError(f"--out {out}: the folder {folder} is not writable")
+    return out
+
+
+def _usable_rows(args: argparse.Namespace, data_path: str, aligned: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase) -> list:
+    """Read and encode the data with the tokenizers alone, so a bad row stops the command before any model loads."""
+    conversations, report = load_conversations(data_path, skip_invalid=args.skip_invalid, limit=args.max_examples)
+    kept, _, errors = encode_refusals(aligned, base, conversations, args.max_resp_len, args.skip_invalid, source=data_path)
+    skipped = report.errors + errors
+    if not kept:
+        raise DataError(f"{data_path}: no row could be encoded ({len(skipped)} invalid, first: {skipped[0]})")
+    if skipped:
+        print(f"skipped {len(skipped)} invalid row(s) of {data_path}; first: {skipped[0]}")
+    return kept
+
+
 def run(args: argparse.Namespace) -> int:
-    """Compute the safety tokens from the command-line arguments and write them to `--out`."""
+    """Compute the safety tokens from the command-line arguments and write them to `--out`.
+
+    Everything that can be checked without a model is checked first: the
+    flags, `--out`, the tokenizers and every data row.
+    """
     if not args.out:
         args.parser.error("--out FILE.json is required (or use: pact safety-tokens show FILE)")
-    started = time.perf_counter()
     data_path = args.data or str(demo_data_path("refusals"))
-    conversations, report = load_conversations(data_path, skip_invalid=args.skip_invalid, limit=args.max_examples)
-    if report.skipped:
-        print(f"skipped {report.skipped} invalid row(s) of {data_path}; first: {report.errors[0]}")
-    aligned = load_model(args.aligned, device=args.device, dtype=args.dtype)
+    out = _check_inputs_and_out(args, data_path)
+    started = time.perf_counter()
     same = args.base is None or args.base == args.aligned
+    aligned_tokenizer = load_tokenizer(args.aligned)
+    base_tokenizer = aligned_tokenizer if same else load_tokenizer(args.base)
+    check_same_tokenizer(aligned_tokenizer, base_tokenizer, args.aligned or EMBEDDED_MODEL, args.base)
+    conversations = _usable_rows(args, data_path, aligned_tokenizer, base_tokenizer)
+    aligned = load_model(args.aligned, device=args.device, dtype=args.dtype)
     base = aligned if same else load_model(args.base, device=args.device, dtype=args.dtype)
     tokens = compute_safety_tokens(
         aligned,
@@ -94,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         data_path=data_path,
     )
-    path = tokens.save(args.out)
+    path = tokens.save(out)
     positive = sum(w > 0 for w in tokens.weights)
     print(
         f"{len(tokens)} safety tokens ({positive} with positive weight) from "
