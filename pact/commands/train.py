@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from pact.errors import InvalidSetting
 from pact.objective import PactConfig
 
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every constant of the objective (DESIGN.md 1.2), with the paper's defaults."""
+    """Flags for every constant of the objective (docs/objective.md section 2), with the paper's defaults."""
     d = PactConfig()
-    group = parser.add_argument_group("objective (DESIGN.md section 1.2)")
+    group = parser.add_argument_group("objective (docs/objective.md section 2)")
     group.add_argument("--lambda", dest="lam", type=float, default=d.lam, help=f"weight of the safety-token KL; 0 is plain SFT (default {d.lam})")
     group.add_argument("--temperature", type=float, default=d.temperature, help=f"KL temperature T (default {d.temperature})")
     group.add_argument("--p0", type=float, default=d.p0, help=f"top-p mass of the gate's count (default {d.p0}; baked into the cache)")
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
                              "takes batch-size x grad-accum x N rows, the same global batch one process with batch-size x N takes")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default 3e-5)")
-    parser.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "constant", "constant_with_warmup"], help="learning-rate schedule (default linear)")
+    parser.add_argument("--scheduler", default="linear", help="learning-rate schedule: linear (default), cosine, constant or constant_with_warmup")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
@@ -64,14 +65,36 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto; under torchrun each process uses cuda:LOCAL_RANK)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_objective_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, flags=flags_by_field(parser))
+
+
+def flags_by_field(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (the `TrainConfig`/`PactConfig` field it fills) mapped to its long flag, e.g. lam -> --lambda."""
+    return {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run training and print where the outputs are."""
-    from pact.train import TrainConfig, train
+    from pact.train import train
 
-    config = TrainConfig(
+    try:
+        result = train(_config_from_args(args))
+    except InvalidSetting as err:
+        flag = args.flags.get(err.field)
+        if flag is None:
+            raise
+        raise InvalidSetting(err.field, f"{flag}: {err}") from err
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f} "
+          f"(ce {last.get('ce', float('nan')):.4f}, kl {last.get('kl', float('nan')):.4f}); outputs in {result.out}")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace):
+    """The `TrainConfig` the flags describe (constructing it checks every value)."""
+    from pact.train import TrainConfig
+
+    return TrainConfig(
         cache=args.cache, out=args.out, model=args.model, full=args.full, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -80,8 +103,3 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16, save_steps=args.save_steps, resume=args.resume, force=args.force, device=args.device,
         objective=objective_from_args(args), progress=not args.no_progress,
     )
-    result = train(config)
-    last = result.metrics[-1] if result.metrics else {}
-    print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f} "
-          f"(ce {last.get('ce', float('nan')):.4f}, kl {last.get('kl', float('nan')):.4f}); outputs in {result.out}")
-    return 0

@@ -1,0 +1,332 @@
+"""Hostile inputs to `pact train`: see tests/hostile.py. Beyond the table: a non-finite loss or gradient, a read-only
+or full disk at every write, and kill -9 at several moments followed by `--resume`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_tiny_model
+from hostile import Case, check_case
+from pact.cache_tools.manifest import save_manifest, set_totals
+from pact.cli import main as pact_main
+from test_cache_support import single_thread, subprocess_env
+
+FAMILY = "pact train"
+
+QUICK = {"--device": "cpu", "--batch-size": "4", "--max-steps": "1"}
+RUN = {**QUICK, "--lr": "1e-3"}  # what the fixture's `run` was trained with (tests/hostile.py)
+
+
+def _flags(defaults: dict[str, str], extra: tuple[str, ...]) -> list[str]:
+    """`defaults` as flags, less those `extra` sets (and --max-steps when it sets --epochs), then `--no-progress` and `extra`."""
+    skip = set(extra) | ({"--max-steps"} if "--epochs" in extra else set())
+    return [item for flag, value in defaults.items() if flag not in skip for item in (flag, value)] + ["--no-progress", *extra]
+
+
+def _train(*extra: str, out: str = "out", cache: str | None = None):
+    """argv of a quick `pact train` on the world's cache (or the world folder `cache`) into `out`, plus `extra` flags."""
+    return lambda w: ["train", "--cache", str(w.path(cache) if cache else w.cache), "--out", str(w.path(out)), *_flags(QUICK, extra)]
+
+
+def _resume(*extra: str, cache: str | None = None):
+    """argv resuming the world's one-step `run` with its own settings, changed by `extra` (on the world folder `cache`)."""
+    return lambda w: ["train", "--cache", str(w.path(cache) if cache else w.cache), "--out", str(w.run), "--resume",
+                      *_flags(RUN, extra)]
+
+
+def _edit_manifest(w, name: str, edit) -> None:
+    """Copy the world's cache to `name` and apply `edit` to the copy's manifest dict, saved as pact-cache saves it."""
+    shutil.copytree(w.cache, w.path(name))
+    manifest = json.loads((w.path(name) / "manifest.json").read_text())
+    edit(manifest)
+    save_manifest(w.path(name), manifest)
+
+
+def _drop_last_shard(manifest: dict) -> None:
+    """A smaller but valid cache: the manifest forgets its last shard."""
+    manifest["shards"].pop()
+    set_totals(manifest)
+
+
+def _truncate(w, relative: str, keep: int = 100) -> None:
+    """Cut the world file `relative` down to its first `keep` bytes."""
+    path = w.path(relative)
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _invalid(name: str, flag_and_value: tuple[str, ...], message: str) -> Case:
+    """A flag value the run cannot use: exit 2 before anything is written, naming the flag and the field."""
+    return Case(name, f"`{' '.join(flag_and_value)}`", "pact", _train(*flag_and_value), 2, message)
+
+
+def _changed_on_resume(name: str, extra: tuple[str, ...], message: str) -> Case:
+    """`--resume` of the world's run with a setting that changes the result: refused, naming it with old and new value."""
+    return Case(name, f"`--resume` with `{' '.join(extra)}` (the run used other values)", "pact", _resume(*extra), 2, message)
+
+
+CASES = [
+    _invalid("lr-negative", ("--lr", "-1"), "--lr: lr must be a finite number > 0, got -1.0"),
+    _invalid("lr-nan", ("--lr", "nan"), "--lr: lr must be a finite number > 0, got nan"),
+    _invalid("lr-inf", ("--lr", "inf"), "--lr: lr must be a finite number > 0, got inf"),
+    _invalid("batch-size-zero", ("--batch-size", "0"), "--batch-size: batch_size must be an integer >= 1, got 0"),
+    _invalid("grad-accum-zero", ("--grad-accum", "0"), "--grad-accum: grad_accum must be an integer >= 1, got 0"),
+    _invalid("lora-r-zero", ("--lora-r", "0"), "--lora-r: lora_r must be an integer >= 1, got 0"),
+    _invalid("lora-alpha-zero", ("--lora-alpha", "0"), "--lora-alpha: lora_alpha must be a finite number > 0, got 0"),
+    _invalid("lora-dropout-one", ("--lora-dropout", "1"), "--lora-dropout: lora_dropout must be a finite number >= 0 and < 1"),
+    _invalid("lora-dropout-negative", ("--lora-dropout", "-0.1"), "--lora-dropout: lora_dropout must be a finite number >= 0"),
+    _invalid("lora-targets-unknown", ("--lora-targets", "q_proj,qkv"),
+             "--lora-targets: lora_targets names no module of the model: 'qkv' (modules LoRA can adapt there: down_proj, embed_tokens"),
+    _invalid("lora-targets-empty", ("--lora-targets", ","), "--lora-targets: lora_targets must name at least one module"),
+    _invalid("temperature-zero", ("--temperature", "0"), "--temperature: temperature must be a finite number > 0, got 0.0"),
+    _invalid("temperature-negative", ("--temperature", "-2"), "--temperature: temperature must be a finite number > 0"),
+    _invalid("temperature-nan", ("--temperature", "nan"), "--temperature: temperature must be a finite number > 0, got nan"),
+    _invalid("epochs-zero", ("--epochs", "0"), "--epochs: epochs must be an integer >= 1, got 0"),
+    _invalid("max-steps-zero", ("--max-steps", "0"), "--max-steps: max_steps must be an integer >= 1, got 0"),
+    _invalid("lambda-nan", ("--lambda", "nan"), "--lambda: lam must be a finite number >= 0, got nan"),
+    _invalid("lambda-negative", ("--lambda", "-1"), "--lambda: lam must be a finite number >= 0, got -1.0"),
+    _invalid("warmup-steps-negative", ("--warmup-steps", "-1"), "--warmup-steps: warmup_steps must be an integer >= 0, got -1"),
+    _invalid("weight-decay-negative", ("--weight-decay", "-0.1"), "--weight-decay: weight_decay must be a finite number >= 0"),
+    _invalid("max-grad-norm-zero", ("--max-grad-norm", "0"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got 0.0"),
+    _invalid("max-grad-norm-nan", ("--max-grad-norm", "nan"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got nan"),
+    _invalid("save-steps-negative", ("--save-steps", "-1"), "--save-steps: save_steps must be an integer >= 0, got -1"),
+    _invalid("seed-negative", ("--seed", "-1"), "--seed: seed must be an integer >= 0 and <= 4294967295, got -1"),
+    _invalid("scheduler-unknown", ("--scheduler", "cosine_restarts"),
+             "--scheduler: scheduler must be one of linear, cosine, constant, constant_with_warmup, got 'cosine_restarts'"),
+    _invalid("device-unknown", ("--device", "gpu0"), "--device: device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
+    _invalid("alpha-zero", ("--alpha", "0"), "--alpha: alpha must be a finite number > 0, got 0.0"),
+    _invalid("alpha-nan", ("--alpha", "nan"), "--alpha: alpha must be a finite number > 0, got nan"),
+    _invalid("gate-offset-nan", ("--gate-offset", "nan"), "--gate-offset: b must be a finite number, got nan"),
+    _invalid("tau-zero", ("--tau", "0"), "--tau: tau must be a finite number > 0, got 0.0"),
+    _invalid("free-steps-negative", ("--free-steps", "-1"), "--free-steps: n_free must be an integer >= 0, got -1"),
+    _invalid("boost-negative", ("--boost", "-1"), "--boost: boost must be a finite number >= 0, got -1.0"),
+    _invalid("boost-inf", ("--boost", "inf"), "--boost: boost must be a finite number >= 0, got inf"),
+    _invalid("p0-above-one", ("--p0", "1.5"), "--p0: p0 must be a finite number > 0 and <= 1, got 1.5"),
+    _invalid("gate-temperature-zero", ("--gate-temperature", "0"), "--gate-temperature: gate_temperature must be a finite number > 0"),
+    Case("cache-missing", "`--cache` that does not exist", "pact",
+         _train(cache="nowhere"), 2,
+         "nowhere is not a pact cache"),
+    Case("cache-not-a-cache", "`--cache` a folder that is not a cache", "pact",
+         _train(cache="plain"), 2,
+         "plain is not a pact cache",
+         prepare=lambda w: w.write("plain/notes.txt", "not a cache")),
+    Case("cache-incomplete", "`--cache` whose build did not finish", "pact",
+         _train(cache="partial"), 2,
+         "partial: the build is incomplete",
+         prepare=lambda w: _edit_manifest(w, "partial", lambda m: m.update(complete=False))),
+    Case("cache-truncated-shard", "a cache shard cut short", "pact",
+         _train(out="out"), 2, "shard-00000.arrow: 100 bytes, the manifest says",
+         prepare=lambda w: _truncate(w, "cache/shard-00000.arrow"), may_change=("out",)),
+    Case("out-is-a-file", "`--out` an existing file", "pact", _train(out="taken.txt"), 2,
+         "taken.txt is a file, not a directory", prepare=lambda w: w.write("taken.txt", "keep me")),
+    Case("out-inside-a-file", "`--out` below an existing file", "pact", _train(out="taken.txt/run"), 2,
+         "cannot create the output directory", prepare=lambda w: w.write("taken.txt", "keep me")),
+    Case("out-not-empty", "`--out` holding other files, no `--resume`", "pact", _train(out="busy"), 2,
+         "busy is not empty; pass --resume", prepare=lambda w: w.write("busy/keep.txt", "keep me")),
+    Case("resume-foreign-folder", "`--resume` into a folder of other files, with no checkpoint", "pact",
+         lambda w: [*_train(out="busy")(w), "--resume"], 2, "busy holds no checkpoint to resume from and is not a pact train run",
+         prepare=lambda w: w.write("busy/keep.txt", "keep me")),
+    _changed_on_resume("resume-changed-lr", ("--lr", "2e-3"), "lr 0.001 -> 0.002"),
+    _changed_on_resume("resume-changed-batch-size", ("--batch-size", "2"), "batch_size 4 -> 2"),
+    _changed_on_resume("resume-changed-grad-accum", ("--grad-accum", "2"), "grad_accum 1 -> 2"),
+    _changed_on_resume("resume-changed-scheduler-and-warmup", ("--scheduler", "cosine", "--warmup-steps", "1"),
+                       "scheduler 'linear' -> 'cosine'; warmup_steps 0 -> 1"),
+    _changed_on_resume("resume-changed-seed", ("--seed", "7"), "seed 42 -> 7"),
+    _changed_on_resume("resume-changed-lora", ("--lora-r", "4", "--lora-targets", "q_proj"),
+                       "lora_r 8 -> 4; lora_targets ['q_proj', 'v_proj'] -> ['q_proj']"),
+    _changed_on_resume("resume-changed-full", ("--full",), "full False -> True"),
+    _changed_on_resume("resume-changed-lambda", ("--lambda", "2"), "objective.lam 1.0 -> 2.0"),
+    _changed_on_resume("resume-changed-max-steps", ("--max-steps", "3"), "total_steps 1 -> 3"),
+    Case("resume-other-cache", "`--resume` on another cache (a shard fewer)", "pact", _resume(cache="smaller"), 2,
+         "cache_identity 'sha256:", prepare=lambda w: _edit_manifest(w, "smaller", _drop_last_shard)),
+    Case("resume-other-model", "`--resume` with another `--model` (and `--force`)", "pact",
+         lambda w: [*_resume("--force")(w), "--model", str(w.path("other-model"))], 2, "model_fingerprint 'sha256:",
+         prepare=lambda w: make_tiny_model(w.path("other-model"), seed=7)),
+    Case("resume-torn-state", "`--resume` from a checkpoint whose trainer_state.json is torn", "pact", _resume(), 2,
+         "trainer_state.json: cannot read the checkpoint state",
+         prepare=lambda w: _truncate(w, "run/checkpoint-1/trainer_state.json", keep=5)),
+    Case("resume-truncated-optimizer", "`--resume` from a checkpoint whose optimizer.pt is truncated", "pact", _resume(), 2,
+         "checkpoint-1: cannot resume from this checkpoint", prepare=lambda w: _truncate(w, "run/checkpoint-1/optimizer.pt")),
+    Case("resume-no-config", "`--resume` of a run folder whose config.json is gone", "pact", _resume(), 2,
+         "config.json: cannot read the run's recorded settings", prepare=lambda w: (w.run / "config.json").unlink()),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_train_input(case, world, capsys):
+    check_case(case, world, capsys)
+
+
+def _fail_call(monkeypatch, owner, name: str, failing_call: int, make_failure) -> None:
+    """Replace `owner.name` by a wrapper whose call number `failing_call` (from 1) returns `make_failure(args, real)`."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        return make_failure(args, real) if calls["n"] == failing_call else real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def _nan_loss(args, real):
+    """The real loss of the batch, times NaN (as a pathological cache row would make it)."""
+    result = real(*args)
+    result.loss = result.loss * float("nan")
+    return result
+
+
+def _disk_full(path) -> OSError:
+    """The error a full disk raises when writing `path`."""
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _half_written(target):
+    """A failure like a full disk while writing `target`: a torn file left behind, then ENOSPC."""
+    target = pathlib.Path(target)
+    target.write_bytes(b"torn")
+    raise _disk_full(target)
+
+
+def _steps_logged(out) -> int:
+    """How many steps `out/metrics.jsonl` holds."""
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_update(poison, world, capsys, monkeypatch):
+    """Step 2 of 3 goes non-finite: exit 1 naming the step, no adapter written, checkpoint-1 intact; resuming from it
+    without the fault finishes the run."""
+    import pact.train
+
+    if poison == "loss":
+        _fail_call(monkeypatch, pact.train, "cached_pact_loss", 2, _nan_loss)
+        message = "step 2: the loss is nan"
+    else:
+        _fail_call(monkeypatch, torch.nn.utils, "clip_grad_norm_", 2, lambda args, real: real(*args) * float("inf"))
+        message = "and the gradient norm inf, not finite"
+    argv = _train("--save-steps", "1", "--max-steps", "3")
+    err = check_case(Case(f"nan-{poison}", "", "pact", argv, 1, message, may_change=("out",)), world, capsys)
+    assert "the last checkpoint, checkpoint-1, is intact" in err
+    out = world.path("out")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
+    assert _steps_logged(out) == 1
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "model" / "adapter_model.safetensors").values())
+    monkeypatch.undo()
+    assert pact_main([*argv(world), "--resume"]) == 0
+    assert _steps_logged(out) == 3 and (out / "adapter_model.safetensors").exists()
+
+
+def test_a_read_only_parent_of_out_is_named(world, capsys, monkeypatch):
+    """Creating `--out` inside a folder the user may not write to (simulated: the tests run as root) is refused by path."""
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.is_relative_to(world.path("locked")) and self != world.path("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    case = Case("out-read-only", "", "pact", _train(out="locked/run"), 2,
+                "cannot create the output directory", prepare=lambda w: w.write("locked/keep.txt", "keep me"))
+    err = check_case(case, world, capsys)
+    assert f"{world.path('locked/run')} (--out): Permission denied (EACCES)" in err
+
+
+def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_and_checkpoint_intact(world, capsys, monkeypatch):
+    """Resuming the finished run fails to write its adapter (ENOSPC after a torn file): exit 2 naming the folder, the
+    adapter and checkpoint already there keep their bytes, no staging folder is left; with space back it completes."""
+    import pact.train
+
+    adapter = world.run / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    monkeypatch.setattr(pact.train, "_save_weights", lambda model, directory, full, tokenizer:
+                        _half_written(directory / "adapter_model.safetensors"))
+    case = Case("final-save-disk-full", "", "pact", _resume(), 2,
+                f"cannot write the trained adapter to {world.run}: No space left on device (ENOSPC); nothing was replaced",
+                may_change=("run/config.json", "run/metrics.jsonl"))
+    check_case(case, world, capsys)
+    assert not (world.run / ".final.tmp").exists()
+    monkeypatch.undo()
+    assert pact_main(_resume()(world)) == 0
+    assert adapter.read_bytes() == before
+
+
+def test_a_full_disk_while_writing_a_checkpoint_leaves_no_half_checkpoint(world, capsys, monkeypatch):
+    """The second checkpoint's optimizer state hits ENOSPC: exit 2 naming it, no checkpoint-2 (complete or not) that
+    --resume could pick up, checkpoint-1 intact; resuming from it finishes the run."""
+    _fail_call(monkeypatch, torch, "save", 2, lambda args, real: _half_written(args[1]))
+    argv = _train("--save-steps", "1", "--max-steps", "3")
+    out = world.path("out")
+    check_case(Case("checkpoint-disk-full", "", "pact", argv, 2,
+                    f"cannot write checkpoint {out / 'checkpoint-2'}: No space left on device (ENOSPC)", may_change=("out",)),
+               world, capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
+    monkeypatch.undo()
+    assert pact_main([*argv(world), "--resume"]) == 0
+    assert _steps_logged(out) == 3 and (out / "checkpoint-3").is_dir()
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(world):
+    """Checkpoint frequency, progress bar, gradient checkpointing and the cache's path may change between a run and
+    its resumption: the finished run resumes (and rewrites its outputs) without complaint."""
+    shutil.copytree(world.cache, world.path("moved-cache"))
+    argv = _resume("--save-steps", "5", "--gradient-checkpointing", cache="moved-cache")(world)
+    argv.remove("--no-progress")
+    assert pact_main(argv) == 0
+    assert json.loads((world.run / "config.json").read_text())["cache"] == str(world.path("moved-cache"))
+
+
+def _kill_run_when(argv: list[str], out, moment, cwd, log) -> None:
+    """Start `pact train argv` in a subprocess, wait until `moment(out)` holds, then kill -9 it (which must still be running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pact.cli", *argv], cwd=cwd, env=subprocess_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not moment(out) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the run ended before the kill (exit {proc.returncode}); see {log.name}"
+
+
+KILL_MOMENTS = {
+    "after checkpoint-2 appears": lambda out: (out / "checkpoint-2").is_dir(),
+    "while checkpoint-4 is written": lambda out: (out / ".checkpoint-4.tmp").exists() or (out / "checkpoint-4").exists(),
+    "during the final save": lambda out: (out / ".final.tmp").exists() or (out / "adapter_model.safetensors").exists(),
+}
+
+
+def test_kill_9_at_several_moments_then_resume_equals_an_uninterrupted_run(world, tmp_path):
+    """`pact train` killed -9 after a checkpoint, in the middle of writing one and during the final save, each time
+    resumed with `--resume`, ends with the metrics and adapter of a run never interrupted (all on one thread)."""
+    def argv(out):
+        return ["train", "--cache", str(world.cache), "--out", str(out), "--max-steps", "6", "--save-steps", "1",
+                "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--no-progress", "--resume"]
+
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    with single_thread():
+        assert pact_main(argv(reference)) == 0
+    with open(tmp_path / "killed.log", "w") as log:
+        for moment in KILL_MOMENTS.values():
+            _kill_run_when(argv(out), out, moment, world.root, log)
+    with single_thread():
+        assert pact_main(argv(out)) == 0
+    want = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    for w, g in zip(want, got):
+        assert {k: g[k] for k in w if k != "seconds"} == pytest.approx({k: w[k] for k in w if k != "seconds"}, rel=1e-6, abs=1e-9)
+    want_weights, got_weights = (load_file(run / "adapter_model.safetensors") for run in (reference, out))
+    assert want_weights.keys() == got_weights.keys()
+    for name in want_weights:
+        torch.testing.assert_close(got_weights[name], want_weights[name], rtol=0, atol=1e-6)
