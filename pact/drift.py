@@ -4,15 +4,21 @@ from the reference, measured as the PACT KL term over a cache's tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pact.errors import PactError
 from pact.loss import student_outputs
 from pact.objective import PactConfig, pact_kl
 from pact.targets import examples_from_cache_rows, targets_from_cache_rows
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -30,16 +36,122 @@ class DriftResult:
                 "tokens_by_position": self.tokens_by_position}
 
 
+def full_model_weights(folder: Path) -> list[Path]:
+    """The weight files of a full Hugging Face model in `folder` (model*.safetensors, pytorch_model*.bin), not an adapter's."""
+    return sorted(p for pattern in ("model*.safetensors", "pytorch_model*.bin") for p in folder.glob(pattern) if p.is_file())
+
+
+def _adapter_config_problem(config_file: Path) -> str | None:
+    """What is wrong with an adapter's adapter_config.json (not a JSON object, no known `peft_type`), or None."""
+    from peft import PeftType
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"not valid JSON ({err})"
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    if config.get("peft_type") not in {t.value for t in PeftType}:
+        return f"field 'peft_type' is {config.get('peft_type')!r}, expected the name of a PEFT method such as 'LORA'"
+    return None
+
+
+def check_adapter_dir(adapter: str | Path) -> list[Path]:
+    """Refuse an adapter folder peft cannot load from disk, without touching the network; returns the files it reads.
+
+    Without this, peft takes a folder missing a file for a hub id and tries
+    the hub. A full fine-tuned model folder (model weights, no
+    adapter_config.json) is pointed to `--model`.
+    """
+    folder = Path(adapter).expanduser()
+    if not folder.exists():
+        raise PactError(f"--adapter {adapter}: no such directory")
+    if not folder.is_dir():
+        raise PactError(f"--adapter {adapter}: a file, not an adapter directory (one holding {ADAPTER_CONFIG} and "
+                        f"{ADAPTER_WEIGHTS[0]}, e.g. a `pact train --out` directory)")
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        model_weights = full_model_weights(folder)
+        if model_weights:
+            raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} but {model_weights[0].name}, so this "
+                            "folder holds a full model (e.g. `pact train --full`), not a PEFT adapter; pass it as --model instead")
+        raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} in this folder, so it is not a PEFT adapter")
+    problem = _adapter_config_problem(config_file)
+    if problem:
+        raise PactError(f"{config_file}: {problem}; this adapter folder (--adapter {adapter}) cannot be loaded")
+    weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise PactError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS[0]} (or {ADAPTER_WEIGHTS[1]}) in this folder; "
+                        "the adapter's weights are missing")
+    return [config_file, *weights]
+
+
+def _first_reason(err: Exception) -> str:
+    """The telling line of a loading error: the first size mismatch torch reports, else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0])
+
+
+def _apply_adapter(loaded, adapter: str) -> None:
+    """Put the PEFT adapter folder `adapter` on `loaded.model`; unreadable weights, or an adapter made for another
+    model, are a `PactError`."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(Path(adapter).expanduser())).eval()
+    except SafetensorError as err:
+        raise PactError(f"--adapter {adapter}: {ADAPTER_WEIGHTS[0]} is not a readable safetensors file ({err}); "
+                        "save the adapter again") from err
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        raise PactError(f"--adapter {adapter} cannot be applied to --model {loaded.source}: {_first_reason(err)} "
+                        "(an adapter fits only the base model it was trained on: pass that one as --model)") from err
+
+
 def load_student(model_source: str, adapter: str | None = None, device: str = "auto"):
-    """Load a model (float32) and optionally apply a PEFT adapter directory on top."""
+    """Load a model (float32) and optionally apply a PEFT adapter directory on top (checked first: see `check_adapter_dir`)."""
     from pact.models import load_model
 
+    if adapter:
+        check_adapter_dir(adapter)
     loaded = load_model(model_source, device=device, dtype="float32")
     if adapter:
-        from peft import PeftModel
-
-        loaded.model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+        _apply_adapter(loaded, adapter)
     return loaded
+
+
+def check_cache_files(reader) -> list[Path]:
+    """Refuse a cache whose manifest or shard files are missing or of the wrong size, before any model is loaded.
+
+    A cheap pre-flight (sizes only; contents are checked against their sha256
+    as each shard is read). Returns the cache's files. A damaged cache is a
+    `CacheError` (exit 2: an unusable input) naming the shard.
+    """
+    from pact.cache_tools.errors import CacheError
+    from pact.cache_tools.writer import MANIFEST_NAME
+
+    files = [reader.directory / MANIFEST_NAME]
+    for entry in reader.shards:
+        path = reader.directory / entry["file"]
+        if not path.is_file():
+            raise CacheError(f"{entry['file']}: missing from the cache {reader.directory}; rebuild the cache")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CacheError(f"{entry['file']}: {size} bytes, the manifest of {reader.directory} says {entry['bytes']} "
+                             f"(truncated or replaced?); check it with `pact-cache verify {reader.directory}`")
+        files.append(path)
+    return files
+
+
+def check_tokenizer(manifest: dict, tokenizer_fingerprint: str, model_source: str, cache: str | Path) -> None:
+    """Refuse a model whose tokenizer differs from the one the cache was built with (its token ids mean other tokens)."""
+    expected = manifest.get("fingerprints", {}).get("tokenizer")
+    if expected is not None and tokenizer_fingerprint != expected:
+        raise PactError(f"--model {model_source}: its tokenizer differs from the one the cache {cache} was built with "
+                        f"(by {manifest.get('model_source')!r}; {tokenizer_fingerprint[:19]}... vs {expected[:19]}...); "
+                        "drift compares token ids, so measure a model sharing the cache's tokenizer")
 
 
 @torch.no_grad()

@@ -16,9 +16,8 @@ usually a `pact train --out` directory, but any directory works.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,14 @@ from pact.errors import PactError
 
 EVAL_FILE = "eval.json"
 MEASUREMENTS = ("refusal", "over_refusal", "task", "drift")
+HEADLINES = {"refusal": "refusal_rate", "over_refusal": "refusal_rate", "task": "accuracy", "drift": "kl_mean"}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` through a temporary file and a rename, so a crash never leaves a torn file."""
+    from pact.cache_tools.writer import atomic_write
+
+    atomic_write(path, data)
 
 
 def save_measurement(run_dir: str | Path, key: str, result: dict) -> Path:
@@ -42,25 +49,40 @@ def save_measurement(run_dir: str | Path, key: str, result: dict) -> Path:
     path = run_dir / EVAL_FILE
     merged = load_measurements(run_dir) if path.exists() else {}
     merged[key] = result
-    handle, staging = tempfile.mkstemp(prefix=f".{EVAL_FILE}.", dir=run_dir)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(merged, out, indent=2)
-    os.replace(staging, path)
+    _write_atomically(path, (json.dumps(merged, indent=2) + "\n").encode())
     return path
 
 
+def _check_measurements(path: Path, data: object) -> dict:
+    """Refuse an eval.json whose content `pact report` cannot read: not an object, a measurement that is not an
+    object, or a headline number (`HEADLINES`) that is not a number. Other keys and fields are left alone."""
+    if not isinstance(data, dict):
+        raise PactError(f"{path}: expected a JSON object with keys among {MEASUREMENTS}, got {type(data).__name__}")
+    for key, field in HEADLINES.items():
+        entry = data.get(key)
+        if key in data and not isinstance(entry, dict):
+            raise PactError(f"{path}: '{key}' must be a JSON object (a measurement), got {type(entry).__name__}")
+        value = entry.get(field) if isinstance(entry, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PactError(f"{path}: field '{key}.{field}' must be a number, got {type(value).__name__} {value!r}")
+    return data
+
+
 def load_measurements(run_dir: str | Path) -> dict:
-    """The `eval.json` object of a run directory; a `PactError` names the directory if it is missing or invalid."""
-    path = Path(run_dir).expanduser() / EVAL_FILE
+    """The `eval.json` object of a run directory; a `PactError` names the directory or file if it is missing or invalid."""
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / EVAL_FILE
+    if not run_dir.is_dir():
+        raise PactError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise PactError(f"{run_dir}: no {EVAL_FILE}; write one with `pact eval refusal|task|drift ... --save-to {run_dir}`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise PactError(f"{path}: not UTF-8 text (byte {err.start}); an {EVAL_FILE} is JSON written by `pact eval`") from err
     except json.JSONDecodeError as err:
         raise PactError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-    if not isinstance(data, dict):
-        raise PactError(f"{path}: expected a JSON object with keys among {MEASUREMENTS}")
-    return data
+    return _check_measurements(path, data)
 
 
 @dataclass
@@ -77,13 +99,8 @@ class RunSummary:
 def summarize_run(run_dir: str | Path, name: str) -> RunSummary:
     """Read a run's headline numbers from its `eval.json`."""
     data = load_measurements(run_dir)
-
-    def value(key: str, field: str) -> float | None:
-        entry = data.get(key)
-        return entry.get(field) if isinstance(entry, dict) else None
-
-    return RunSummary(name, value("refusal", "refusal_rate"), value("over_refusal", "refusal_rate"),
-                      value("task", "accuracy"), value("drift", "kl_mean"))
+    value = {key: data.get(key, {}).get(field) for key, field in HEADLINES.items()}
+    return RunSummary(name, value["refusal"], value["over_refusal"], value["task"], value["drift"])
 
 
 def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -137,20 +154,28 @@ def plot_runs(runs: Sequence[RunSummary], path: str | Path) -> Path:
         else:
             ax.set_ylim(0, 1.1)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    path = Path(path)
+    _write_atomically(path, image.getvalue())
     return path
 
 
+def report_paths(prefix: str | Path) -> tuple[Path, Path]:
+    """The two files a report with output prefix `prefix` writes: `PREFIX.md` and `PREFIX.png`."""
+    prefix = Path(prefix).expanduser()
+    return prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".png")
+
+
 def write_report(run_dirs: Sequence[str | Path], prefix: str | Path) -> tuple[str, Path, Path]:
-    """Summarise runs into `PREFIX.md` (the table) and `PREFIX.png` (the figure); returns (table, md path, png path)."""
+    """Summarise runs into `PREFIX.md` (the table) and `PREFIX.png` (the figure), each written atomically;
+    returns (table, md path, png path)."""
     if not run_dirs:
         raise PactError("no run directories given")
     runs = [summarize_run(d, name) for d, name in zip(run_dirs, run_names(run_dirs))]
     table = markdown_table(runs)
-    prefix = Path(prefix).expanduser()
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    markdown = prefix.with_name(prefix.name + ".md")
-    markdown.write_text(table + "\n", encoding="utf-8")
-    return table, markdown, plot_runs(runs, prefix.with_name(prefix.name + ".png"))
+    markdown, figure = report_paths(prefix)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(markdown, (table + "\n").encode())
+    return table, markdown, plot_runs(runs, figure)

@@ -28,16 +28,18 @@ from pact.generation import score_responses
 MAX_LABELS = 20
 
 
-def label_set(conversations: Sequence[Conversation]) -> list[str]:
-    """The sorted distinct answers of classification data; refuses free-text data (more than `MAX_LABELS` answers)."""
+def label_set(conversations: Sequence[Conversation], source: str | None = None) -> list[str]:
+    """The sorted distinct answers of classification data; refuses free-text data (more than `MAX_LABELS` answers)
+    and data with a single answer. `source` (the data file) starts the error messages."""
     labels = sorted({c.response.strip() for c in conversations})
+    where = f"{source}: " if source else ""
     if len(labels) > MAX_LABELS:
         raise DataError(
-            f"the data has {len(labels)} distinct answers (more than {MAX_LABELS}), so it is not classification data "
-            f"with a few labels; examples: {labels[:5]}"
+            f"{where}the data has {len(labels)} distinct answers (more than {MAX_LABELS}), so it is not classification "
+            f"data with a few labels; examples: {labels[:5]}"
         )
     if len(labels) < 2:
-        raise DataError(f"the data has a single distinct answer {labels!r}; accuracy needs at least two labels "
+        raise DataError(f"{where}the data has a single distinct answer {labels!r}; accuracy needs at least two labels "
                         "(use more rows, e.g. a larger --limit)")
     return labels
 
@@ -98,8 +100,10 @@ def evaluate_task(
     conversations: Sequence[Conversation],
     batch_size: int = 8,
     progress: bool = True,
+    labels: Sequence[str] | None = None,
 ) -> TaskResult:
-    """Predict a label for every row and compare with its answer; the label set comes from the rows themselves."""
-    labels = label_set(conversations)
+    """Predict a label for every row and compare with its answer; the label set is `labels` if given (as
+    `label_set` returns it), else read from the rows themselves."""
+    labels = list(labels) if labels is not None else label_set(conversations)
     predicted = predict_labels(model, tokenizer, conversations, labels, batch_size, progress)
     return TaskResult(labels, [c.response.strip() for c in conversations], predicted)

@@ -13,8 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Sequence
 
+from pact.commands.arguments import (check_model_argument, check_output_file, device_name, input_files, positive_int,
+                                     refuse_overwriting_inputs)
+from pact.errors import PactError
 from pact.models import EMBEDDED_MODEL, pad_token_id
+from pact.report import EVAL_FILE, load_measurements
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +28,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="M", default=None,
                         help=f"model to evaluate: local directory, hub id, .gguf file or {EMBEDDED_MODEL!r} (default: the embedded model)")
     parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to apply on top of --model (e.g. a `pact train --out` directory)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda (default auto)")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -30,6 +36,49 @@ def _add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"print one JSON object ({what})")
     parser.add_argument("--save-to", metavar="RUN_DIR",
                         help="also merge the JSON result into RUN_DIR/eval.json (read by `pact report`)")
+
+
+def _model_files(flag: str, model: str | None) -> dict[str, list[Path]]:
+    """Check a model argument (`check_model_argument`) and return {flag: its files} (none for a hub id or the embedded model).
+
+    A model directory's eval.json is not one of its files: `--save-to` may
+    name the model's own run folder.
+    """
+    check_model_argument(flag, model)
+    return {flag: input_files(model, skip_names=(EVAL_FILE,)) if model else []}
+
+
+def _adapter_files(adapter: str | None) -> dict[str, list[Path]]:
+    """Check `--adapter` (`pact.drift.check_adapter_dir`) and return {"--adapter": the files peft reads}, or {} without one."""
+    from pact.drift import check_adapter_dir
+
+    return {"--adapter": check_adapter_dir(adapter)} if adapter else {}
+
+
+def _save_to_output(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """[("--save-to", RUN_DIR/eval.json)], or [] without the flag; a --save-to naming a file is a `PactError`."""
+    if not args.save_to:
+        return []
+    run_dir = Path(args.save_to).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PactError(f"--save-to {args.save_to}: a file, not a run directory")
+    return [("--save-to", run_dir / EVAL_FILE)]
+
+
+def _check_outputs(args: argparse.Namespace, inputs: dict[str, list[Path]], outputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """Refuse, before any model is loaded, outputs (`outputs` and --save-to's eval.json) that would overwrite an
+    input, and an existing eval.json that the final save could not merge into."""
+    save_to = _save_to_output(args)
+    refuse_overwriting_inputs([*outputs, *save_to], inputs)
+    if save_to and save_to[0][1].exists():
+        load_measurements(save_to[0][1].parent)
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    """Write one JSON object per line to `path` atomically (a crash leaves the previous file, never a torn one)."""
+    from pact.cache_tools.writer import atomic_write
+
+    atomic_write(path, "".join(json.dumps(record) + "\n" for record in records).encode())
 
 
 def _save(args: argparse.Namespace, key: str, result: dict) -> None:
@@ -68,9 +117,9 @@ def register(subparsers) -> None:
                          help="requests, .jsonl/.json/.csv/.parquet or a save_to_disk folder; rows with 'instruction' "
                               "(optional 'input'), 'prompt', or chat 'messages'; answers, if present, are ignored")
     _add_model_arguments(refusal)
-    refusal.add_argument("--max-new-tokens", type=int, default=64, help="longest answer generated (default 64)")
-    refusal.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    refusal.add_argument("--limit", type=int, metavar="N", help="use only the first N rows of --prompts")
+    refusal.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer generated (default 64)")
+    refusal.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (default 8)")
+    refusal.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N rows of --prompts")
     refusal.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted and reported) instead of stopping")
     refusal.add_argument("--judge", metavar="M",
                          help="guard model (any chat LM, loaded like --model) asked whether each answer refused; "
@@ -93,8 +142,8 @@ def register(subparsers) -> None:
     task.add_argument("--data", required=True, metavar="FILE",
                       help="labelled rows ('instruction'/'input'/'output' or chat 'messages'), any format pact reads")
     _add_model_arguments(task)
-    task.add_argument("--batch-size", type=int, default=16, help="(row, label) sequences per forward pass (default 16)")
-    task.add_argument("--limit", type=int, metavar="N", help="use only the first N rows of --data")
+    task.add_argument("--batch-size", type=positive_int, default=16, help="(row, label) sequences per forward pass (default 16)")
+    task.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N rows of --data")
     task.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted and reported) instead of stopping")
     _add_output_arguments(task, "accuracy, n, labels, per_label, majority_accuracy")
     task.set_defaults(func=run_task)
@@ -109,20 +158,23 @@ def register(subparsers) -> None:
     drift.add_argument("--cache", required=True, help="cache directory built by `pact-cache build`")
     drift.add_argument("--model", help="model to measure (default: the cache's reference model)")
     drift.add_argument("--adapter", help="PEFT adapter directory to apply on top of --model")
-    drift.add_argument("--batch-size", type=int, default=8, help="cache rows per forward pass (default 8)")
-    drift.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    drift.add_argument("--batch-size", type=positive_int, default=8, help="cache rows per forward pass (default 8)")
+    drift.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda (default auto)")
     _add_output_arguments(drift, "kl_mean, tokens, kl_by_position, ...")
     drift.set_defaults(func=run_drift)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def run_refusal(args: argparse.Namespace) -> int:
-    """Generate, judge, print the refusal rate and write the per-prompt file."""
+    """Check the inputs and outputs, generate, judge, print the refusal rate and write the per-prompt file."""
     from pact.data import load_prompts
     from pact.drift import load_student
     from pact.judge import GuardJudge, evaluate_refusals
     from pact.models import load_model
 
+    inputs = {"--prompts": input_files(args.prompts), **_model_files("--model", args.model),
+              **_model_files("--judge", args.judge), **_adapter_files(args.adapter)}
+    _check_outputs(args, inputs, [("--out", check_output_file("--out", args.out))] if args.out else [])
     prompts, report = load_prompts(args.prompts, skip_invalid=args.skip_invalid, limit=args.limit)
     _report_skipped(report)
     loaded = load_student(args.model, args.adapter, args.device)
@@ -133,9 +185,7 @@ def run_refusal(args: argparse.Namespace) -> int:
     result = evaluate_refusals(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.batch_size, judge,
                                progress=not args.json)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            for record in result.records():
-                handle.write(json.dumps(record) + "\n")
+        _write_records(Path(args.out).expanduser(), result.records())
     summary = {**result.summary(), "benign": args.benign, "prompts": str(args.prompts), "model": loaded.source,
                "adapter": args.adapter, "max_new_tokens": args.max_new_tokens, "judge": args.judge}
     if args.json:
@@ -153,15 +203,19 @@ def run_refusal(args: argparse.Namespace) -> int:
 
 
 def run_task(args: argparse.Namespace) -> int:
-    """Score the labels, print the accuracy."""
+    """Check the inputs, the output and the label set, score the labels, print the accuracy."""
     from pact.data import load_conversations
     from pact.drift import load_student
-    from pact.task_eval import evaluate_task
+    from pact.task_eval import evaluate_task, label_set
 
+    _check_outputs(args, {"--data": input_files(args.data), **_model_files("--model", args.model),
+                          **_adapter_files(args.adapter)})
     conversations, report = load_conversations(args.data, skip_invalid=args.skip_invalid, limit=args.limit)
     _report_skipped(report)
+    labels = label_set(conversations, source=str(args.data))
     loaded = load_student(args.model, args.adapter, args.device)
-    result = evaluate_task(loaded.model, loaded.tokenizer, conversations, args.batch_size, progress=not args.json)
+    result = evaluate_task(loaded.model, loaded.tokenizer, conversations, args.batch_size, progress=not args.json,
+                           labels=labels)
     summary = {**result.to_dict(), "data": str(args.data), "model": loaded.source, "adapter": args.adapter}
     if args.json:
         print(json.dumps(summary))
@@ -175,12 +229,19 @@ def run_task(args: argparse.Namespace) -> int:
 
 
 def run_drift(args: argparse.Namespace) -> int:
-    """Measure drift and print it."""
+    """Check the cache, the model's tokenizer and the output, measure drift and print it."""
     from pact.cache_tools import CacheReader
-    from pact.drift import load_student, safety_drift
+    from pact.drift import check_cache_files, check_tokenizer, load_student, safety_drift
+    from pact.models import load_tokenizer, tokenizer_fingerprint
 
     reader = CacheReader(args.cache)
-    loaded = load_student(args.model or reader.manifest["model_source"], args.adapter, args.device)
+    model = args.model or reader.manifest.get("model_source")
+    if not model:
+        raise PactError(f"--cache {args.cache}: the manifest names no model_source; pass --model")
+    _check_outputs(args, {"--cache": check_cache_files(reader), **_adapter_files(args.adapter),
+                          **_model_files("--model" if args.model else "the cache's model_source (--model)", model)})
+    check_tokenizer(reader.manifest, tokenizer_fingerprint(load_tokenizer(model)), model, args.cache)
+    loaded = load_student(model, args.adapter, args.device)
     result = safety_drift(loaded.model, reader, pad_token_id(loaded.tokenizer), batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))

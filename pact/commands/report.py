@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -20,10 +21,21 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that are directories or name one of the runs' eval.json files, before reading anything."""
+    from pact.commands.arguments import check_output_file, refuse_overwriting_inputs
+    from pact.report import EVAL_FILE, report_paths
+
+    outputs = [("--out", check_output_file("--out", path, creates_folder=True)) for path in report_paths(args.out)]
+    refuse_overwriting_inputs(outputs, {f"the {EVAL_FILE} of RUN_DIR {run_dir}": [Path(run_dir).expanduser() / EVAL_FILE]
+                                        for run_dir in args.run_dirs})
+
+
 def run(args: argparse.Namespace) -> int:
     """Write the report and print the table."""
     from pact.report import write_report
 
+    check_outputs(args)
     table, markdown, figure = write_report(args.run_dirs, args.out)
     print(table)
     print(f"\ntable: {markdown}\nfigure: {figure}")
