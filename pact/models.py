@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pact.errors import PactError
@@ -96,7 +97,9 @@ def convert_gguf(gguf_file: Path, name: str | None = None) -> Path:
     """
     gguf_file = Path(gguf_file).resolve()
     stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # The conversion depends on transformers' GGUF reader (tokenizer special tokens among it), so a new version converts anew.
+    identity = f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}:transformers-{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = pact_home() / "models" / f"{name or gguf_file.stem}-{key}"
     if (target / "config.json").exists():
         return target

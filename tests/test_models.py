@@ -136,6 +136,16 @@ def test_gguf_file_is_converted_once_under_pact_home(tiny_gguf, tiny_model_dir, 
     assert load_model(str(loaded.path)).fingerprint == loaded.fingerprint
 
 
+def test_another_transformers_version_converts_anew(tiny_gguf, home, monkeypatch):
+    """A conversion made by one transformers version is not reused by another (its GGUF reader may differ)."""
+    from pact import models
+
+    first = models.convert_gguf(tiny_gguf)
+    monkeypatch.setattr(models.transformers, "__version__", models.transformers.__version__ + ".post-test")
+    second = models.convert_gguf(tiny_gguf)
+    assert second != first and sorted(_model_dirs(home)) == sorted([first.name, second.name])
+
+
 def test_missing_gguf_file_is_a_clear_error(tmp_path, home):
     """A `.gguf` path that does not exist is reported as such (not as a hub id)."""
     with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
