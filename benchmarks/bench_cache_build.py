@@ -41,7 +41,7 @@ from pact.objective import PactConfig
 from pact.reference import reference_targets
 from pact.safety_tokens import SafetyTokens, compute_safety_tokens
 
-TRAINING_ROWS_PER_SECOND = 2.0  # CPU training consumption measured in DESIGN.md terms (one 8-row step in ~4 s)
+TRAINING_ROWS_PER_SECOND = 2.0  # CPU training consumption (one 8-row step in about 4 s on 2 CPU cores)
 
 
 def _reference_pass(loaded, examples, safety, batch_size):

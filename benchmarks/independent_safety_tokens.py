@@ -1,4 +1,4 @@
-"""A deliberately plain, independent implementation of DESIGN.md 1.1 (safety tokens).
+"""A deliberately plain, independent implementation of docs/objective.md section 1 (safety tokens).
 
 One example at a time, full-model forward passes, float64 probabilities and
 Python loops over response steps. It shares no code with

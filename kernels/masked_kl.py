@@ -393,7 +393,7 @@ def masked_kl(
     `loss_i = T^2 * KL(q_i || softmax(student_i / T))` with
     `q_i = normalize(softmax(target_i / T) * weights)`, 0 where `mask_i` is
     false; float32 `[...]` for `[..., S]` logits. This is the KL term of the
-    PACT objective (DESIGN.md section 1.2); callers usually reduce it as
+    PACT objective (docs/objective.md section 2); callers usually reduce it as
     `loss.sum() / mask.sum()`. CUDA tensors (with Triton available) take the
     fused kernel, which never materialises float32 `[N, S]` intermediates and
     never synchronises with the host; anything else takes

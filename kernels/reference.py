@@ -57,7 +57,7 @@ def masked_kl_reference(
 
     with `0 * log 0 := 0`, so zero-weight columns enter only through the
     student's normaliser, and `loss_i = 0` where `mask_i` is false.
-    Why: this is the KL term of the PACT objective (DESIGN.md section 1.2); the
+    Why: this is the KL term of the PACT objective (docs/objective.md section 2); the
     Triton kernel computes the same thing without materialising float32 `[N, S]`
     intermediates, and is tested against this function.
 

@@ -75,7 +75,7 @@ def compute_pact_loss(
     pad_id: int,
     ce_chunk_size: int = 1024,
 ) -> PactOutput:
-    """L = CE + lambda * mean_t KL_t over the batch's response tokens (DESIGN.md 1.2)."""
+    """L = CE + lambda * mean_t KL_t over the batch's response tokens (docs/objective.md section 2)."""
     student = student_outputs(model, examples, safety_ids, pad_id, with_ce=True, ce_chunk_size=ce_chunk_size)
     device = student.safety_logits.device
     targets = targets.to(device)

@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 
 HERE = Path(__file__).resolve().parent
-FAMILY_MODULES = ("test_hostile_cache", "test_hostile_safety_tokens", "test_hostile_train", "test_hostile_eval")
+FAMILY_MODULES = ("test_hostile_cache", "test_hostile_data", "test_hostile_safety_tokens", "test_hostile_train", "test_hostile_eval")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class World:
     cases: it is hashed too); `safety`, `cache` and `data` are copies inside
     `root` of a safety-token file for the tiny model, a small float32 cache
     built with it, and a 12-row Alpaca JSONL file; `run` is a trained LoRA run
-    folder (one step) on that cache.
+    folder (one step, with its `checkpoint-1`, so `--resume` can be tried) on that cache.
     """
 
     root: Path
@@ -113,7 +113,10 @@ def check_case(case: Case, world: World, capsys) -> str:
         case.prepare(world)
     before = snapshot(world.root, world.model)
     capsys.readouterr()
-    code = _entry_point(case.program)(case.argv(world))
+    try:
+        code = _entry_point(case.program)(case.argv(world))
+    except SystemExit as exit_:  # argparse rejects a flag's value by exiting
+        code = exit_.code
     out, err = capsys.readouterr()
     assert code == case.exit_code, f"exit {code}, expected {case.exit_code}\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
     assert case.message in err, f"stderr lacks {case.message!r}:\n{err[-2000:]}"
@@ -137,7 +140,8 @@ def hostile_fixtures(tiny, tiny_model_dir, tiny_safety_file, float32_cache, tmp_
     data = base / "data.jsonl"
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     run = base / "run"
-    train(TrainConfig(cache=str(float32_cache), out=str(run), max_steps=1, batch_size=4, lr=1e-3, device="cpu", progress=False))
+    train(TrainConfig(cache=str(float32_cache), out=str(run), max_steps=1, batch_size=4, lr=1e-3, save_steps=1, device="cpu",
+                      progress=False))
     return {"model": tiny_model_dir, "safety": Path(tiny_safety_file), "cache": Path(float32_cache), "data": data, "run": run}
 
 

@@ -1,5 +1,5 @@
 """Cached PACT equals online PACT: loss and LoRA gradients, and `pact eval drift`
-equals an independent online computation of DESIGN.md 1.2."""
+equals an independent online computation of docs/objective.md section 2."""
 
 import json
 

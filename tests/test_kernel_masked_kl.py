@@ -486,7 +486,7 @@ def test_kernel_validation_errors(impl, case, match):
 
 
 def test_kernel_package_is_a_leaf():
-    """kernels/ imports nothing from pact or pact.cache_tools (DESIGN.md section 3)."""
+    """kernels/ imports nothing from pact or pact.cache_tools (the layering in the README's Layout section)."""
     import pact.kernels
 
     root = pathlib.Path(pact.kernels.__file__).parent

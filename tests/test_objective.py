@@ -1,4 +1,4 @@
-"""The objective's tensor math against an independent float64 transcription of DESIGN.md 1.2."""
+"""The objective's tensor math against an independent float64 transcription of docs/objective.md section 2."""
 
 import math
 
@@ -26,7 +26,7 @@ def _softmax(values):
 
 
 def _kl_reference(z, f, p, t, w, cfg):
-    """KL_t for one position, written term by term from DESIGN.md 1.2 in float64."""
+    """KL_t for one position, written term by term from docs/objective.md section 2 in float64."""
     size = len(z)
     i_s = _count(_softmax([v / cfg.gate_temperature for v in z]), cfg.p0) / size
     i_p = _count(_softmax([v / cfg.gate_temperature for v in p]), cfg.p0) / size
