@@ -48,10 +48,11 @@ def _worker(args) -> None:
 
     from pact.cache_tools import CacheReader
     from pact.data import assistant_header_ids
-    from pact.loss import cached_pact_loss, compute_pact_loss
+    from pact.cache_tools.batch import collate_rows
+    from pact.loss import cached_pact_loss, pact_batch_loss
     from pact.models import load_model
     from pact.objective import PactConfig
-    from pact.targets import OnlineReference, examples_from_cache_rows
+    from pact.targets import OnlineReference
 
     torch.manual_seed(0)
     reader = CacheReader(args.cache)
@@ -102,13 +103,13 @@ def _worker(args) -> None:
                 seq = torch.as_tensor(r["input_ids"], dtype=torch.long)
                 ids[i, : len(seq)] = seq
                 attention[i, : len(seq)] = 1
-                labels[i, int(r["response_start"]) : len(seq)] = seq[int(r["response_start"]) :]
+                for start, end in r["response_spans"].tolist():
+                    labels[i, start:end] = seq[start:end]
             loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
         elif args.variant == "cached":
             loss = cached_pact_loss(model, batch, safety_ids, weights, cfg, pad).loss
         else:
-            examples = examples_from_cache_rows(batch)
-            loss = compute_pact_loss(model, examples, online.targets(examples), safety_ids, weights, cfg, pad).loss
+            loss = pact_batch_loss(model, online.fill(collate_rows(batch, pad)), safety_ids, weights, cfg).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

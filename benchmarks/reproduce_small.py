@@ -53,6 +53,7 @@ def make_reference(args, out: Path) -> None:
     """(a) Full fine-tuning on refusals + SST-2 rows with CE on the response tokens."""
     from pact.data import load_examples
     from pact.loss import student_outputs
+    from pact.reference import collate_examples
     from pact.models import load_model
 
     rows = _read_jsonl(args.refusals)[: args.ref_rows] + _read_jsonl(args.sst2)[: args.ref_rows]
@@ -67,7 +68,7 @@ def make_reference(args, out: Path) -> None:
     pad = loaded.tokenizer.pad_token_id
     for step in range(args.ref_steps):
         batch = order.sample(examples, args.batch_size)
-        ce = student_outputs(model, batch, None, pad).ce
+        ce = student_outputs(model, collate_examples(batch, pad), None).ce
         ce.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -205,6 +205,10 @@ def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool)
     finished: dict[int, dict] = {}
     olds = [load_manifest(out, allow_incomplete=True, name=name) for name in names]
     for old in olds:
+        if old["format_version"] != manifest["format_version"]:
+            raise CacheError(f"cannot resume the build in {out}: it holds a format version {old['format_version']} cache and "
+                             f"this pact writes version {manifest['format_version']}, and a cache never mixes versions; "
+                             "use --overwrite to rebuild it")
         changed = differences(old, manifest)
         if changed:
             raise CacheError(f"cannot resume the build in {out}: it was made with different settings ({'; '.join(changed)}); "

@@ -13,7 +13,8 @@ from pact.cache_tools.builder import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD
 from pact.cache_tools.codec import DEFAULT_DTYPE, DTYPES
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, SAFETY_TOKENS_NAME
 from pact.cli import dispatch
-from pact.commands.arguments import integer_in, positive_int, real_above
+from pact.commands.arguments import add_data_source_arguments, data_source_options, integer_in, positive_int, real_above
+from pact.data import TRAIN_ON
 from pact.objective import PactConfig
 
 DEFAULT_MAX_LENGTH = 512
@@ -61,16 +62,18 @@ def _build(args) -> int:
         tokenizer = load_tokenizer(args.model)
         data_path = args.data or demo_data_path(DEMO_BENIGN)
         examples, report = load_examples(data_path, tokenizer, max_length=args.max_length,
-                                         skip_invalid=args.skip_invalid, limit=args.limit)
+                                         skip_invalid=args.skip_invalid, limit=args.limit, train_on=args.train_on,
+                                         **data_source_options(args))
         if report.skipped and main_rank:
-            print(f"pact-cache: skipped {report.skipped} invalid row(s) of {data_path} (first: {report.errors[0]})", file=sys.stderr)
+            print(f"pact-cache: skipped {report.skipped} invalid row(s) of {report.path} (first: {report.errors[0]})", file=sys.stderr)
         safety_tokens = run_on_main(lambda: _safety_tokens(args, tokenizer))
         loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
         if safety_tokens is None:
             safety_tokens = run_on_main(lambda: _default_safety_tokens(args, loaded))
         result = build_cache(
             loaded, examples, safety_tokens, args.out,
-            data=describe_data(data_path, tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit),
+            data=describe_data(data_path, tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit,
+                               **data_source_options(args), dataset_fingerprint=report.fingerprint),
             dtype=args.dtype, top_k=args.top_k,
             objective=PactConfig(p0=args.p0, gate_temperature=args.gate_temperature, temperature=args.temperature),
             batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
@@ -135,7 +138,10 @@ def _add_build(subparsers) -> None:
                     "the work and write one cache; see 'Scaling out' in the README.",
     )
     p.add_argument("--model", metavar="M", default=None, help="reference model: directory, hub id, .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", metavar="FILE", default=None, help="training data: .jsonl/.json/.csv/.parquet or a save_to_disk folder (default: the bundled demo benign set)")
+    p.add_argument("--data", metavar="FILE|DIR|HUB_ID", default=None,
+                   help="training data: a file (.jsonl/.json/.csv/.tsv/.parquet/.arrow, optionally compressed), a save_to_disk "
+                        "folder or a hub dataset id; rows in any --format (default: the bundled demo benign set)")
+    add_data_source_arguments(p, "--data")
     p.add_argument("--safety-tokens", metavar="FILE", default=None,
                    help="safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with the cache)")
     p.add_argument("--out", metavar="DIR", required=True, help="cache directory to create")
@@ -144,6 +150,9 @@ def _add_build(subparsers) -> None:
     p.add_argument("--max-length", metavar="L", type=positive_int, default=DEFAULT_MAX_LENGTH,
                    help=f"truncate sequences to L tokens, cutting the response (default {DEFAULT_MAX_LENGTH})")
     p.add_argument("--limit", metavar="N", type=positive_int, default=None, help="use only the first N rows of the data")
+    p.add_argument("--train-on", choices=TRAIN_ON, default="all",
+                   help="which assistant turns of a conversation are responses (CE and PACT's KL on each): "
+                        "all (default, as TRL) or only the last")
     p.add_argument("--skip-invalid", action="store_true", help="skip rows that cannot be read or encoded instead of stopping")
     p.add_argument("--batch-size", metavar="B", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"examples per forward pass (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--rows-per-shard", metavar="R", type=positive_int, default=DEFAULT_ROWS_PER_SHARD,

@@ -34,7 +34,9 @@ def inspect_row(reader: CacheReader, index: int, top: int = TOP_SAFETY) -> dict:
     names = dict(zip(reader.manifest["safety_tokens"]["ids"], reader.manifest["safety_tokens"]["tokens"]))
     tokenizer = _tokenizer(reader.manifest["model_source"])
     decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: " ".join(f"<{i}>" for i in ids))
-    response = row["input_ids"][row["response_start"]:].tolist()
+    spans = row["response_spans"].tolist()
+    response = [token for start, end in spans for token in row["input_ids"][start:end].tolist()]
+    turns = [turn for turn, (start, end) in enumerate(spans) for _ in range(end - start)]
     steps = len(response)
     safety_ids = row["safety_ids"].expand(steps, -1) if row["safety_ids"].dim() == 1 else row["safety_ids"]
     probs = torch.exp(row["full_logits"] - row["logsumexp"][:, None])
@@ -47,6 +49,7 @@ def inspect_row(reader: CacheReader, index: int, top: int = TOP_SAFETY) -> dict:
         "steps": [
             {
                 "step": t,
+                "turn": turns[t],
                 "token_id": token,
                 "token": decode([token]),
                 "target_logprob": float(row["target_logprob"][t]),
@@ -98,7 +101,7 @@ def format_inspection(info: dict) -> str:
     lines = [
         f"cache {info['directory']} (format {info['format_version']}, {'complete' if info['complete'] else 'INCOMPLETE'}, built {info['created_at']})",
         f"model: {info['model_source']} ({info['fingerprints']['model']})",
-        f"data: {data.get('path', '-')} ({info['fingerprints'].get('data') or info['fingerprints']['examples']})"
+        f"data: {data.get('path') or data.get('dataset') or '-'} ({info['fingerprints'].get('data') or info['fingerprints']['examples']})"
         + (f", part {info['part']['index']} of {info['part']['count']} (--num-shards)" if info.get("part") else ""),
         f"rows {t['rows']}, response tokens {t['response_tokens']}, shards {t['shards']}, {t['bytes']} bytes"
         + (f" ({t['bytes_per_response_token']:.1f} per response token, {t['compression_ratio']:.1f}x smaller than raw float32)"

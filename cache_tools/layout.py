@@ -18,13 +18,25 @@ import torch
 from pact.cache_tools.codec import check_dtype
 
 
+# Version 2 stores each row's response spans (multi-turn); version 1 (one response to the end) is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def positive_positions(weights: list[float]) -> tuple[int, ...]:
+    """The positions in S of the tokens with weight > 0 (S+, the stored columns), in S's order."""
+    return tuple(i for i, w in enumerate(weights) if w > 0)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The shape and types of a cache's per-step columns.
 
     dtype: storage of the logits (see `codec`); stored_ids: S+ (ascending
     vocabulary ids, the columns stored); num_safety: |S|; vocab_size: the
-    model's vocabulary; top_k: K columns of S+ kept per step, or None for all.
+    model's vocabulary; top_k: K columns of S+ kept per step, or None for all;
+    stored_positions: the positions of S+ within S (what the objective's
+    columns index, precomputed once per layout); format_version: of the shards.
     """
 
     dtype: str
@@ -32,6 +44,8 @@ class Layout:
     num_safety: int
     vocab_size: int
     top_k: int | None = None
+    stored_positions: tuple[int, ...] = ()
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         check_dtype(self.dtype)
@@ -40,13 +54,15 @@ class Layout:
     def create(cls, dtype: str, ids: list[int], weights: list[float], vocab_size: int, top_k: int | None) -> "Layout":
         """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact)."""
         stored = tuple(int(i) for i, w in zip(ids, weights) if w > 0)
-        return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None)
+        return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None,
+                   positive_positions(weights))
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Layout":
-        """The layout a manifest describes."""
-        return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(manifest["safety_tokens"]["ids"]),
-                   manifest["vocab_size"], manifest["top_k"])
+        """The layout a manifest describes (of the manifest's format version)."""
+        weights = manifest["safety_tokens"]["weights"]
+        return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(weights), manifest["vocab_size"], manifest["top_k"],
+                   positive_positions(weights), manifest["format_version"])
 
     @property
     def width(self) -> int:

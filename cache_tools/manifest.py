@@ -29,13 +29,12 @@ import numpy as np
 
 from pact.cache_tools.codec import DTYPES
 from pact.cache_tools.errors import CacheError
-from pact.cache_tools.layout import Layout
-from pact.cache_tools.schema import FORMAT_VERSION
+from pact.cache_tools.layout import FORMAT_VERSION, READABLE_VERSIONS, Layout
 from pact.cache_tools.writer import (
     LOCK_NAME, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, atomic_write, is_pact_shard_file,
     is_shard_name,
 )
-from pact.data import EncodedExample
+from pact.data import DEFAULT_SPLIT, EncodedExample
 
 FORMAT_NAME = "pact-cache"
 CHECKSUMS = "checksums"
@@ -81,17 +80,35 @@ def _hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_data(path: str | Path, chat_template: str | None, max_length: int | None, skip_invalid: bool, limit: int | None) -> dict:
+def _data_source(data, dataset_split: str, dataset_config: str | None, dataset_fingerprint: str | None) -> dict:
+    """What identifies the rows: a local path and the sha256 of its bytes, else (a hub dataset id or a
+    `datasets.Dataset`) the dataset's name, config, split and `datasets` fingerprint (`LoadReport.fingerprint`)."""
+    if isinstance(data, (str, Path)) and Path(data).expanduser().exists():
+        path = Path(data).expanduser()
+        split = {"dataset_split": dataset_split} if path.is_dir() and dataset_split != DEFAULT_SPLIT else {}
+        return {"path": str(path), "sha256": _hash_path(path), **split}
+    fingerprint = dataset_fingerprint or getattr(data, "_fingerprint", None)
+    if fingerprint is None:
+        raise ValueError(f"data {data!r} is not a local path: pass dataset_fingerprint (the LoadReport's fingerprint)")
+    name = str(data) if isinstance(data, (str, Path)) else getattr(getattr(data, "info", None), "dataset_name", None)
+    return {"dataset": name, "dataset_config": dataset_config, "dataset_split": dataset_split, "dataset_fingerprint": fingerprint}
+
+
+def describe_data(data, chat_template: str | None, max_length: int | None, skip_invalid: bool, limit: int | None, *,
+                  data_format: str | None = None, dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None,
+                  dataset_fingerprint: str | None = None) -> dict:
     """The manifest's `data` entry: source, content hash and preprocessing parameters, plus their joint fingerprint.
 
-    The fingerprint changes when the file contents, `max_length`,
-    `skip_invalid`, `limit` or the chat template change, i.e. whenever the
+    `data` is what the rows were read from (see `pact.data.open_data`): a
+    local file or folder is hashed; a hub dataset id or a `datasets.Dataset` is
+    identified by its name, config, split and `datasets` fingerprint. The
+    fingerprint changes when the data, `max_length`, `skip_invalid`, `limit`,
+    a given `data_format` or the chat template change, i.e. whenever the
     tokenized examples could.
     """
-    path = Path(path).expanduser()
     description = {
-        "path": str(path),
-        "sha256": _hash_path(path),
+        **_data_source(data, dataset_split, dataset_config, dataset_fingerprint),
+        **({"format": data_format} if data_format else {}),
         "max_length": max_length,
         "skip_invalid": skip_invalid,
         "limit": limit,
@@ -102,10 +119,11 @@ def describe_data(path: str | Path, chat_template: str | None, max_length: int |
 
 
 def examples_fingerprint(examples: list[EncodedExample]) -> str:
-    """Identify the exact tokenized examples (ids, tokens, response starts, order)."""
+    """Identify the exact tokenized examples (ids, tokens, response spans, order)."""
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(np.array([ex.example_id, ex.response_start, len(ex.input_ids)], dtype=np.int64).tobytes())
+        digest.update(np.asarray(ex.spans, dtype=np.int64).tobytes())
         digest.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
     return "sha256:" + digest.hexdigest()
 
@@ -333,7 +351,7 @@ def _describe_missing(directory: Path, name: str) -> str:
 
 def read_manifest(directory: str | Path, name: str = MANIFEST_NAME) -> tuple[Path, dict]:
     """(path, content) of `DIR/manifest.json` (or the manifest file `name`), unchecked beyond being a pact-cache manifest
-    of this format version; raises `CacheError` naming the directory or file when it is not one."""
+    of a format version this pact reads (`READABLE_VERSIONS`); raises `CacheError` naming the directory or file when it is not one."""
     directory = Path(directory).expanduser()
     path = directory / name
     if not path.is_file():
@@ -345,8 +363,8 @@ def read_manifest(directory: str | Path, name: str = MANIFEST_NAME) -> tuple[Pat
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: not a {FORMAT_NAME} manifest (no \"format\": \"{FORMAT_NAME}\")")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION and "format_version" not in (edited_fields(manifest) or []):
-        raise CacheError(f"{path}: format version {version!r}, this pact reads version {FORMAT_VERSION}; "
+    if version not in READABLE_VERSIONS and "format_version" not in (edited_fields(manifest) or []):
+        raise CacheError(f"{path}: format version {version!r}, this pact reads versions {', '.join(map(str, READABLE_VERSIONS))}; "
                          "use the pact that wrote the cache, or rebuild it")
     return path, manifest
 

@@ -12,7 +12,8 @@ import torch
 
 from pact.objective import PactConfig, pact_kl
 from pact.reference import ReferenceTargets
-from pact.targets import targets_from_cache_rows
+from pact.cache_tools.batch import collate_rows
+from pact.targets import check_columns
 
 
 def objective_error(rows: list[dict], exact: list[ReferenceTargets], safety_ids: torch.Tensor, weights: torch.Tensor,
@@ -24,11 +25,12 @@ def objective_error(rows: list[dict], exact: list[ReferenceTargets], safety_ids:
     error (mean |KL_cached - KL_exact| / mean_exact).
     """
     full = torch.cat([r.full_logits for r in exact]).float().cpu()
-    steps = torch.cat([torch.arange(len(r.post_count)) for r in exact])
+    cached = collate_rows(rows, pad_id=0)
+    check_columns(cached, safety_ids)
+    steps = cached.steps
     mask = torch.ones(len(steps), dtype=torch.bool)
     reference_kl = pact_kl(full, full, torch.cat([r.post_logits for r in exact]).float().cpu(),
                            torch.cat([r.post_count for r in exact]).cpu(), steps, mask, weights, cfg)
-    cached = targets_from_cache_rows(rows, safety_ids)
     cached_kl = pact_kl(full, cached.full_logits, cached.post_logits, cached.post_count, steps, mask, weights, cfg, cached.columns)
     mean = float(reference_kl.mean())
     return {

@@ -78,8 +78,12 @@ class CacheReader:
 
     A row is a dict: `example_id` (int), `input_ids` (int64 [L], the whole
     sequence), `response_start` (int, index of the first response token),
-    `safety_ids` (int64 vocabulary ids of the logit columns: [k], the same at
-    every step, or [n_resp, k] for top-k caches), `full_logits` and
+    `response_spans` (int64 [m, 2], the (start, end) token range of each
+    response, one per assistant turn trained on; the n_resp response steps are
+    their tokens in order), `safety_ids` (int64 vocabulary ids of the logit
+    columns: [k], the same at every step, or [n_resp, k] for top-k caches),
+    `columns` (int64 positions of those columns in S, same shape, from the
+    layout), `full_logits` and
     `post_logits` (float32 [n_resp, k]), `post_count` (int64 [n_resp]),
     `target_logprob` and `logsumexp` (float32 [n_resp]).
 
@@ -193,7 +197,9 @@ class CacheReader:
             "example_id": Value("int64"),
             "input_ids": List(Value("int64")),
             "response_start": Value("int64"),
+            "response_spans": List(List(Value("int64"))),
             "safety_ids": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
+            "columns": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
             "full_logits": per_step,
             "post_logits": per_step,
             "post_count": List(Value("int64")),

@@ -1,8 +1,10 @@
 """The Arrow schema of a cache shard and the conversion between reference
 values and shard tables, both ways, with the invariant checks of a load.
 
-One Arrow row per example: `example_id`, `input_ids`, `response_start` and
-`steps`, a `list<struct<...>>` with one struct per response step whose fields
+One Arrow row per example: `example_id`, `input_ids`, `response_start`,
+`response_spans` (format version 2: the (start, end) token range of each
+response, one per assistant turn trained on; version 1 has no such column and
+its one response runs from `response_start` to the end) and `steps`, a `list<struct<...>>` with one struct per response step whose fields
 are the stored values (the logit fields are `fixed_size_list`s of the stored
 columns). One list column keeps a single offsets buffer per row, and each
 struct field is still its own contiguous buffer, so it compresses as well
@@ -21,11 +23,10 @@ import torch
 
 from pact.cache_tools import codec
 from pact.cache_tools.errors import CacheError
-from pact.cache_tools.layout import Layout
+from pact.cache_tools.layout import FORMAT_VERSION, Layout
 from pact.cache_tools.writer import SCHEMA_VERSION_KEY
 from pact.data import EncodedExample
 
-FORMAT_VERSION = 1
 LOGIT_COLUMNS = ("full_logits", "post_logits")
 MATRIX_COLUMNS = (*LOGIT_COLUMNS, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
 
@@ -68,10 +69,12 @@ def arrow_schema(layout: Layout) -> pa.Schema:
         pa.field("input_ids", pa.list_(layout.token_type), nullable=False),
         pa.field("response_start", pa.int32(), nullable=False),
     ]
+    if layout.format_version >= 2:
+        fields.append(pa.field("response_spans", pa.list_(pa.list_(pa.int32(), 2)), nullable=False))
     step = pa.struct([pa.field(name, pa.list_(kind, width) if name in MATRIX_COLUMNS else kind, nullable=False)
                       for name, kind, width in step_columns(layout)])
     fields.append(pa.field("steps", pa.list_(step), nullable=False))
-    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(FORMAT_VERSION), "dtype": layout.dtype})
+    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(layout.format_version), "dtype": layout.dtype})
 
 
 def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
@@ -96,9 +99,18 @@ def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
 
 
 def build_table(examples: list[EncodedExample], steps: list[dict[str, np.ndarray]], layout: Layout) -> pa.Table:
-    """One shard table: `examples` in order, with `steps[i]` the encoded per-step arrays of example i."""
+    """One shard table: `examples` in order, with `steps[i]` the encoded per-step arrays of example i.
+
+    Only the current format version is written: a layout read from an older
+    cache is refused, so no cache ever mixes shards of two versions.
+    """
+    if layout.format_version != FORMAT_VERSION:
+        raise CacheError(f"cannot write a shard of format version {layout.format_version}: this pact writes version "
+                         f"{FORMAT_VERSION} only and a cache never mixes versions; rebuild the cache (--overwrite)")
     lengths = np.array([len(ex.input_ids) for ex in examples], dtype=np.int64)
-    n_resp = np.array([len(ex.input_ids) - ex.response_start for ex in examples], dtype=np.int64)
+    n_resp = np.array([len(ex.response_ids) for ex in examples], dtype=np.int64)
+    span_counts = np.array([len(ex.spans) for ex in examples], dtype=np.int64)
+    spans = np.array([span for ex in examples for span in ex.spans], dtype=np.int32).reshape(-1)
     token_offsets = np.concatenate([[0], np.cumsum(lengths)])
     step_offsets = np.concatenate([[0], np.cumsum(n_resp)])
     token_dtype = np.uint16 if layout.token_type == pa.uint16() else np.int32
@@ -111,6 +123,7 @@ def build_table(examples: list[EncodedExample], steps: list[dict[str, np.ndarray
         pa.array([ex.example_id for ex in examples], type=pa.int64()),
         _list_array(token_offsets, pa.array(np.concatenate([np.asarray(ex.input_ids, dtype=token_dtype) for ex in examples]), type=layout.token_type)),
         pa.array([ex.response_start for ex in examples], type=pa.int32()),
+        _list_array(np.concatenate([[0], np.cumsum(span_counts)]), pa.FixedSizeListArray.from_arrays(pa.array(spans, pa.int32()), 2)),
         _list_array(step_offsets, pa.StructArray.from_arrays(fields, fields=list(schema.field("steps").type.value_type))),
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -136,8 +149,9 @@ class ShardRows:
     """A decoded, checked shard: numpy arrays in storage form, rows decoded on demand.
 
     Construction checks every invariant (schema, lengths, token ids within the
-    vocabulary, response start inside the sequence, finite values, post_count
-    in 1..|S|, top-k indices inside S+) and raises `CacheError` naming `name`
+    vocabulary, response spans ascending, disjoint and inside the sequence, the
+    first starting at response_start, finite values, post_count in 1..|S|,
+    top-k indices inside S+) and raises `CacheError` naming `name`
     and the first bad row. Holding the storage form (e.g. 8-bit codes) keeps a
     cached shard about as small as its decompressed file.
     """
@@ -146,6 +160,7 @@ class ShardRows:
         self.layout = layout
         self.name = name
         self._stored_ids = torch.tensor(layout.stored_ids, dtype=torch.long)
+        self._stored_positions = torch.tensor(layout.stored_positions, dtype=torch.long)
         found, expected = _field_types(table.schema), _field_types(arrow_schema(layout))
         if found != expected:
             wrong = [f"{n}: {found.get(n, 'missing')} (expected {t})" for n, t in expected.items() if found.get(n) != t]
@@ -163,13 +178,36 @@ class ShardRows:
         self.input_ids = _numpy(tokens)
         lengths = np.diff(self.token_offsets)
         self._check_rows((self.response_start < 1) | (self.response_start >= lengths), "response_start is not inside the sequence (needs 1 <= start < length)")
-        self._check_rows(np.diff(self.step_offsets) != lengths - self.response_start,
-                         "the number of steps is not the number of response tokens (length - response_start)")
+        self.span_offsets, self.spans = self._read_spans(table, lengths)
+        span_tokens = np.add.reduceat(self.spans[:, 1] - self.spans[:, 0], self.span_offsets[:-1]) if len(self.spans) else np.zeros(0, np.int64)
+        self._check_rows(np.diff(self.step_offsets) != span_tokens,
+                         "the number of steps is not the number of response tokens (the spans' total length)")
         self.columns: dict[str, np.ndarray] = {
             column: _numpy(fields[column].flatten()).reshape(-1, width) if column in MATRIX_COLUMNS else _numpy(fields[column])
             for column, _, width in step_columns(layout)
         }
         self._check_values()
+
+    def _read_spans(self, table: pa.Table, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets [rows + 1], spans [M, 2]) of the rows' response spans, checked; version 1: [response_start, length)."""
+        if self.layout.format_version < 2:
+            return np.arange(len(lengths) + 1, dtype=np.int64), np.stack([self.response_start, lengths], axis=1)
+        column = table.column("response_spans").combine_chunks()
+        if column.null_count or column.flatten().null_count or column.flatten().flatten().null_count:
+            raise CacheError(f"{self.name}: the shard holds null values")
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        offsets -= offsets[0]
+        spans = _numpy(column.flatten().flatten()).astype(np.int64).reshape(-1, 2)
+        self._check_rows(np.diff(offsets) < 1, "no response span")
+        row_of = np.repeat(np.arange(len(lengths)), np.diff(offsets))
+        first = np.zeros(len(spans), dtype=bool)
+        first[offsets[:-1][np.diff(offsets) > 0]] = True
+        previous_end = np.concatenate([[0], spans[:-1, 1]])
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans[:, 1] > lengths[row_of]) | (~first & (spans[:, 0] < previous_end))
+        bad |= first & (spans[:, 0] != self.response_start[row_of])
+        self._check_items(bad, offsets, "response span",
+                          "not an ascending, disjoint token range inside the sequence starting at response_start")
+        return offsets, spans
 
     def _check_rows(self, bad_rows: np.ndarray, problem: str) -> None:
         """Raise for the first row flagged in `bad_rows`."""
@@ -220,7 +258,8 @@ class ShardRows:
     @property
     def nbytes(self) -> int:
         """Memory held by the decoded arrays."""
-        arrays = [self.example_id, self.response_start, self.token_offsets, self.input_ids, self.step_offsets, *self.columns.values()]
+        arrays = [self.example_id, self.response_start, self.token_offsets, self.input_ids, self.step_offsets, self.span_offsets,
+                  self.spans, *self.columns.values()]
         return sum(a.nbytes for a in arrays)
 
     def _parts(self, column: str, steps: slice) -> dict[str, np.ndarray]:
@@ -247,14 +286,17 @@ class ShardRows:
         tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
         steps = self.step_range(index)
         if self.layout.top_k is None:
-            safety_ids = self._stored_ids.clone()
+            safety_ids, columns = self._stored_ids, self._stored_positions
         else:
-            safety_ids = self._stored_ids[torch.from_numpy(self.columns["safety_index"][steps].astype(np.int64))]
+            kept = torch.from_numpy(self.columns["safety_index"][steps].astype(np.int64))
+            safety_ids, columns = self._stored_ids[kept], self._stored_positions[kept]
         return {
             "example_id": int(self.example_id[index]),
             "input_ids": torch.from_numpy(self.input_ids[tokens].astype(np.int64)),
             "response_start": int(self.response_start[index]),
+            "response_spans": torch.from_numpy(self.spans[self.span_offsets[index]:self.span_offsets[index + 1]].copy()),
             "safety_ids": safety_ids,
+            "columns": columns,
             "full_logits": torch.from_numpy(self.logits("full_logits", steps)),
             "post_logits": torch.from_numpy(self.logits("post_logits", steps)),
             "post_count": torch.from_numpy(self.columns["post_count"][steps].astype(np.int64)),

@@ -142,9 +142,10 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
         shard_index, row_index = reader.locate(index)
         shard = reader.shard(shard_index)
         row = shard.row(row_index)
-        example = EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"])
+        spans = [(int(start), int(end)) for start, end in row["response_spans"].tolist()]
+        example = EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"], spans)
         ref = reference_targets(loaded.model, [example], safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"], pad)[0]
-        columns = torch.searchsorted(safety_ids, row["safety_ids"]).expand_as(row["full_logits"])
+        columns = row["columns"].expand_as(row["full_logits"])
         recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
                       "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
         where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"

@@ -1,10 +1,15 @@
 """Training and prompt data: reading files, validating rows, rendering them
 with a chat template and finding the assistant's response tokens.
 
-Rows come as Alpaca (`instruction`, optional `input`, `output`) or chat
-(`messages` with `role`/`content`) from JSON, JSONL, CSV, Parquet or a
-`datasets` folder saved with `save_to_disk`. Every row becomes a list of chat
-messages whose last message is the assistant's response. Text files must be
+Data comes from a local file (JSON, JSONL, CSV, TSV, Parquet, or anything else
+`datasets` reads: `.arrow`, compressed files), a `save_to_disk` folder, a
+folder of data files, a hub dataset id, or a `datasets.Dataset` (`open_data`).
+Rows are Alpaca (`instruction`, optional `input`, `output`), chat (`messages`
+with `role`/`content`), TRL prompt/completion (`prompt`/`completion`, strings
+or message lists) or ShareGPT (`conversations` with `from`/`value`): the
+format is detected per source from the first row's fields, or given
+(`data_format`). Every row becomes a list of chat messages whose last message
+is the assistant's response; the earlier turns are kept. Text files must be
 UTF-8 (a leading byte-order mark, as Excel writes, is ignored); a bad file or
 row is a `DataError` naming the file, the line or row, and the field.
 
@@ -12,9 +17,10 @@ Message text is always tokenized as text: an answer that quotes a special
 token (`<|im_end|>`) keeps those characters instead of ending the turn there
 (see "Special-token text inside messages" below).
 
-Truncation policy (`max_length`): the prompt is always kept whole and the
-response is cut from the right so the sequence fits; a row whose prompt alone
-leaves no room for one response token is invalid.
+Truncation policy (`max_length`): the prompt (everything before the first
+response) is always kept whole and later turns are cut from the right so the
+sequence fits (response spans clipped, empty ones dropped); a row whose prompt
+alone leaves no room for one response token is invalid.
 """
 
 from __future__ import annotations
@@ -24,17 +30,33 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from os import PathLike
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from pact.errors import PactError
+from pact.errors import InvalidSetting, PactError
 
 DEMO_BENIGN = "benign"
 DEMO_REFUSALS = "refusals"
 ROLES = ("system", "user", "assistant")
+CHAT_ROLES = {role: role for role in ROLES}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("alpaca", "messages", "prompt_completion", "sharegpt")
+# the fields that name a row's format, in the order they are looked for
+FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+                 "prompt_completion": ("prompt", "completion")}
+EXPECTED_FIELDS = ("'instruction'/'output' (alpaca), 'messages' (chat), 'prompt'/'completion' (prompt_completion) "
+                   "or 'conversations' (sharegpt)")
+DEFAULT_SPLIT = "train"
+# file suffixes and the `datasets` packaged builder reading them; compressed files keep the inner suffix
+DATASETS_BUILDERS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+                     ".parquet": "parquet", ".arrow": "arrow"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+UNREAD_SUFFIXES = (".txt", ".md", ".py", ".gguf", ".safetensors", ".bin", ".pt")  # files `datasets` reads but not as rows
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 PLAIN_HEADER_FALLBACK = "Assistant:"
 
 
@@ -62,26 +84,39 @@ class Conversation:
 
 @dataclass
 class EncodedExample:
-    """A tokenized row: `input_ids[response_start:]` are the response tokens (incl. end of turn)."""
+    """A tokenized row: `spans` are the (start, end) token ranges of its responses, one per assistant turn trained on.
+
+    Each span runs up to and including its turn's end-of-turn token;
+    `response_start` is the first span's start (everything before it is the
+    prompt). Without `spans` the response is `input_ids[response_start:]`.
+    """
 
     example_id: int
     input_ids: list[int]
     response_start: int
+    spans: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        """Default to one response running from `response_start` to the end (a single-turn row)."""
+        if self.spans is None:
+            self.spans = [(self.response_start, len(self.input_ids))]
 
     @property
     def response_ids(self) -> list[int]:
-        """The assistant's tokens, the positions the objective is computed on."""
-        return self.input_ids[self.response_start:]
+        """The assistant's tokens, the positions the objective is computed on (every span, in order)."""
+        return [token for start, end in self.spans for token in self.input_ids[start:end]]
 
 
 @dataclass
 class LoadReport:
-    """What loading a data file kept and skipped."""
+    """What loading data kept and skipped; `path` names the source as errors do, `fingerprint` is the `datasets`
+    fingerprint when the rows were a loaded or given `datasets.Dataset` (None for local files)."""
 
     path: str
     rows: int
     skipped: int
     errors: list[str]
+    fingerprint: str | None = None
 
 
 def demo_data_path(name: str) -> Path:
@@ -138,18 +173,21 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """The rows of a JSON array (or of an object's `data` array); the whole file must parse."""
+    """The rows of a JSON array (or of an object's `data` array, or JSON Lines as `datasets` writes `.json` files)."""
     text = _decode_or_fail(path, path.read_bytes(), 1)
     if not text.strip():
         return
     try:
         data = _parse_json(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and err.lineno > 1:  # JSON Lines in a .json file, as `datasets` writes them
+            yield from _jsonl_rows(path)
+            return
         raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
+    if isinstance(data, dict):  # the rows under `data`, else one row (a one-line JSON Lines file)
+        data = data["data"] if isinstance(data.get("data"), list) else [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of rows (or an object with a 'data' array)")
     for index, row in enumerate(data):
@@ -168,10 +206,10 @@ def _csv_lines(path: Path) -> Iterator[str]:
             yield _decode_or_fail(path, raw, number)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[str, object]]:
     """One row per record under the header row; a record with more cells than the header has is that row's error."""
     _allow_long_csv_fields()
-    reader = csv.DictReader(_csv_lines(path))
+    reader = csv.DictReader(_csv_lines(path), delimiter=delimiter)
     first_line = 2  # line 1 is the header; a quoted field may span several lines
     try:
         for index, row in enumerate(reader):
@@ -206,40 +244,174 @@ def _parquet_dicts(path: Path) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _dataset_dicts(path: Path) -> Iterator[dict]:
-    """The rows of a `datasets` folder saved with `save_to_disk` (a `DatasetDict`'s `train` split)."""
+def _saved_dataset_dicts(path: Path, split: str) -> Iterator[dict]:
+    """The rows of a `datasets` folder saved with `save_to_disk` (of a `DatasetDict`, its `split`)."""
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(path))
-    if hasattr(dataset, "keys"):
-        if "train" not in dataset:
-            raise DataError(f"{path}: DatasetDict without a 'train' split (splits: {list(dataset.keys())})")
-        dataset = dataset["train"]
-    yield from dataset
+    yield from _split_of(load_from_disk(str(path)), split, str(path))
+
+
+def _split_of(dataset, split: str, name: str):
+    """`dataset` itself, or its `split` when it is a `DatasetDict`; a missing split names the splits there are."""
+    if not hasattr(dataset, "keys"):
+        return dataset
+    if split not in dataset:
+        raise DataError(f"{name}: the DatasetDict has no '{split}' split (splits: {list(dataset.keys())}); "
+                        "choose one as dataset_split")
+    return dataset[split]
+
+
+def _compression_inner_suffix(path: Path) -> str | None:
+    """For `rows.jsonl.gz` and the like, the suffix under the compression (`.jsonl`); None for other files."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2] if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS else None
+
+
+def _datasets_builder(path: Path) -> str | None:
+    """The `datasets` packaged builder that reads the file `path` (e.g. `arrow`, `json`), None if it holds no row data."""
+    return DATASETS_BUILDERS.get(_compression_inner_suffix(path) or path.suffix.lower())
+
+
+def _load_dataset(failure: str, *args, **kwargs):
+    """`datasets.load_dataset(*args, **kwargs)`; when it cannot load, a `DataError` starting with `failure` says why."""
+    import datasets
+    import pyarrow as pa
+    from datasets.exceptions import DatasetsError
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ValueError, DatasetsError, pa.ArrowException) as err:
+        causes = [err, *([err.__cause__] if err.__cause__ is not None else [])]  # DatasetGenerationError wraps the reason
+        raise DataError(f"{failure} ({'; '.join(f'{type(e).__name__}: {e}' for e in causes)})") from None
+
+
+def _dataset_label(dataset) -> str:
+    """How errors name a `datasets.Dataset` given in Python: by its `info.dataset_name`, when it has one."""
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return f"datasets.Dataset {name!r}" if name else "the datasets.Dataset"
+
+
+def _numbered(dataset) -> Iterator[tuple[str, object]]:
+    """`(row N, row)` for every row of a `datasets` dataset, in order."""
+    for index, row in enumerate(dataset):
+        yield f"row {index}", row
+
+
+@dataclass
+class _Opened:
+    """Rows ready to read: what errors call them (`name`), the `(location, raw_row)` pairs, and the `datasets`
+    fingerprint when the rows are a loaded or given `datasets.Dataset`."""
+
+    name: str
+    rows: Iterator[tuple[str, object]]
+    fingerprint: str | None = None
+    empty: str = "the file is empty"
+
+
+def _dataset_rows(name: str, dataset) -> _Opened:
+    """`_Opened` rows of a `datasets` dataset (its fingerprint kept for the cache manifest)."""
+    return _Opened(name, _numbered(dataset), getattr(dataset, "_fingerprint", None), "the dataset is empty")
+
+
+def _given_dataset(dataset, split: str) -> _Opened:
+    """Rows of a `datasets.Dataset` (or of a `DatasetDict`'s `split`) passed in Python instead of a path."""
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        dataset = _split_of(dataset, split, "the DatasetDict")
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise DataError(f"data must be a path, a hub dataset id or a datasets.Dataset, got {type(dataset).__name__}")
+    return _dataset_rows(_dataset_label(dataset), dataset)
+
+
+def _open_folder(path: Path, split: str, config: str | None) -> _Opened:
+    """Rows of a folder: a `save_to_disk` dataset, else a folder of data files as `datasets.load_dataset` reads it."""
+    if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        return _Opened(str(path), _arrow_rows(path, lambda: _saved_dataset_dicts(path, split), "a dataset saved with save_to_disk"))
+    if any(p.is_file() and _datasets_builder(p) for p in path.rglob("*")):
+        dataset = _load_dataset(f"{path}: datasets.load_dataset cannot load this folder of data files", str(path),
+                                name=config, split=split)
+        return _dataset_rows(str(path), dataset)
+    raise DataError(f"{path}: not a dataset saved with save_to_disk, nor a folder of data files "
+                    f"({', '.join(sorted(set(DATASETS_BUILDERS)))})")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """Whether `text`, naming no local file, is spelled like a hub dataset id (`name` or `owner/name`, no data-file suffix)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.startswith((".", "~", "/")) or _datasets_builder(Path(text)) or Path(text).suffix.lower() in UNREAD_SUFFIXES:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_name(dataset_id: str, split: str, config: str | None) -> str:
+    """How errors name a hub dataset: its id, split and config."""
+    return f"{dataset_id} (split {split}" + (f", config {config})" if config else ")")
+
+
+def open_data(source, dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None) -> _Opened:
+    """The rows of a data source: a local file, a `save_to_disk` folder or a folder of data files, a hub dataset id
+    (loaded with `datasets.load_dataset(id, name=dataset_config, split=dataset_split)`), or a `datasets.Dataset`.
+
+    A path that exists is always read as local data; a missing path spelled
+    like a hub id (`owner/name`) is looked up on the hub (set
+    `HF_HUB_OFFLINE=1` to use only the local `datasets` cache).
+    """
+    if not isinstance(source, (str, PathLike)):
+        return _given_dataset(source, dataset_split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _open_folder(path, dataset_split, dataset_config)
+    if path.exists():
+        return _Opened(str(path), _rows_from_file(path))
+    if not _looks_like_hub_id(str(source)):
+        raise DataError(f"data file not found: {path}")
+    name = _hub_name(str(source), dataset_split, dataset_config)
+    dataset = _load_dataset(f"{name}: no such local file or folder, and no hub dataset that can be loaded", str(source),
+                            name=dataset_config, split=dataset_split)
+    return _dataset_rows(name, dataset)
+
+
+def _datasets_file_rows(path: Path, builder: str) -> Iterator[tuple[str, object]]:
+    """The rows of a file only `datasets` reads (`.arrow`, a compressed `.jsonl.gz` ...), through its `builder`."""
+    yield from _numbered(_load_dataset(f"{path}: not a readable {builder} file", builder, data_files=str(path), split="train"))
 
 
 def _rows_from_file(path: Path) -> Iterator[tuple[str, object]]:
-    """Yield `(location, raw_row)` pairs, where location reads like `line 7` or `row 3`.
+    """Yield `(location, raw_row)` pairs of a local file, where location reads like `line 7` or `row 3`.
 
-    A raw row may be a `DataError` (a line that is not JSON, a CSV record with
+    JSON, JSONL, CSV, TSV and Parquet are read here (errors name the line);
+    other files `datasets` reads (`.arrow`, compressed files) through it. A
+    raw row may be a `DataError` (a line that is not JSON, a CSV record with
     extra cells): that row is invalid, the others are still read. Problems with
     the file as a whole raise `DataError` naming the file (and line).
     """
-    if path.is_dir():
-        return _arrow_rows(path, lambda: _dataset_dicts(path), "a dataset saved with save_to_disk")
     suffix = path.suffix.lower()
     readers = {
         ".jsonl": _jsonl_rows,
+        ".ndjson": _jsonl_rows,
         ".json": _json_rows,
         ".csv": _csv_rows,
+        ".tsv": lambda p: _csv_rows(p, delimiter="\t"),
         ".parquet": lambda p: _arrow_rows(p, lambda: _parquet_dicts(p), "a readable Parquet file"),
     }
-    if suffix not in readers:
-        raise DataError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv, .parquet or a save_to_disk folder")
-    return readers[suffix](path)
+    if suffix in readers and not _compression_inner_suffix(path):
+        return readers[suffix](path)
+    builder = _datasets_builder(path)
+    if builder is None:
+        raise DataError(f"{path}: unsupported data format {suffix!r}; use a file of rows "
+                        f"({', '.join(sorted(set(DATASETS_BUILDERS)))}, optionally compressed), a save_to_disk folder "
+                        "or a hub dataset id")
+    return _datasets_file_rows(path, builder)
 
 
 def _require_text(row: dict, field: str) -> str:
+    """`row[field]` as a non-blank string; else a `DataError` naming the field and what it holds."""
     value = row.get(field)
     if value is None:
         raise DataError(f"missing field '{field}'")
@@ -250,55 +422,201 @@ def _require_text(row: dict, field: str) -> str:
     return value
 
 
-def row_to_messages(row: object) -> list[dict[str, str]]:
-    """Validate one raw row and convert it to chat messages ending with the assistant's answer."""
-    if isinstance(row, DataError):
-        raise row
-    if not isinstance(row, dict):
-        raise DataError(f"expected an object with 'instruction'/'output' or 'messages', got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = _parse_json(messages)
-            except (json.JSONDecodeError, DataError) as err:
-                raise DataError(f"field 'messages' is a string but not JSON ({getattr(err, 'msg', err)})") from None
-        if not isinstance(messages, list) or not messages:
-            raise DataError("field 'messages' must be a non-empty list")
-        clean = []
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise DataError(f"messages[{index}] must be an object with 'role' and 'content'")
-            role = message.get("role")
-            if role not in ROLES:
-                raise DataError(f"messages[{index}].role must be one of {ROLES}, got {role!r}")
-            content = message.get("content")
-            if not isinstance(content, str):
-                raise DataError(f"messages[{index}].content must be a string")
-            clean.append({"role": role, "content": content})
-        if clean[-1]["role"] != "assistant" or not clean[-1]["content"].strip():
-            raise DataError(f"field 'messages': the last message must be a non-empty 'assistant' message (the response), "
-                            f"got {'an empty' if clean[-1]['role'] == 'assistant' else 'a'} {clean[-1]['role']!r} message "
-                            f"(messages[{len(clean) - 1}])")
-        if not any(m["role"] == "user" for m in clean):
-            raise DataError("'messages' has no 'user' message")
-        return clean
+def row_format(row: dict) -> str | None:
+    """The row format a row's fields name (one of `FORMATS`), or None when they name none.
+
+    `messages` makes a chat row, `conversations` a ShareGPT row, `instruction`
+    or `output` an Alpaca row, `prompt` or `completion` a TRL prompt/completion
+    row. Fields holding None do not count: a table (Parquet, a `datasets`
+    dataset) gives every row all of its columns, None where a row has no value.
+    """
+    for data_format, fields in FORMAT_FIELDS.items():
+        if any(row.get(field) is not None for field in fields):
+            return data_format
+    return None
+
+
+def check_format(data_format: str | None) -> None:
+    """Refuse a `data_format` that is not None (detect) or one of `FORMATS`, naming the field."""
+    if data_format is not None and data_format not in FORMATS:
+        raise InvalidSetting("data_format", f"data_format {data_format!r} is not a row format; choose one of {', '.join(FORMATS)} "
+                                            "(or none, to detect it from the rows' fields)")
+
+
+def _field_names(row: dict) -> str:
+    """The fields of a row that hold a value, for messages: `'a', 'b'` (at most 8)."""
+    names = [repr(str(key)) for key, value in row.items() if value is not None]
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "none"
+
+
+def _parsed_list(value: object, field: str) -> object:
+    """A field that should hold a list, with JSON text (how a CSV cell holds a list) parsed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _parse_json(value)
+    except (json.JSONDecodeError, DataError) as err:
+        raise DataError(f"field '{field}' is a string but not JSON ({getattr(err, 'msg', err)})") from None
+
+
+def _chat_messages(items: object, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    """Validate the message list in `field` (`role_key`/`content_key` objects, roles mapped through `roles`) into
+    `{"role", "content"}` messages; errors name `field[i].key`."""
+    if items is None:
+        raise DataError(f"missing field '{field}'")
+    items = _parsed_list(items, field)
+    if not isinstance(items, list) or not items:
+        raise DataError(f"field '{field}' must be a non-empty list")
+    clean = []
+    for index, message in enumerate(items):
+        if not isinstance(message, dict):
+            raise DataError(f"{field}[{index}] must be an object with '{role_key}' and '{content_key}'")
+        role = message.get(role_key)
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{field}[{index}].{role_key} must be one of {tuple(roles)}, got {role!r}")
+        content = message.get(content_key)
+        if not isinstance(content, str):
+            raise DataError(f"{field}[{index}].{content_key} must be a string")
+        clean.append({"role": roles[role], "content": content})
+    return clean
+
+
+def _request(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages up to where an answer starts: a final assistant message dropped; they must end with the user's turn."""
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError("the conversation must end with a 'user' message (the request)")
+    return messages
+
+
+def _answered(messages: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    """`messages` checked as a training conversation: a user turn somewhere, a non-empty assistant message last."""
+    last = messages[-1]
+    if last["role"] != "assistant" or not last["content"].strip():
+        raise DataError(f"field '{field}': the last message must be a non-empty 'assistant' message (the response), "
+                        f"got {'an empty' if last['role'] == 'assistant' else 'a'} {last['role']!r} message "
+                        f"({field}[{len(messages) - 1}])")
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"'{field}' has no 'user' message")
+    return messages
+
+
+def _conversation_messages(field: str, role_key: str, content_key: str, roles: dict[str, str]):
+    """The converter of a format holding one conversation in `field` (chat `messages`, ShareGPT `conversations`)."""
+    def convert(row: dict, answered: bool) -> list[dict[str, str]]:
+        messages = _chat_messages(row.get(field), field, role_key, content_key, roles)
+        return _answered(messages, field) if answered else _request(messages)
+    return convert
+
+
+def _alpaca_messages(row: dict, answered: bool) -> list[dict[str, str]]:
+    """An Alpaca row as messages: `instruction` (then `input`, after a blank line) as the user's turn, then `output`
+    (only when `answered`: prompt files need no answer)."""
     instruction = _require_text(row, "instruction")
-    output = _require_text(row, "output")
+    answer = [{"role": "assistant", "content": _require_text(row, "output")}] if answered else []
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
         raise DataError(f"field 'input' must be a string, got {type(extra).__name__}")
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return [{"role": "user", "content": prompt}, *answer]
 
 
-def load_conversations(path: str | Path, skip_invalid: bool = False, limit: int | None = None) -> tuple[list[Conversation], LoadReport]:
-    """Read and validate a data file; `example_id` is each row's index in the file.
+def _completion_messages(completion: object) -> list[dict[str, str]]:
+    """A conversational `completion`: assistant messages, the last one non-empty."""
+    messages = _chat_messages(completion, "completion", "role", "content", CHAT_ROLES)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            raise DataError(f"completion[{index}].role must be 'assistant' (the completion is the response), got {message['role']!r}")
+    if not messages[-1]["content"].strip():
+        raise DataError(f"completion[{len(messages) - 1}].content is empty")
+    return messages
 
-    A bad row raises `DataError` naming the file, the row or line and the
-    field, unless `skip_invalid`, which skips it and counts it in the report.
+
+def _prompt_completion_messages(row: dict, answered: bool) -> list[dict[str, str]]:
+    """A TRL prompt/completion row as messages: `prompt` and `completion` both strings (a user turn and the answer), or
+    both lists of messages (the prompt's conversation, then the completion's assistant messages)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if answered and prompt is not None and completion is not None and isinstance(prompt, str) != isinstance(completion, str):
+        raise DataError(f"fields 'prompt' and 'completion' must both be strings or both be lists of messages, "
+                        f"got {type(prompt).__name__} and {type(completion).__name__}")
+    if prompt is None or isinstance(prompt, str):
+        messages = [{"role": "user", "content": _require_text(row, "prompt")}]
+        return messages + ([{"role": "assistant", "content": _require_text(row, "completion")}] if answered else [])
+    messages = _chat_messages(prompt, "prompt", "role", "content", CHAT_ROLES)
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError("'prompt' has no 'user' message")
+    return messages + _completion_messages(completion) if answered else _request(messages)
+
+
+CONVERTERS = {
+    "alpaca": _alpaca_messages,
+    "messages": _conversation_messages("messages", "role", "content", CHAT_ROLES),
+    "prompt_completion": _prompt_completion_messages,
+    "sharegpt": _conversation_messages("conversations", "from", "value", SHAREGPT_ROLES),
+}
+
+
+def _row_messages(row: object, data_format: str | None, answered: bool) -> list[dict[str, str]]:
+    """Validate one raw row in `data_format` (None: the format its fields name) and convert it to chat messages."""
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object (a row with {EXPECTED_FIELDS}), got {type(row).__name__}")
+    check_format(data_format)
+    found = row_format(row)
+    if (data_format or found) is None:
+        raise DataError(f"no known row format: the row has field(s) {_field_names(row)}; expected {EXPECTED_FIELDS}")
+    try:
+        return CONVERTERS[data_format or found](row, answered)
+    except DataError as err:
+        if data_format is None or found in (None, data_format):
+            raise
+        raise DataError(f"{err} (the row's field(s) {_field_names(row)} are those of the {found} format, "
+                        f"but the format given is {data_format})") from None
+
+
+def row_to_messages(row: object, data_format: str | None = None) -> list[dict[str, str]]:
+    """Validate one raw row (any of `FORMATS`; None: detected from its fields) and convert it to chat messages ending
+    with the assistant's answer; every earlier turn of a multi-turn conversation is kept."""
+    return _row_messages(row, data_format, answered=True)
+
+
+@dataclass
+class _FileFormat:
+    """The row format of one data source: the one given, else the one the first row with known fields names."""
+
+    given: str | None
+    detected: str | None = None
+    where: str = ""
+
+    def of(self, row: object, location: str) -> str | None:
+        """The format to read `row` (at `location`) in; a row naming another format than the detected one is an error."""
+        if self.given is not None or not isinstance(row, dict):
+            return self.given
+        found = row_format(row)
+        if found is not None and self.detected is None:
+            self.detected, self.where = found, location
+        elif found is not None and found != self.detected:
+            raise DataError(f"a row in the {found} format (field(s) {_field_names(row)}) among rows in the {self.detected} "
+                            f"format (detected from {self.where}); use one row format per file")
+        return found
+
+
+def load_conversations(source, skip_invalid: bool = False, limit: int | None = None, *, data_format: str | None = None,
+                       dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None
+                       ) -> tuple[list[Conversation], LoadReport]:
+    """Read and validate training rows; `example_id` is each row's index in the source.
+
+    `source` is a local file, a `save_to_disk` folder or folder of data files,
+    a hub dataset id (with `dataset_split` and `dataset_config`), or a
+    `datasets.Dataset` (see `open_data`). Rows are in one of `FORMATS`, detected
+    from the first row's fields unless `data_format` names one. A bad row raises
+    `DataError` naming the source, the row or line and the field, unless
+    `skip_invalid`, which skips it and counts it in the report.
     """
-    return _load_rows(path, lambda index, raw: Conversation(index, row_to_messages(raw)), skip_invalid, limit)
+    return _load_rows(source, lambda index, raw, fmt: Conversation(index, row_to_messages(raw, fmt)), skip_invalid, limit,
+                      data_format, dataset_split, dataset_config)
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -443,14 +761,15 @@ def _plain_message_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[s
     return _stretch_ids(tokenizer, stretches, plain=True)
 
 
-def _drop_prefix(segments: Segments, count: int) -> Segments:
-    """`segments` without their first `count` characters."""
+def _slice_segments(segments: Segments, start: int, end: int) -> Segments:
+    """The characters `start:end` of the joined `segments`, still cut into (piece, is_message_text) pieces."""
     kept: Segments = []
+    position = 0
     for piece, is_message in segments:
-        cut = min(count, len(piece))
-        count -= cut
-        if piece[cut:]:
-            kept.append((piece[cut:], is_message))
+        part = piece[max(start - position, 0):max(end - position, 0)]
+        if part:
+            kept.append((part, is_message))
+        position += len(piece)
     return kept
 
 
@@ -473,42 +792,120 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str
     return _render_ids(tokenizer, messages, add_generation_prompt=True)[1]
 
 
-def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_length: int | None = None
-) -> EncodedExample:
-    """Tokenize a conversation and locate its response tokens.
+TRAIN_ON = ("all", "last")
 
-    The response is the final assistant message up to and including the first
-    special token the template adds after it (the end-of-turn token); anything
-    the template appends after that (e.g. a newline) is not part of it.
-    Special-token text inside the messages is tokenized as ordinary text.
+
+def _check_train_on(train_on: str) -> None:
+    """Refuse a `train_on` other than "all" (every assistant turn is a response) or "last" (only the final one)."""
+    if train_on not in TRAIN_ON:
+        raise InvalidSetting("train_on", f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+
+
+def _turn_bounds(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full_text: str, turns: list[int]
+                 ) -> list[tuple[int, int]]:
+    """For each assistant message index in `turns`, the characters of `full_text` where its answer starts and its turn ends.
+
+    The answer starts where the template's rendering of the messages before it,
+    with the generation prompt, ends; the turn ends where the rendering up to
+    and including it ends. Both renderings must be prefixes of the whole one.
     """
-    messages = conversation.messages
-    prompt_text, prompt_ids, _ = _render_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-    full_text, full_ids, segments = _render_ids(tokenizer, messages, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise DataError("the chat template renders the prompt differently when the answer follows; cannot locate the response")
-    if full_ids[: len(prompt_ids)] != prompt_ids:  # the tokenizer merged across the start of the answer: cut there
-        if segments is None:
-            full_ids = prompt_ids + _tokens(tokenizer, full_text[len(prompt_text):])
-        else:
-            full_ids = prompt_ids + _plain_message_ids(tokenizer, messages, _drop_prefix(segments, len(prompt_text)))
-    response = full_ids[len(prompt_ids):]
-    special = _special_ids(tokenizer)
-    end = next((i + 1 for i, token in enumerate(response) if token in special), None)
+    bounds = []
+    for turn in turns:
+        start = _apply_template(tokenizer, messages[:turn], add_generation_prompt=True)
+        end = _apply_template(tokenizer, messages[:turn + 1], add_generation_prompt=False)
+        if not (full_text.startswith(start) and full_text.startswith(end) and len(start) <= len(end)):
+            raise DataError(f"the chat template renders the conversation before the assistant message messages[{turn}] "
+                            "differently when more messages follow; cannot locate that response (use --train-on last)")
+        bounds.append((len(start), len(end)))
+    return bounds
+
+
+def _piece_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, segments: Segments | None,
+               start: int, end: int) -> list[int]:
+    """Token ids of `text[start:end]` alone, message text read as text (see "Special-token text inside messages")."""
+    if segments is None:
+        return _tokens(tokenizer, text[start:end])
+    return _plain_message_ids(tokenizer, messages, _slice_segments(segments, start, end))
+
+
+def _ids_with_cuts(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, full_ids: list[int],
+                   segments: Segments | None, cuts: list[int]) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the token index of each character cut in `cuts` (ascending).
+
+    The whole rendering's tokenization is kept when every cut falls between
+    two of its tokens (the tokenization of the text before the cut is a prefix
+    of it); otherwise the text is tokenized piece by piece between the cuts, so
+    no token straddles where a response starts or a turn ends.
+    """
+    prefixes = [_piece_ids(tokenizer, messages, text, segments, 0, cut) for cut in cuts]
+    if all(full_ids[:len(prefix)] == prefix for prefix in prefixes):
+        return full_ids, [len(prefix) for prefix in prefixes]
+    ids: list[int] = []
+    indices = []
+    for begin, cut in zip([0, *cuts], [*cuts, len(text)]):
+        indices.append(len(ids))
+        ids += _piece_ids(tokenizer, messages, text, segments, begin, cut)
+    return ids, indices[1:]
+
+
+def _span_end(tokenizer: PreTrainedTokenizerBase, ids: list[int], start: int, turn_end: int, special: set[int]) -> int:
+    """Where the response starting at `start` ends: after the first special token (end of turn) before `turn_end`,
+    else after its last token that is not whitespace."""
+    end = next((i + 1 for i in range(start, turn_end) if ids[i] in special), None)
     if end is None:
-        end = len(response)
-        while end > 0 and not tokenizer.decode(response[end - 1:end]).strip():
+        end = turn_end
+        while end > start and not tokenizer.decode(ids[end - 1:end]).strip():
             end -= 1
-    response = response[:end]
-    if not response or all(token in special for token in response):
-        raise DataError("the response renders to zero tokens")
+    return end
+
+
+def _truncate(ids: list[int], spans: list[tuple[int, int]], max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Cut `ids` to `max_length` from the right: the prompt before the first response stays whole, spans are clipped
+    and those left empty dropped; a prompt that leaves no room for one response token is a `DataError`."""
+    prompt = spans[0][0]
+    if max_length - prompt < 1:
+        raise DataError(f"the prompt has {prompt} tokens, leaving no room for the response within --max-length {max_length}")
+    clipped = [(start, min(end, max_length)) for start, end in spans if start < max_length]
+    return ids[:max_length], clipped
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_length: int | None = None, train_on: str = "all"
+) -> EncodedExample:
+    """Tokenize a conversation and locate its response spans, one per assistant turn trained on.
+
+    `train_on="all"` (TRL's default) makes every assistant message a response,
+    `"last"` only the final one (the others are context). A response is the
+    assistant message up to and including the first special token the template
+    adds after it (the end-of-turn token); anything the template appends after
+    that (e.g. a newline) is not part of it. An earlier assistant message that
+    renders to no token but special ones (an empty turn) is context, not a
+    response; the final one must have text. Special-token text inside the
+    messages is tokenized as ordinary text.
+    """
+    _check_train_on(train_on)
+    messages = conversation.messages
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = turns if train_on == "all" else turns[-1:]
+    full_text, full_ids, segments = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    bounds = _turn_bounds(tokenizer, messages, full_text, turns)
+    cuts = sorted({cut for bound in bounds for cut in bound})
+    ids, indices = _ids_with_cuts(tokenizer, messages, full_text, full_ids, segments, cuts)
+    token_at = dict(zip(cuts, indices))
+    special = _special_ids(tokenizer)
+    spans = []
+    for turn, (start, turn_end) in zip(turns, bounds):
+        begin = token_at[start]
+        end = _span_end(tokenizer, ids, begin, token_at[turn_end], special)
+        if all(token in special for token in ids[begin:end]):
+            if turn == turns[-1]:
+                raise DataError(f"the response (messages[{turn}]) renders to zero tokens")
+            continue
+        spans.append((begin, end))
+    ids = ids[:spans[-1][1]]
     if max_length is not None:
-        room = max_length - len(prompt_ids)
-        if room < 1:
-            raise DataError(f"the prompt has {len(prompt_ids)} tokens, leaving no room for the response within --max-length {max_length}")
-        response = response[:room]
-    return EncodedExample(conversation.example_id, prompt_ids + response, len(prompt_ids))
+        ids, spans = _truncate(ids, spans, max_length)
+    return EncodedExample(conversation.example_id, ids, spans[0][0], spans)
 
 
 def encode_conversations(
@@ -517,12 +914,14 @@ def encode_conversations(
     max_length: int | None = None,
     skip_invalid: bool = False,
     source: str = "data",
+    train_on: str = "all",
 ) -> tuple[list[EncodedExample], list[str]]:
     """Encode many conversations; errors name `source` and the row, or are collected with `skip_invalid`."""
+    _check_train_on(train_on)
     encoded, errors = [], []
     for conversation in conversations:
         try:
-            encoded.append(encode_conversation(tokenizer, conversation, max_length))
+            encoded.append(encode_conversation(tokenizer, conversation, max_length, train_on))
         except DataError as err:
             message = f"{source}, row {conversation.example_id}: {err}"
             if not skip_invalid:
@@ -534,22 +933,28 @@ def encode_conversations(
 
 
 def load_examples(
-    path: str | Path,
+    source,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
     skip_invalid: bool = False,
     limit: int | None = None,
+    train_on: str = "all",
+    *,
+    data_format: str | None = None,
+    dataset_split: str = DEFAULT_SPLIT,
+    dataset_config: str | None = None,
 ) -> tuple[list[EncodedExample], LoadReport]:
-    """Read, validate and tokenize a data file in one call (the usual entry point)."""
-    conversations, report = load_conversations(path, skip_invalid=skip_invalid, limit=limit)
-    encoded, errors = encode_conversations(tokenizer, conversations, max_length, skip_invalid, source=str(path))
+    """Read, validate and tokenize data in one call (the usual entry point): `source` and the data settings as in
+    `load_conversations`, `train_on` as in `encode_conversation`."""
+    _check_train_on(train_on)
+    conversations, report = load_conversations(source, skip_invalid=skip_invalid, limit=limit, data_format=data_format,
+                                               dataset_split=dataset_split, dataset_config=dataset_config)
+    encoded, errors = encode_conversations(tokenizer, conversations, max_length, skip_invalid, report.path, train_on)
     report.errors.extend(errors)
-    return encoded, LoadReport(report.path, len(encoded), report.skipped + len(errors), report.errors)
+    return encoded, LoadReport(report.path, len(encoded), report.skipped + len(errors), report.errors, report.fingerprint)
 
 
 # --- Prompt-only rows (evaluation) ---------------------------------------------------------------
-
-_PLACEHOLDER_ANSWER = "(answer)"
 
 
 @dataclass
@@ -565,71 +970,49 @@ class Prompt:
         return self.messages[-1]["content"]
 
 
-def _with_placeholder_answer(row: dict) -> dict:
-    """`row` with its answer (if any) replaced by a placeholder, so `row_to_messages` can validate the rest."""
-    if "messages" in row:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = _parse_json(messages)
-            except (json.JSONDecodeError, DataError):
-                return row  # row_to_messages reports it
-        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-            return row
-        if messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        return {**row, "messages": [*messages, {"role": "assistant", "content": _PLACEHOLDER_ANSWER}]}
-    if "instruction" not in row and "prompt" in row:
-        row = {**row, "instruction": row["prompt"]}
-    return {**row, "output": _PLACEHOLDER_ANSWER}
-
-
-def row_to_prompt_messages(row: object) -> list[dict[str, str]]:
+def row_to_prompt_messages(row: object, data_format: str | None = None) -> list[dict[str, str]]:
     """Validate one raw row as a request; returns its chat messages up to where the answer would start.
 
-    Accepts the formats of `row_to_messages` without requiring an answer:
-    Alpaca rows with `instruction` (or `prompt`) and optional `input`, and chat
-    rows with `messages` (a final assistant message, if present, is dropped).
-    The validation is `row_to_messages`'s own, run on the row completed with a
-    placeholder answer, so training and evaluation files follow one set of rules.
+    Accepts every format of `row_to_messages` with the answer optional and
+    ignored: Alpaca rows need only `instruction`, prompt/completion rows only
+    `prompt`, and a final assistant message of a conversation is dropped.
     """
-    if isinstance(row, dict):
-        row = _with_placeholder_answer(row)
-    messages = row_to_messages(row)[:-1]
-    if messages[-1]["role"] != "user":
-        raise DataError("the conversation must end with a 'user' message (the request)")
-    return messages
+    return _row_messages(row, data_format, answered=False)
 
 
-def _load_rows(path: str | Path, convert, skip_invalid: bool, limit: int | None) -> tuple[list, LoadReport]:
-    """Read a data file and apply `convert(index, raw_row)` to each row, with the error policy of `load_conversations`."""
-    path = Path(path).expanduser()
+def _load_rows(source, convert, skip_invalid: bool, limit: int | None, data_format: str | None, dataset_split: str,
+               dataset_config: str | None) -> tuple[list, LoadReport]:
+    """Read a data source and apply `convert(index, raw_row, row_format)` to each row, with the error policy of
+    `load_conversations`."""
     if limit is not None and limit < 1:
         raise DataError(f"the row limit must be at least 1, got {limit}")
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
+    check_format(data_format)
+    opened = open_data(source, dataset_split, dataset_config)
+    formats = _FileFormat(data_format)
     items: list = []
     errors: list[str] = []
-    for index, (location, raw) in enumerate(_rows_from_file(path)):
+    for index, (location, raw) in enumerate(opened.rows):
         if limit is not None and index >= limit:
             break
         try:
-            items.append(convert(index, raw))
+            items.append(convert(index, raw, formats.of(raw, location)))
         except DataError as err:
-            message = f"{path}, {location}: {err}"
+            message = f"{opened.name}, {location}: {err}"
             if not skip_invalid:
                 raise DataError(message) from None
             errors.append(message)
     if not items:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(errors)} invalid, first: {errors[0]})" if errors else " (the file is empty)"))
-    return items, LoadReport(str(path), len(items), len(errors), errors)
+        raise DataError(f"{opened.name}: no usable rows" + (f" ({len(errors)} invalid, first: {errors[0]})" if errors else f" ({opened.empty})"))
+    return items, LoadReport(opened.name, len(items), len(errors), errors, opened.fingerprint)
 
 
-def load_prompts(path: str | Path, skip_invalid: bool = False, limit: int | None = None) -> tuple[list[Prompt], LoadReport]:
-    """Read requests (answers optional and ignored) from any format `load_conversations` reads.
+def load_prompts(source, skip_invalid: bool = False, limit: int | None = None, *, data_format: str | None = None,
+                 dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None) -> tuple[list[Prompt], LoadReport]:
+    """Read requests (answers optional and ignored) from any source and row format `load_conversations` reads.
 
     For evaluation files of prompts alone, e.g. harmful requests for refusal
-    rates; `example_id` is each row's index in the file, errors as in
+    rates; `example_id` is each row's index in the source, errors as in
     `load_conversations`.
     """
-    return _load_rows(path, lambda index, raw: Prompt(index, row_to_prompt_messages(raw)), skip_invalid, limit)
+    return _load_rows(source, lambda index, raw, fmt: Prompt(index, row_to_prompt_messages(raw, fmt)), skip_invalid, limit,
+                      data_format, dataset_split, dataset_config)

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pact.errors import PactError
+from pact.cache_tools.batch import collate_rows
 from pact.loss import student_outputs
 from pact.objective import PactConfig, pact_kl
-from pact.targets import examples_from_cache_rows, targets_from_cache_rows
+from pact.targets import check_columns
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -169,10 +170,11 @@ def safety_drift(model: PreTrainedModel, reader, pad_id: int, cfg: PactConfig = 
     indices = list(range(len(reader)))
     for start in tqdm(range(0, len(indices), batch_size), desc="drift", unit="batch", disable=not progress):
         rows = [reader[i] for i in indices[start : start + batch_size]]
-        examples = examples_from_cache_rows(rows)
-        student = student_outputs(model, examples, safety_ids, pad_id, with_ce=False)
+        batch = collate_rows(rows, pad_id)
+        check_columns(batch, safety_ids)
+        student = student_outputs(model, batch, safety_ids, with_ce=False)
         device = student.safety_logits.device
-        targets = targets_from_cache_rows(rows, safety_ids).to(device)
+        targets = batch.to(device)
         mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
         kl = pact_kl(student.safety_logits.float(), targets.full_logits, targets.post_logits, targets.post_count,
                      student.steps, mask, weights.to(device), cfg, targets.columns).double().cpu()

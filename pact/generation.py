@@ -137,7 +137,7 @@ def score_responses(
     sequences, starts = [], []
     for p, c in pairs:
         messages = list(prompts[p]) + [{"role": "assistant", "content": candidates[c]}]
-        example = encode_conversation(tokenizer, Conversation(p, messages))
+        example = encode_conversation(tokenizer, Conversation(p, messages), train_on="last")  # the candidate alone
         sequences.append(example.input_ids)
         starts.append(example.response_start)
     scores = torch.zeros(len(prompts), len(candidates), dtype=torch.float64)

@@ -1,6 +1,6 @@
 """The PACT loss of a model on a batch: cross-entropy on the response tokens
 plus lambda times the masked KL on the safety tokens, with targets that come
-live or from the cache (see `pact.targets`).
+live or from the cache, both as a `pact.cache_tools.batch.CacheBatch`.
 
 The student's safety-token logits are computed from the final hidden states
 and the LM-head rows of S, so the KL never needs full-vocabulary logits, and
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from pact.data import EncodedExample
+from pact.cache_tools.batch import CacheBatch, collate_rows
 from pact.objective import PactConfig, chunked_cross_entropy, pact_kl, pact_loss
-from pact.reference import causal_lm_parts, response_hidden_states, response_targets_flat
-from pact.targets import TargetBatch, examples_from_cache_rows, targets_from_cache_rows
+from pact.reference import causal_lm_parts, hidden_states_at
+from pact.targets import check_columns
 
 
 @dataclass
@@ -44,45 +44,44 @@ class PactOutput:
 
 def student_outputs(
     model: PreTrainedModel,
-    examples: list[EncodedExample],
+    batch: CacheBatch,
     safety_ids: torch.Tensor | None,
-    pad_id: int,
     with_ce: bool = True,
     ce_chunk_size: int = 1024,
 ) -> StudentOutputs:
-    """One forward pass of the student: mean response CE and logits on S at every response position.
+    """One forward pass of the student: mean response CE and logits on S at every response position of `batch`.
 
     With `safety_ids=None` only the CE is computed (plain SFT on response tokens).
     """
     _, head = causal_lm_parts(model)
     device = head.device
-    hidden = response_hidden_states(
-        model, [ex.input_ids for ex in examples], [ex.response_start for ex in examples], pad_id, device
-    )
-    targets, steps = response_targets_flat(examples, device)
-    ce = chunked_cross_entropy(hidden, head, targets, ce_chunk_size) if with_ce else hidden.new_zeros((), dtype=torch.float32)
+    hidden = hidden_states_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
+    labels = batch.labels.to(device)
+    ce = chunked_cross_entropy(hidden, head, labels, ce_chunk_size) if with_ce else hidden.new_zeros((), dtype=torch.float32)
     safety_logits = None if safety_ids is None else F.linear(hidden, head[safety_ids.to(device)])
-    return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=steps)
+    return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device))
 
 
-def compute_pact_loss(
+def pact_batch_loss(
     model: PreTrainedModel,
-    examples: list[EncodedExample],
-    targets: TargetBatch,
+    batch: CacheBatch,
     safety_ids: torch.Tensor,
     weights: torch.Tensor,
     cfg: PactConfig,
-    pad_id: int,
     ce_chunk_size: int = 1024,
 ) -> PactOutput:
-    """L = CE + lambda * mean_t KL_t over the batch's response tokens (docs/objective.md section 2)."""
-    student = student_outputs(model, examples, safety_ids, pad_id, with_ce=True, ce_chunk_size=ce_chunk_size)
+    """L = CE + lambda * mean_t KL_t over the batch's response tokens (docs/objective.md section 2).
+
+    `batch` carries its targets (cached, `collate_rows`, or online,
+    `OnlineReference.fill`); `safety_ids` is S, the columns of the student's logits.
+    """
+    student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size)
     device = student.safety_logits.device
-    targets = targets.to(device)
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
+    columns = None if batch.columns is None else batch.columns.to(device)
     kl_per_position = pact_kl(
-        student.safety_logits, targets.full_logits, targets.post_logits, targets.post_count,
-        student.steps, mask, weights.to(device), cfg, targets.columns,
+        student.safety_logits, batch.full_logits.to(device), batch.post_logits.to(device), batch.post_count.to(device),
+        student.steps, mask, weights.to(device), cfg, columns,
     )
     loss, kl = pact_loss(student.ce, kl_per_position, mask, cfg)
     return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, int(mask.sum()))
@@ -97,8 +96,7 @@ def cached_pact_loss(
     pad_id: int,
     ce_chunk_size: int = 1024,
 ) -> PactOutput:
-    """The PACT loss of a batch of cache rows (`CacheReader` items): the one call a custom training loop needs."""
-    return compute_pact_loss(
-        model, examples_from_cache_rows(rows), targets_from_cache_rows(rows, safety_ids),
-        safety_ids, weights, cfg, pad_id, ce_chunk_size,
-    )
+    """The PACT loss of a batch of cache rows (`CacheReader` items): `collate_rows`, then `pact_batch_loss`."""
+    batch = collate_rows(rows, pad_id)
+    check_columns(batch, safety_ids)
+    return pact_batch_loss(model, batch, safety_ids, weights, cfg, ce_chunk_size)

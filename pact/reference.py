@@ -8,6 +8,7 @@ positions ever get full-vocabulary logits, one batch at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,17 @@ from transformers import PreTrainedModel
 
 from pact.data import EncodedExample
 from pact.objective import topp_count
+
+if TYPE_CHECKING:
+    from pact.cache_tools.batch import CacheBatch
+
+
+def _collate_spans(*args) -> "CacheBatch":
+    """`pact.cache_tools.batch.collate_spans`, imported on first use: `pact.cache_tools` imports this module (the
+    builder runs the reference), so importing it at the top would be circular."""
+    from pact.cache_tools.batch import collate_spans
+
+    return collate_spans(*args)
 
 
 @dataclass
@@ -50,56 +62,99 @@ def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tens
     return base.get_decoder(), head.weight
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into `(input_ids, attention_mask)`; right padding leaves earlier positions exact."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[row, : len(seq)] = 1
-    return ids.to(device), attention.to(device)
+def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Final hidden states at (rows, positions) of a padded batch, [N, H].
 
-
-def response_hidden_states(
-    model: PreTrainedModel, sequences: list[list[int]], starts: list[int], pad_id: int, device: torch.device
-) -> torch.Tensor:
-    """Final hidden states at the positions that predict each response token, flattened to [sum n_resp, H].
-
-    Response step t of sequence i is predicted at position starts[i] - 1 + t.
     In grad mode the call goes through the model's own forward (asking it for
     no logits), so wrappers such as DistributedDataParallel see the forward;
     without grad the decoder stack is called directly and no per-layer
     hidden states are kept.
     """
-    ids, attention = pad_batch(sequences, pad_id, device)
+    device = causal_lm_parts(model)[1].device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if torch.is_grad_enabled():
         no_logits = torch.empty(0, dtype=torch.long, device=device)
-        hidden = model(input_ids=ids, attention_mask=attention, logits_to_keep=no_logits, output_hidden_states=True).hidden_states[-1]
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=no_logits,
+                       output_hidden_states=True).hidden_states[-1]
     else:
         decoder, _ = causal_lm_parts(model)
-        hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-    rows, cols = response_index(sequences, starts, device)
-    return hidden[rows, cols]
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[rows.to(device), positions.to(device)]
 
 
-def response_index(sequences: list[list[int]], starts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) indices of the positions that predict the response tokens, in order."""
-    rows, cols = [], []
-    for row, (seq, start) in enumerate(zip(sequences, starts)):
-        rows.extend([row] * (len(seq) - start))
-        cols.extend(range(start - 1, len(seq) - 1))
-    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+def response_hidden_states(
+    model: PreTrainedModel, sequences: list[list[int]], starts: list[int], pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token `sequences[i][starts[i]:]`, [sum n_resp, H]."""
+    batch = _collate_spans([torch.tensor(s, dtype=torch.long) for s in sequences],
+                          [torch.tensor([[start, len(s)]]) for s, start in zip(sequences, starts)], list(range(len(sequences))), pad_id)
+    return hidden_states_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions).to(device)
 
 
-def response_targets_flat(examples: list[EncodedExample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened response token ids and their response steps t for a batch of examples."""
-    targets = [token for ex in examples for token in ex.response_ids]
-    steps = [t for ex in examples for t in range(len(ex.response_ids))]
-    return torch.tensor(targets, device=device), torch.tensor(steps, device=device)
+def collate_examples(examples: list[EncodedExample], pad_id: int) -> "CacheBatch":
+    """The token side of a batch of encoded examples (`CacheBatch` without targets)."""
+    return _collate_spans([torch.tensor(ex.input_ids, dtype=torch.long) for ex in examples],
+                         [torch.tensor(ex.spans, dtype=torch.long).reshape(-1, 2) for ex in examples],
+                         [ex.example_id for ex in examples], pad_id)
+
+
+def post_only_batch(batch: "CacheBatch", header_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The post-only contexts of a batch, one sequence per response span: the assistant header, then that turn's tokens.
+
+    Returns (input_ids [M, P + longest span], attention_mask, positions [N]);
+    response token n is predicted in sequence `span of n` at position
+    P - 1 + its step, so the rows are the tokens' span indices.
+    """
+    header = torch.tensor(header_ids, dtype=torch.long)
+    lengths = batch.span_lengths
+    offsets = torch.arange(int(lengths.max()))
+    inside = offsets[None, :] < lengths[:, None]
+    index = (batch.span_starts[:, None] + offsets[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
+    body = torch.where(inside, batch.input_ids[batch.span_rows[:, None], index], pad_id)
+    ids = torch.cat([header.expand(len(lengths), -1), body], dim=1)
+    mask = torch.cat([torch.ones(len(lengths), len(header), dtype=torch.long), inside.long()], dim=1)
+    return ids, mask, len(header) - 1 + batch.steps
+
+
+def _pad_to(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """`ids` [B, L] right-padded with `value` to width `width`."""
+    return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=value)
 
 
 @torch.inference_mode()
+def reference_batch(
+    model: PreTrainedModel,
+    batch: "CacheBatch",
+    safety_ids: torch.Tensor,
+    header_ids: list[int],
+    p0: float,
+    gate_temperature: float,
+    pad_id: int,
+) -> ReferenceTargets:
+    """Reference values for every response token of `batch` (flattened, batch order), full and post-only contexts
+    in one batched forward pass (the post-only context of a token is the header followed by its turn so far)."""
+    _, head = causal_lm_parts(model)
+    device = head.device
+    post_ids, post_mask, post_positions = post_only_batch(batch, header_ids, pad_id)
+    width = max(batch.input_ids.shape[1], post_ids.shape[1])
+    ids = torch.cat([_pad_to(batch.input_ids, width, pad_id), _pad_to(post_ids, width, pad_id)])
+    mask = torch.cat([_pad_to(batch.attention_mask, width, 0), _pad_to(post_mask, width, 0)])
+    token_span = torch.repeat_interleave(torch.arange(len(batch.span_lengths)), batch.span_lengths)
+    rows = torch.cat([batch.rows, len(batch.lengths) + token_span])
+    hidden = hidden_states_at(model, ids, mask, rows, torch.cat([batch.positions, post_positions]))
+    full_hidden, post_hidden = hidden[:batch.tokens], hidden[batch.tokens:]
+    safety_ids = safety_ids.to(device)
+    logits = F.linear(full_hidden, head).float()
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    target_logprob = logits.gather(1, batch.labels.to(device)[:, None]).squeeze(1) - logsumexp
+    full_logits = logits[:, safety_ids]
+    del logits
+    post_logits = F.linear(post_hidden, head[safety_ids]).float()
+    post_count = topp_count(post_logits, p0, gate_temperature)
+    return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp)
+
+
 def reference_targets(
     model: PreTrainedModel,
     examples: list[EncodedExample],
@@ -109,24 +164,8 @@ def reference_targets(
     gate_temperature: float,
     pad_id: int,
 ) -> list[ReferenceTargets]:
-    """Run the reference on the full and post-only contexts of `examples` in one batched forward pass."""
-    _, head = causal_lm_parts(model)
-    device = head.device
-    full_seqs = [ex.input_ids for ex in examples]
-    post_seqs = [header_ids + ex.response_ids for ex in examples]
-    starts = [ex.response_start for ex in examples] + [len(header_ids)] * len(examples)
-    hidden = response_hidden_states(model, full_seqs + post_seqs, starts, pad_id, device)
-    n_full = sum(len(ex.response_ids) for ex in examples)
-    full_hidden, post_hidden = hidden[:n_full], hidden[n_full:]
-    safety_ids = safety_ids.to(device)
-    logits = F.linear(full_hidden, head).float()
-    targets, _ = response_targets_flat(examples, device)
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    target_logprob = logits.gather(1, targets[:, None]).squeeze(1) - logsumexp
-    full_logits = logits[:, safety_ids]
-    del logits
-    post_logits = F.linear(post_hidden, head[safety_ids]).float()
-    post_count = topp_count(post_logits, p0, gate_temperature)
+    """`reference_batch` for a list of examples, split back into one `ReferenceTargets` per example."""
+    values = reference_batch(model, collate_examples(examples, pad_id), safety_ids, header_ids, p0, gate_temperature, pad_id)
     sizes = [len(ex.response_ids) for ex in examples]
-    parts = zip(*(t.split(sizes) for t in (full_logits, post_logits, post_count, target_logprob, logsumexp)))
-    return [ReferenceTargets(*fields) for fields in parts]
+    fields = (values.full_logits, values.post_logits, values.post_count, values.target_logprob, values.logsumexp)
+    return [ReferenceTargets(*parts) for parts in zip(*(t.split(sizes) for t in fields))]

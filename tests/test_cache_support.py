@@ -91,3 +91,44 @@ def float32_cache(tiny, tiny_examples, tiny_safety, tmp_path_factory):
     with single_thread():
         build_cache(tiny, tiny_examples, tiny_safety, out, dtype="float32", rows_per_shard=4, batch_size=3, progress=False)
     return out
+
+
+def downgrade_to_v1(cache) -> None:
+    """Rewrite a single-turn format-version-2 cache as version 1 wrote it: shards without `response_spans`, schema
+    metadata and manifest version 1 (shard bytes, sizes, sha256 and checksums redone as the version-1 writer did)."""
+    import json
+
+    from pact.cache_tools.manifest import save_manifest, set_totals
+    from pact.cache_tools.reader import read_shard_table
+    from pact.cache_tools.writer import SCHEMA_VERSION_KEY, shard_index, write_shard
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        table = read_shard_table(cache, entry)
+        assert all(len(spans) == 1 for spans in table.column("response_spans").to_pylist()), "version 1 holds one span per row"
+        table = table.drop_columns(["response_spans"])
+        table = table.replace_schema_metadata({**table.schema.metadata, SCHEMA_VERSION_KEY: b"1"})
+        entry.update(write_shard(cache, shard_index(entry["file"]), table, entry["response_tokens"], manifest["params"]["zstd_level"]))
+    manifest["format_version"] = 1
+    save_manifest(cache, set_totals(manifest))
+
+
+def rewrite_response_spans(cache, shard: int, change) -> None:
+    """Replace the `response_spans` of shard `shard` of `cache` by `change(spans)` (a list per row of [start, end]
+    pairs) and reseal the manifest as pact-cache would, so only the row checks can catch the change."""
+    import json
+
+    import pyarrow as pa
+
+    from pact.cache_tools.manifest import save_manifest
+    from pact.cache_tools.reader import read_shard_table
+    from pact.cache_tools.writer import write_shard
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    entry = manifest["shards"][shard]
+    table = read_shard_table(cache, entry)
+    index = table.schema.get_field_index("response_spans")
+    spans = change(table.column(index).to_pylist())
+    table = table.set_column(index, table.schema.field(index), pa.array(spans, table.schema.field(index).type))
+    entry.update(write_shard(cache, shard, table, entry["response_tokens"], manifest["params"]["zstd_level"]))
+    save_manifest(cache, manifest)

@@ -4,19 +4,19 @@ equals an independent online computation of docs/objective.md section 2."""
 import json
 
 import pytest
-import torch
 
 from helpers import random_lora_student, write_jsonl
 from pact.cache_tools import CacheReader
+from pact.cache_tools.batch import collate_rows
 from pact.cache_tools.cli import main as cache_main
 from pact.cli import main as pact_main
 from pact.data import assistant_header_ids
-from pact.loss import cached_pact_loss, compute_pact_loss
+from pact.loss import cached_pact_loss, pact_batch_loss
 from pact.models import load_model
 from pact.objective import PactConfig
-from pact.targets import OnlineReference, examples_from_cache_rows
+from pact.targets import OnlineReference
 
-from test_objective import _kl_reference
+from test_online_objective import independent_terms
 
 ROWS = [
     {"instruction": "Name a colour.", "output": "Blue is a colour."},
@@ -54,9 +54,8 @@ def _online_and_cached(loaded, reader, seed):
     rows = [reader[i] for i in range(len(reader))]
     safety_ids, weights = reader.safety_ids, reader.safety_weights
     student = random_lora_student(loaded.model, seed=seed, scale=0.02)
-    examples = examples_from_cache_rows(rows)
     online = OnlineReference(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
-    online_out = compute_pact_loss(student, examples, online.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
+    online_out = pact_batch_loss(student, online.fill(collate_rows(rows, tok.pad_token_id)), safety_ids, weights, cfg)
     online_grads = _backward(student, online_out)
     cached_out = cached_pact_loss(student, rows, safety_ids, weights, cfg, tok.pad_token_id)
     cached_grads = _backward(student, cached_out)
@@ -95,17 +94,12 @@ def _independent_drift(student, reference, reader, cfg):
     """Mean KL_t by unpadded per-example passes and the float64 transcription of section 1.2."""
     header = reader.manifest["header_ids"]
     safety_ids = reader.safety_ids
-    weights = reader.safety_weights.tolist()
     terms = []
-    with torch.no_grad():
-        for i in range(len(reader)):
-            row = reader[i]
-            ids, start = row["input_ids"].tolist(), int(row["response_start"])
-            response = ids[start:]
-            z = student(torch.tensor([ids])).logits[0, start - 1 : -1][:, safety_ids].double()
-            f = reference(torch.tensor([ids])).logits[0, start - 1 : -1][:, safety_ids].double()
-            p = reference(torch.tensor([header + response])).logits[0, len(header) - 1 : -1][:, safety_ids].double()
-            terms.extend(_kl_reference(z[t].tolist(), f[t].tolist(), p[t].tolist(), t, weights, cfg) for t in range(len(response)))
+    for i in range(len(reader)):
+        row = reader[i]
+        spans = [tuple(span) for span in row["response_spans"].tolist()]
+        terms += independent_terms(student, reference, row["input_ids"].tolist(), spans, header, safety_ids,
+                                   reader.safety_weights, cfg)[1]
     return sum(terms) / len(terms), len(terms)
 
 

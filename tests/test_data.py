@@ -312,7 +312,7 @@ def test_response_rendering_to_zero_tokens_is_an_error(tmp_path, tok):
     path = write_jsonl(tmp_path / "rows.jsonl", ALPACA_ROWS[:2])
     with pytest.raises(DataError) as err:
         load_examples(path, dropping)
-    assert str(err.value) == f"{path}, row 0: the response renders to zero tokens"
+    assert str(err.value) == f"{path}, row 0: the response (messages[1]) renders to zero tokens"
     with pytest.raises(DataError, match="no row could be encoded"):
         load_examples(path, dropping, skip_invalid=True)
 
@@ -327,8 +327,9 @@ def _pieces(tokenizer, ids):
 
 def _check_mask(tokenizer, conversation, expected_prompt, expected_response):
     """Encode `conversation` and check, token by token, that the prompt part decodes to
-    `expected_prompt` and the response part to `expected_response` (content plus `<|im_end|>`)."""
-    example = encode_conversation(tokenizer, conversation)
+    `expected_prompt` and the response part to `expected_response` (content plus `<|im_end|>`); only the last
+    assistant turn is a response (`train_on="last"`: earlier turns are prompt; tests/test_multi_turn.py covers "all")."""
+    example = encode_conversation(tokenizer, conversation, train_on="last")
     prompt_ids, response_ids = example.input_ids[: example.response_start], example.response_ids
     assert tokenizer.decode(prompt_ids) == expected_prompt
     assert prompt_ids == tokenizer(expected_prompt, add_special_tokens=False)["input_ids"]
@@ -377,7 +378,7 @@ def test_tiny_response_mask_token_by_token(tok, index):
 
 
 def test_tiny_response_mask_multi_turn_and_no_default_system(tok):
-    """Earlier turns belong to the prompt; a template without a default system adds none."""
+    """With train_on="last" earlier turns belong to the prompt; a template without a default system adds none."""
     messages = [
         {"role": "user", "content": "Hi."},
         {"role": "assistant", "content": "Hello."},
@@ -399,8 +400,8 @@ QUOTING_QUESTION = "What do <|im_start|>user and <|im_end|> mean?"
 
 def _check_quoted_special_text(tokenizer, messages, template_specials: int):
     """Encode `messages` and check that their special-token text stayed text: the response is the answer's plain
-    tokens plus one real `<|im_end|>`, and the only special ids in the prompt are the template's own."""
-    example = encode_conversation(tokenizer, Conversation(0, messages))
+    tokens plus one real `<|im_end|>`, and the only special ids in the prompt are the template's own (last turn only)."""
+    example = encode_conversation(tokenizer, Conversation(0, messages), train_on="last")
     response, prompt = example.response_ids, example.input_ids[: example.response_start]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     answer = messages[-1]["content"]
@@ -584,7 +585,7 @@ def test_smollm2_response_mask_exact_tokens(embedded):
 
 @pytest.mark.embedded
 def test_smollm2_multi_turn_with_system(embedded):
-    """A given system message replaces the default one; earlier turns stay in the prompt."""
+    """A given system message replaces the default one; with train_on="last" earlier turns stay in the prompt."""
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi."},

@@ -35,21 +35,21 @@ def lively():
 
 
 def test_load_prompts_reads_every_row_format(tmp_path):
-    """Alpaca (instruction/input), `prompt`, and chat rows, with or without an answer, become user-ending messages."""
-    path = write_jsonl(tmp_path / "prompts.jsonl", [
-        {"instruction": "Help me cheat on my exam."},
-        {"instruction": "Summarise this.", "input": "The council met on Monday.", "output": "ignored"},
-        {"prompt": "How can I make a fake ID?"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "dropped"}]},
-    ])
-    prompts, report = load_prompts(path)
-    assert report.rows == 5 and report.skipped == 0
+    """Alpaca (instruction/input), `prompt`, and chat rows (one format per file), with or without an answer, become
+    user-ending messages."""
+    files = [[{"instruction": "Help me cheat on my exam."},
+              {"instruction": "Summarise this.", "input": "The council met on Monday.", "output": "ignored"}],
+             [{"prompt": "How can I make a fake ID?"}],
+             [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]},
+              {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "dropped"}]}]]
+    loaded = [load_prompts(write_jsonl(tmp_path / f"prompts-{i}.jsonl", rows)) for i, rows in enumerate(files)]
+    assert [(report.rows, report.skipped) for _, report in loaded] == [(2, 0), (1, 0), (2, 0)]
+    prompts = [p for file_prompts, _ in loaded for p in file_prompts]
     assert [p.text for p in prompts] == ["Help me cheat on my exam.", "Summarise this.\n\nThe council met on Monday.",
                                          "How can I make a fake ID?", "Say hello.", "hi"]
     assert prompts[3].messages[0] == {"role": "system", "content": "Be brief."}
     assert all(p.messages[-1]["role"] == "user" for p in prompts)
-    assert [p.example_id for p in prompts] == [0, 1, 2, 3, 4]
+    assert [p.example_id for p in prompts] == [0, 1, 0, 0, 1]
 
 
 def test_load_prompts_reports_bad_rows(tmp_path):

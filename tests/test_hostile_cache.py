@@ -23,7 +23,7 @@ from pact.cache_tools import CacheReader, load_manifest
 from pact.cache_tools.cli import main
 from pact.cache_tools.manifest import save_manifest
 from pact.cache_tools.writer import DirectoryLock
-from test_cache_support import TINY_MAX_LENGTH, subprocess_env
+from test_cache_support import TINY_MAX_LENGTH, downgrade_to_v1, rewrite_response_spans, subprocess_env
 
 FAMILY = "pact-cache"
 
@@ -98,6 +98,12 @@ def _damage_shard(how: str):
 def _copy_cache(w):
     """A `prepare` copying the world cache to `copy` (a second input holding the very same examples)."""
     shutil.copytree(w.cache, w.path("copy"))
+
+
+def _old_version_copy(w):
+    """A `prepare` copying the world cache to `old` and rewriting the copy as a format-version-1 cache."""
+    shutil.copytree(w.cache, w.path("old"))
+    downgrade_to_v1(w.path("old"))
 
 
 def _hold_lock(name: str):
@@ -185,7 +191,7 @@ CASES = [
           ("dtype", "dtype", ("dtype",), "int8"),
           ("shard-rows", "shards", ("shards", 0, "rows"), 5),
           ("total-rows", "totals.rows", ("totals", "rows"), 99),
-          ("format-version", "format_version", ("format_version",), 2),
+          ("format-version", "format_version", ("format_version",), 1),
       )],
     Case("verify-edited-safety-tokens-file", "`safety_tokens.json` edited (no longer the manifest's)", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1, "safety_tokens.json differs from the manifest's safety_tokens (field(s) weights)",
@@ -208,9 +214,9 @@ CASES = [
     Case("verify-old-manifest-totals", "an old manifest (no checksums) with `totals.rows` edited", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1, "manifest.json: totals.rows 99 (the shards give 12) do not match the shard list",
          prepare=_edit(_without_checksums(_set("totals", "rows", 99)))),
-    Case("verify-old-manifest-version", "an old manifest (no checksums) of format version 2", "pact-cache",
-         lambda w: ["verify", str(w.cache)], 2, "format version 2, this pact reads version 1",
-         prepare=_edit(_without_checksums(_set("format_version", 2)))),
+    Case("verify-old-manifest-version", "an old manifest (no checksums) of format version 3", "pact-cache",
+         lambda w: ["verify", str(w.cache)], 2, "format version 3, this pact reads versions 1, 2",
+         prepare=_edit(_without_checksums(_set("format_version", 3)))),
     # shard entries pointing outside the cache directory (checksums sealed: only the name check can refuse them)
     Case("verify-shard-outside", "a shard entry `../elsewhere/shard-00000.arrow` (a real shard is there)", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1, f"shards[0].file {OUTSIDE!r} is not a shard file name of the cache directory",
@@ -275,6 +281,20 @@ CASES = [
          prepare=lambda w: w.write("merged/notes.txt", "mine")),
     Case("merge-locked", "`merge` into a folder a build is writing (its lock held)", "pact-cache",
          lambda w: ["merge", str(w.path("merged")), str(w.cache)], 2, "holds the lock", prepare=_hold_lock("merged")),
+    # format versions and response spans
+    Case("build-resume-version-1", "`--resume` of a format-version-1 cache (this pact writes version 2)", "pact-cache",
+         lambda w: _build(w, w.path("old"), "--resume", *SMALL), 2,
+         "holds a format version 1 cache and this pact writes version 2, and a cache never mixes versions; use --overwrite",
+         prepare=_old_version_copy),
+    Case("merge-mixed-versions", "`merge` of a version-2 and a version-1 cache", "pact-cache",
+         lambda w: ["merge", str(w.path("merged")), str(w.cache), str(w.path("old"))], 2, "format version: 2 vs 1",
+         prepare=_old_version_copy),
+    Case("verify-overlapping-spans", "a shard whose row repeats its response span (resealed)", "pact-cache",
+         lambda w: ["verify", str(w.cache)], 1,
+         "row 0 (example_id 0), response span 1: not an ascending, disjoint token range",
+         prepare=lambda w: rewrite_response_spans(w.cache, 0, lambda rows: [rows[0] * 2, *rows[1:]])),
+    Case("build-train-on-unknown", "`--train-on first`", "pact-cache",
+         lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "argument --train-on: invalid choice: 'first'"),
 ]
 
 

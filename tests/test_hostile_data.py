@@ -68,6 +68,19 @@ def latin1_csv(w) -> None:
     w.write("latin1.csv", "instruction,output\nSay hello.,Hello.\nCaf\xe9?,Yes.\n".encode("latin-1"))
 
 
+def sharegpt(*turns) -> dict:
+    """A ShareGPT row of (from, value) pairs."""
+    return {"conversations": [{"from": speaker, "value": value} for speaker, value in turns]}
+
+
+def saved_dataset_dict(w) -> None:
+    """`saved`: a DatasetDict saved with save_to_disk, with `train` and `validation` splits only."""
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_list([ROW])
+    DatasetDict({"train": rows, "validation": rows}).save_to_disk(str(w.path("saved")))
+
+
 def invalid_json_line_7(w) -> None:
     """`bad.jsonl`: 12 rows, line 7 cut off in the middle."""
     rows = [ROW] * 12
@@ -143,6 +156,37 @@ CASES = [
          prepare=lambda w: w.write("fake.parquet", lines([ROW]))),
     Case("missing-data-file", "a data file that does not exist", "pact",
          lambda w: safety_tokens(w, "nowhere.jsonl"), 2, "data file not found"),
+    # data sources and row formats
+    Case("hub-id-offline", "a hub dataset id that is not in the local cache, offline (`HF_HUB_OFFLINE=1`)", "pact",
+         lambda w: ["safety-tokens", "--aligned", str(w.model), "--data", "pact-tests/no-such-dataset", "--device", "cpu",
+                    "--out", str(w.path("st.json"))], 2,
+         "pact-tests/no-such-dataset (split train): no such local file or folder, and no hub dataset that can be loaded"),
+    Case("unknown-format", "`--format xml`", "pact-cache", lambda w: build(w, "data.jsonl", "--format", "xml"), 2,
+         "argument --format: invalid choice: 'xml'"),
+    Case("mixed-formats", "Alpaca rows with a ShareGPT row on line 2", "pact",
+         lambda w: task(w, "mixed.jsonl"), 2,
+         "mixed.jsonl, line 2: a row in the sharegpt format (field(s) 'conversations') among rows in the alpaca format",
+         prepare=lambda w: w.write("mixed.jsonl", lines([ROW, sharegpt(("human", "Hi."), ("gpt", "Hello."))]))),
+    Case("format-given-does-not-match", "ShareGPT rows read with `--format alpaca`", "pact",
+         lambda w: refusal(w, "chat.jsonl") + ["--format", "alpaca"], 2,
+         "chat.jsonl, line 1: missing field 'instruction' (the row's field(s) 'conversations' are those of the sharegpt format",
+         prepare=lambda w: w.write("chat.jsonl", lines([sharegpt(("human", "Hi."), ("gpt", "Hello."))]))),
+    Case("no-known-fields", "rows of plain `text`", "pact-cache", lambda w: build(w, "text.jsonl"), 2,
+         "text.jsonl, line 1: no known row format: the row has field(s) 'text'",
+         prepare=lambda w: w.write("text.jsonl", lines([{"text": "User: Hi. Assistant: Hello."}]))),
+    Case("sharegpt-unknown-speaker", "a ShareGPT turn `from` `bot`", "pact",
+         lambda w: safety_tokens(w, "chat.jsonl"), 2, "chat.jsonl, line 1: conversations[1].from must be one of",
+         prepare=lambda w: w.write("chat.jsonl", lines([sharegpt(("human", "Hi."), ("bot", "Hello."))]))),
+    Case("prompt-completion-mixed-types", "a string `prompt` with a message-list `completion`", "pact-cache",
+         lambda w: build(w, "pc.jsonl"), 2,
+         "pc.jsonl, line 1: fields 'prompt' and 'completion' must both be strings or both be lists of messages",
+         prepare=lambda w: w.write("pc.jsonl", lines([{"prompt": "Hi.", "completion": [{"role": "assistant", "content": "Hello."}]}]))),
+    Case("missing-split", "`--dataset_split test` of a saved DatasetDict without one", "pact-cache",
+         lambda w: build(w, "saved", "--dataset_split", "test"), 2, "saved: the DatasetDict has no 'test' split",
+         prepare=saved_dataset_dict),
+    Case("not-arrow", "a text file named `.arrow`", "pact",
+         lambda w: task(w, "fake.arrow"), 2, "fake.arrow: not a readable arrow file",
+         prepare=lambda w: w.write("fake.arrow", lines([ROW]))),
 ]
 
 
@@ -160,8 +204,18 @@ def no_model_loading(monkeypatch):
         monkeypatch.setattr(module, name, no_model)
 
 
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub offline (as under `HF_HUB_OFFLINE=1`), so a hub id missing from the local cache fails at once."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile_data_input(case, world, capsys, no_model_loading):
+def test_hostile_data_input(case, world, capsys, no_model_loading, offline_hub):
     check_case(case, world, capsys)
 
 

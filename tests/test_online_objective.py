@@ -6,7 +6,7 @@ import torch
 
 from helpers import random_lora_student
 from pact.data import assistant_header_ids, demo_data_path, load_examples
-from pact.loss import compute_pact_loss
+from pact.loss import pact_batch_loss
 from pact.models import load_model
 from pact.objective import PactConfig
 from pact.targets import OnlineReference
@@ -24,9 +24,26 @@ def setup(tiny_model_dir):
     return loaded, examples, safety_ids, weights
 
 
+@torch.no_grad()
+def independent_terms(student, reference, ids, spans, header, safety_ids, weights, cfg):
+    """Per response token, CE and the float64 section-1.2 KL_t from unpadded single-sequence passes: the full
+    context once, and for each response span its post-only context (the header, then that turn's tokens so far),
+    with t the step within the turn."""
+    z_all = student(torch.tensor([ids])).logits[0].double()
+    f_all = reference(torch.tensor([ids])).logits[0].double()
+    ce_terms, kl_terms = [], []
+    for start, end in spans:
+        z, f = z_all[start - 1 : end - 1], f_all[start - 1 : end - 1]
+        p = reference(torch.tensor([list(header) + list(ids[start:end])])).logits[0, len(header) - 1 : -1].double()
+        ce_terms.extend(torch.nn.functional.cross_entropy(z, torch.tensor(ids[start:end]), reduction="none").tolist())
+        kl_terms.extend(_kl_reference(z[t, safety_ids].tolist(), f[t, safety_ids].tolist(), p[t, safety_ids].tolist(), t,
+                                      weights.tolist(), cfg) for t in range(end - start))
+    return ce_terms, kl_terms
+
+
 def _loss_and_grads(student, reference_model, examples, safety_ids, weights, tok, cfg):
     reference = OnlineReference(reference_model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
-    out = compute_pact_loss(student, examples, reference.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
+    out = pact_batch_loss(student, reference.batch(examples), safety_ids, weights, cfg)
     student.zero_grad()
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
@@ -53,19 +70,13 @@ def test_online_loss_equals_independent_transcription(setup):
     cfg = PactConfig(n_free=1, tau=2.0)
     student = random_lora_student(loaded.model, seed=1, scale=0.5)
     reference = OnlineReference(loaded.model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
-    out = compute_pact_loss(student, examples, reference.targets(examples), safety_ids, weights, cfg, tok.pad_token_id)
+    out = pact_batch_loss(student, reference.batch(examples), safety_ids, weights, cfg)
     header = assistant_header_ids(tok)
     ce_terms, kl_terms = [], []
-    with torch.no_grad():
-        for ex in examples:
-            n = len(ex.response_ids)
-            z = student(torch.tensor([ex.input_ids])).logits[0, ex.response_start - 1 : -1].double()
-            f = loaded.model(torch.tensor([ex.input_ids])).logits[0, ex.response_start - 1 : -1].double()
-            p = loaded.model(torch.tensor([header + ex.response_ids])).logits[0, len(header) - 1 : -1].double()
-            targets = torch.tensor(ex.response_ids)
-            ce_terms.extend(torch.nn.functional.cross_entropy(z, targets, reduction="none").tolist())
-            for t in range(n):
-                kl_terms.append(_kl_reference(z[t, safety_ids].tolist(), f[t, safety_ids].tolist(), p[t, safety_ids].tolist(), t, weights.tolist(), cfg))
+    for ex in examples:
+        ce, kl = independent_terms(student, loaded.model, ex.input_ids, ex.spans, header, safety_ids, weights, cfg)
+        ce_terms += ce
+        kl_terms += kl
     ce = sum(ce_terms) / len(ce_terms)
     kl = sum(kl_terms) / len(kl_terms)
     assert out.tokens == len(kl_terms)

@@ -144,3 +144,23 @@ def refuse_overwriting_inputs(outputs: Iterable[tuple[str, Path]], inputs: Mappi
                 raise PactError(f"{label} ({output}) is the same file as {other_label} ({other}); "
                                 f"choose another path for {label}")
         claimed.append((label, Path(output)))
+
+
+def add_data_source_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
+    """--dataset_split, --dataset_config and --format: how a command reads the data its `flag` names (a file, a
+    save_to_disk folder or a hub dataset id)."""
+    from pact.data import DEFAULT_SPLIT, FORMATS
+
+    parser.add_argument("--dataset_split", metavar="SPLIT", default=DEFAULT_SPLIT,
+                        help=f"split of a hub dataset or saved DatasetDict given as {flag} (default {DEFAULT_SPLIT})")
+    parser.add_argument("--dataset_config", metavar="NAME", default=None,
+                        help=f"configuration (subset) of a hub dataset given as {flag}")
+    parser.add_argument("--format", dest="data_format", choices=FORMATS, default=None,
+                        help=f"row format of {flag}: alpaca (instruction/input/output), messages (chat role/content), "
+                             "prompt_completion (TRL prompt/completion, strings or message lists), sharegpt "
+                             "(conversations with from/value) (default: detected from the first row's fields)")
+
+
+def data_source_options(args: argparse.Namespace) -> dict:
+    """The settings of `add_data_source_arguments` as keyword arguments of `pact.data.load_conversations` and friends."""
+    return {"data_format": args.data_format, "dataset_split": args.dataset_split, "dataset_config": args.dataset_config}

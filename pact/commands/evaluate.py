@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pact.commands.arguments import (check_model_argument, check_output_file, device_name, input_files, positive_int,
-                                     refuse_overwriting_inputs)
+from pact.commands.arguments import (add_data_source_arguments, check_model_argument, check_output_file, data_source_options,
+                                     device_name, input_files, positive_int, refuse_overwriting_inputs)
 from pact.errors import PactError
 from pact.models import EMBEDDED_MODEL, pad_token_id
 from pact.report import EVAL_FILE, load_measurements
@@ -113,9 +113,10 @@ def register(subparsers) -> None:
         "on benign prompts: the share of harmless requests refused (lower is better); pass --benign so the result is "
         "labelled, and saved by --save-to, as over_refusal.",
     )
-    refusal.add_argument("--prompts", required=True, metavar="FILE",
-                         help="requests, .jsonl/.json/.csv/.parquet or a save_to_disk folder; rows with 'instruction' "
-                              "(optional 'input'), 'prompt', or chat 'messages'; answers, if present, are ignored")
+    refusal.add_argument("--prompts", required=True, metavar="FILE|DIR|HUB_ID",
+                         help="requests: a data file, a save_to_disk folder or a hub dataset id, rows in any --format "
+                              "('instruction' or 'prompt' alone will do); answers, if present, are ignored")
+    add_data_source_arguments(refusal, "--prompts")
     _add_model_arguments(refusal)
     refusal.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer generated (default 64)")
     refusal.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (default 8)")
@@ -139,8 +140,9 @@ def register(subparsers) -> None:
         "answers, at most 20). Each label is scored as the complete answer under the chat template (sum of its "
         "token log-probs, end-of-turn included) and the best-scoring label is the prediction.",
     )
-    task.add_argument("--data", required=True, metavar="FILE",
-                      help="labelled rows ('instruction'/'input'/'output' or chat 'messages'), any format pact reads")
+    task.add_argument("--data", required=True, metavar="FILE|DIR|HUB_ID",
+                      help="labelled rows: a data file, a save_to_disk folder or a hub dataset id, rows in any --format")
+    add_data_source_arguments(task, "--data")
     _add_model_arguments(task)
     task.add_argument("--batch-size", type=positive_int, default=16, help="(row, label) sequences per forward pass (default 16)")
     task.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N rows of --data")
@@ -175,7 +177,7 @@ def run_refusal(args: argparse.Namespace) -> int:
     inputs = {"--prompts": input_files(args.prompts), **_model_files("--model", args.model),
               **_model_files("--judge", args.judge), **_adapter_files(args.adapter)}
     _check_outputs(args, inputs, [("--out", check_output_file("--out", args.out))] if args.out else [])
-    prompts, report = load_prompts(args.prompts, skip_invalid=args.skip_invalid, limit=args.limit)
+    prompts, report = load_prompts(args.prompts, skip_invalid=args.skip_invalid, limit=args.limit, **data_source_options(args))
     _report_skipped(report)
     loaded = load_student(args.model, args.adapter, args.device)
     judge = None
@@ -210,9 +212,10 @@ def run_task(args: argparse.Namespace) -> int:
 
     _check_outputs(args, {"--data": input_files(args.data), **_model_files("--model", args.model),
                           **_adapter_files(args.adapter)})
-    conversations, report = load_conversations(args.data, skip_invalid=args.skip_invalid, limit=args.limit)
+    conversations, report = load_conversations(args.data, skip_invalid=args.skip_invalid, limit=args.limit,
+                                               **data_source_options(args))
     _report_skipped(report)
-    labels = label_set(conversations, source=str(args.data))
+    labels = label_set(conversations, source=report.path)
     loaded = load_student(args.model, args.adapter, args.device)
     result = evaluate_task(loaded.model, loaded.tokenizer, conversations, args.batch_size, progress=not args.json,
                            labels=labels)

@@ -14,8 +14,10 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from pact.commands.arguments import (
+    add_data_source_arguments,
     check_model_argument,
     check_output_file,
+    data_source_options,
     device_name,
     input_files,
     positive_int,
@@ -52,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", metavar="M", default=None,
                         help="its base model, same tokenizer required (default: the aligned model itself, "
                              "contrasting its chat template with the plain 'User: ... Assistant: ' template)")
-    parser.add_argument("--data", metavar="FILE", default=None,
-                        help="harmful prompts paired with refusals (.jsonl/.json/.csv/.parquet or a save_to_disk "
-                             "folder; Alpaca or chat rows) (default: the bundled demo refusals)")
+    parser.add_argument("--data", metavar="FILE|DIR|HUB_ID", default=None,
+                        help="harmful prompts paired with refusals: a file (.jsonl/.json/.csv/.tsv/.parquet/.arrow, "
+                             "optionally compressed), a save_to_disk folder or a hub dataset id; rows in any --format "
+                             "(default: the bundled demo refusals)")
+    add_data_source_arguments(parser, "--data")
     parser.add_argument("--top", type=positive_int, default=50,
                         help="keep the tokens the aligned model puts most mass on (the largest mean p_A)")
     parser.add_argument("--max-examples", type=positive_int, default=512,
@@ -110,13 +114,14 @@ def _check_inputs_and_out(args: argparse.Namespace, data_path: str) -> Path:
 
 def _usable_rows(args: argparse.Namespace, data_path: str, aligned: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase) -> list:
     """Read and encode the data with the tokenizers alone, so a bad row stops the command before any model loads."""
-    conversations, report = load_conversations(data_path, skip_invalid=args.skip_invalid, limit=args.max_examples)
-    kept, _, errors = encode_refusals(aligned, base, conversations, args.max_resp_len, args.skip_invalid, source=data_path)
+    conversations, report = load_conversations(data_path, skip_invalid=args.skip_invalid, limit=args.max_examples,
+                                               **data_source_options(args))
+    kept, _, errors = encode_refusals(aligned, base, conversations, args.max_resp_len, args.skip_invalid, source=report.path)
     skipped = report.errors + errors
     if not kept:
-        raise DataError(f"{data_path}: no row could be encoded ({len(skipped)} invalid, first: {skipped[0]})")
+        raise DataError(f"{report.path}: no row could be encoded ({len(skipped)} invalid, first: {skipped[0]})")
     if skipped:
-        print(f"skipped {len(skipped)} invalid row(s) of {data_path}; first: {skipped[0]}")
+        print(f"skipped {len(skipped)} invalid row(s) of {report.path}; first: {skipped[0]}")
     return kept
 
 
