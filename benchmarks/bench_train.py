@@ -64,11 +64,13 @@ def _worker(args) -> None:
     lora = dict(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
 
     if args.variant == "pact-train":
-        from pact.train import TrainConfig, train
+        from pact.arguments import PactTrainingArguments
+        from pact.train import train
 
         with tempfile.TemporaryDirectory() as out:
-            result = train(TrainConfig(cache=args.cache, out=out, max_steps=needed, batch_size=args.batch_size, lr=1e-4,
-                                       seed=0, device=args.device, progress=False))
+            result = train(PactTrainingArguments(cache=args.cache, output_dir=out, max_steps=needed,
+                                                 per_device_train_batch_size=args.batch_size, learning_rate=1e-4, seed=0,
+                                                 train_device=args.device, disable_tqdm=True))
             times = [m["seconds"] for m in result.metrics][args.warmup :]
             device = torch.device("cuda" if args.device == "cuda" else "cpu")
             print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))

@@ -108,11 +108,13 @@ def make_cache(args, out: Path) -> None:
 
 def finetune(args, out: Path, name: str, lam: float) -> None:
     """(d) LoRA fine-tuning from the cache; lambda 0 is plain SFT through the same pipeline."""
-    from pact.objective import PactConfig
-    from pact.train import TrainConfig, train
+    from pact.arguments import PactTrainingArguments
+    from pact.objective import PactArguments
+    from pact.train import train
 
-    train(TrainConfig(cache=str(out / "cache"), out=str(out / name), max_steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, device="cpu", objective=PactConfig(lam=lam)))
+    train(PactTrainingArguments(cache=str(out / "cache"), output_dir=str(out / name), max_steps=args.steps,
+                                per_device_train_batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                                train_device="cpu"), PactArguments(lam=lam))
 
 
 def evaluate(args, out: Path, name: str, adapter: Path | None) -> None:

@@ -18,7 +18,7 @@ import sys
 
 from pact.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, PactError
 
-SUBCOMMANDS = ("safety_tokens", "train", "evaluate", "report")
+SUBCOMMANDS = ("safety_tokens", "train", "evaluate", "report", "export")
 DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
 
 

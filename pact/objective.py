@@ -10,7 +10,7 @@ no mass there), plus the post-only top-p count that the gate needs.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,23 +42,23 @@ def check_setting(field: str, value, low: float | None = None, high: float | Non
 
 
 @dataclass(frozen=True)
-class PactConfig:
-    """Every constant of the objective, with the paper's defaults.
+class PactArguments:
+    """Every constant of the objective (docs/objective.md section 2), with the paper's defaults.
 
-    temperature: T of the KL; lam: weight of the KL term; p0: top-p mass of
-    the gate's count; alpha, b: gate slope and offset; gate_temperature: Tg;
-    n_free, tau: the gate decays as exp(-max(t - N, 0) / tau); boost: gate scale.
+    The command lines' objective flags are generated from these fields (their
+    `help` and `aliases` metadata); `PactConfig` is the same class.
     """
 
-    temperature: float = 2.0
-    lam: float = 1.0
-    p0: float = 0.9
-    alpha: float = 2.0
-    b: float = 0.0
-    gate_temperature: float = 1.0
-    n_free: int = 8
-    tau: float = 8.0
-    boost: float = 1.0
+    temperature: float = field(default=2.0, metadata={"help": "KL temperature T"})
+    lam: float = field(default=1.0, metadata={"aliases": ["--lambda"], "help": "weight lambda of the safety-token KL; 0 is plain SFT"})
+    p0: float = field(default=0.9, metadata={"help": "top-p mass of the gate's count (baked into the cache)"})
+    alpha: float = field(default=2.0, metadata={"help": "gate slope"})
+    b: float = field(default=0.0, metadata={"aliases": ["--gate_offset", "--gate-offset"], "help": "gate offset b"})
+    gate_temperature: float = field(default=1.0, metadata={"help": "gate temperature Tg (baked into the cache)"})
+    n_free: int = field(default=8, metadata={"aliases": ["--free_steps", "--free-steps"],
+                                             "help": "response steps N before the gate decays"})
+    tau: float = field(default=8.0, metadata={"help": "gate decay time constant"})
+    boost: float = field(default=1.0, metadata={"help": "gate scale"})
 
     def __post_init__(self) -> None:
         """Refuse a constant the objective cannot use (a NaN lambda would train a NaN adapter without any error)."""
@@ -75,6 +75,9 @@ class PactConfig:
     def to_dict(self) -> dict:
         """Plain-dict form for manifests, configs and logs."""
         return asdict(self)
+
+
+PactConfig = PactArguments  # the Python API's name for the objective's settings
 
 
 def topp_count(logits: torch.Tensor, p0: float, temperature: float = 1.0) -> torch.Tensor:

@@ -1,55 +1,421 @@
-"""`PactTrainer`: the cached PACT loss inside `transformers.Trainer`, so
-`TrainingArguments` (logging, `report_to`, save strategy, gradient
-accumulation, DDP through accelerate) work as users expect.
+"""`PactTrainer`: the one training loop, a `transformers.Trainer` whose loss is
+CE + lambda * safety-token KL against cached reference targets.
+
+It overrides only what PACT needs: the constructor (the cache/model/tokenizer
+and objective checks), the train data loader (a seeded shard-aware shuffle cut
+into global micro-batches, each process taking its contiguous part), the loss
+(the exact response-token mean over the whole optimizer step across
+accumulation and processes), evaluation on an eval cache, logging of `ce` and
+`kl`, a stop before applying a non-finite step, and atomic checkpoints.
+
+Multi-process (torchrun, `accelerate launch`, data-parallel): a step's global
+batch is `per_device_train_batch_size x gradient_accumulation_steps x world
+size` rows, cut into the same global micro-batches one process with a batch of
+`per_device_train_batch_size x world size` would use, so N processes compute
+the loss, gradient and metrics of one process on that global batch. Sharded
+training (FSDP, ZeRO-3) is not supported yet: the loss reads the LM head's
+weight beside the model's forward, where those shard it.
 """
 
 from __future__ import annotations
 
-from transformers import Trainer
+import errno
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from pact.cache_tools import CacheReader
+from pact.cache_tools.reader import ShardShuffleSampler
+from pact.cache_tools.writer import atomic_write
+from pact.distributed import contiguous_part
+from pact.errors import CheckFailed, PactError
 from pact.loss import cached_pact_loss
-from pact.objective import PactConfig
+from pact.models import model_fingerprint, pad_token_id, tokenizer_fingerprint
+from pact.objective import PactArguments
+
+CHECKPOINT_PREFIX = "checkpoint-"
+METRICS_FILE = "metrics.jsonl"
 
 
-def collate_cache_rows(rows: list[dict]) -> dict:
-    """Keep cache rows as they are: the loss assembles examples and targets itself."""
-    return {"rows": rows}
+def check_compatibility(manifest: dict, fingerprints: tuple[str, str], cfg: PactArguments, force: bool) -> list[str]:
+    """Refuse a model, tokenizer or objective setting the cache was not built for.
+
+    `fingerprints` are the model's and the tokenizer's. Returns warnings
+    (fingerprint mismatches overridden by `force`); raises `PactError`
+    otherwise. The gate's p0 and Tg and the top-k temperature are baked into
+    the cache and never overridable.
+    """
+    gate = manifest.get("gate", {})
+    for key, value in (("p0", cfg.p0), ("gate_temperature", cfg.gate_temperature)):
+        if key in gate and not math.isclose(float(gate[key]), float(value)):
+            raise PactError(f"the cache was built with gate {key}={gate[key]} but training asks for {value}; rebuild the cache")
+    if manifest.get("objective_temperature") is not None and manifest.get("top_k") and not math.isclose(float(manifest["objective_temperature"]), cfg.temperature):
+        raise PactError(f"the cache's top-k columns were chosen for T={manifest['objective_temperature']}, training asks for T={cfg.temperature}")
+    expected = manifest.get("fingerprints", {})
+    problems = [
+        f"{what} fingerprint differs from the cache's ({have} vs {want})"
+        for what, have, want in zip(("model", "tokenizer"), fingerprints, (expected.get("model"), expected.get("tokenizer")))
+        if want is not None and have != want
+    ]
+    if problems and not force:
+        raise PactError("; ".join(problems) + " (pass --force to train anyway)")
+    return problems
+
+
+def _base_model(model):
+    """The model under a PEFT wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fingerprint_of(model) -> str:
+    """The fingerprint the cache compares with: of the weight files the model was loaded from, else of its weights."""
+    base = _base_model(model)
+    source = Path(str(getattr(base.config, "_name_or_path", "") or "")).expanduser()
+    return model_fingerprint(base, source if source.is_dir() else None)
+
+
+class _Filler(list):
+    """A process's part of a global micro-batch when it has no rows: one row is run with weight zero, so every
+    process runs the same forwards and backwards (the collectives of DDP stay in step)."""
+
+
+class GlobalMicroBatches:
+    """A batch sampler: the rows of `order_of(epoch)` cut into global micro-batches of `batch_size x world_size` rows,
+    this process's contiguous part of each (a `_Filler` of the first row when its part is empty).
+
+    `set_epoch` picks the pass; the Trainer calls it (also when resuming).
+    """
+
+    def __init__(self, order_of, batch_size: int, world_size: int, rank: int):
+        self.order_of, self.batch_size, self.world_size, self.rank, self.epoch = order_of, batch_size, world_size, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the order of the next pass."""
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[list[int]]:
+        """This epoch's rows cut into global micro-batches (the last may be short)."""
+        order = list(self.order_of(self.epoch))
+        size = self.batch_size * self.world_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch (the same on every process)."""
+        return math.ceil(len(self.order_of(self.epoch)) / (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        """This process's part of each global micro-batch, in order."""
+        for batch in self._global_batches():
+            part = list(contiguous_part(batch, self.world_size, self.rank))
+            yield part if part else _Filler(batch[:1])
+
+
+class CacheRows(Dataset):
+    """A cache's rows for a `DataLoader` fed by `GlobalMicroBatches`; a batch of rows becomes `{"rows", "tokens"}`,
+    `tokens` its response tokens (0 for a `_Filler`)."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        """Rows of the cache."""
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        """One row."""
+        return self.reader[index]
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A micro-batch: its rows and their response-token count (what `DataLoader` fetches per batch)."""
+        rows = [self.reader[i] for i in indices]
+        return {"rows": rows, "tokens": 0 if isinstance(indices, _Filler) else sum(len(r["post_count"]) for r in rows)}
+
+
+def keep_batch(batch: dict) -> dict:
+    """The collator: a batch from `CacheRows.__getitems__` is already what the loss takes (rows stay rows)."""
+    return batch
 
 
 class PactTrainer(Trainer):
-    """A `Trainer` whose loss is CE + lambda * safety-token KL against cached reference targets.
+    """A `Trainer` for the PACT loss on a reference cache.
 
-    Pass `cache=` (a `CacheReader` or a cache directory) and optionally
-    `objective=PactConfig(...)`; the training set defaults to the cache.
-    Logs `ce` and `kl` next to `loss`.
+    `cache` (a directory or a `CacheReader`) is the training set;
+    `objective` the loss's constants; `eval_cache` an optional cache that
+    `evaluate()` reports `eval_loss`, `eval_ce` and `eval_kl` on. The
+    constructor refuses a model or tokenizer the cache was not built for
+    (`force=True` overrides fingerprints only, with warnings in
+    `self.warnings`) and gate settings other than the cache's. Pass the
+    tokenizer as `processing_class`: it is checked and saved with the weights.
     """
 
-    def __init__(self, *args, cache, objective: PactConfig = PactConfig(), pad_id: int = 0, **kwargs):
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args, *, cache, processing_class, objective: PactArguments | None = None, eval_cache=None,
+                 force: bool = False, model_fingerprint: str | None = None, ce_chunk_size: int = 1024, **kwargs):
         self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
-        self.objective = objective
-        self.pad_id = pad_id
-        self.safety_ids = self.cache.safety_ids
-        self.safety_weights = self.cache.safety_weights
-        kwargs.setdefault("train_dataset", self.cache.torch_dataset())
-        kwargs.setdefault("data_collator", collate_cache_rows)
-        super().__init__(*args, **kwargs)
+        self.eval_cache = eval_cache if eval_cache is None or isinstance(eval_cache, CacheReader) else CacheReader(eval_cache)
+        self.objective = objective if objective is not None else PactArguments()
+        fingerprints = (model_fingerprint or fingerprint_of(model), tokenizer_fingerprint(processing_class))
+        self.warnings = check_compatibility(self.cache.manifest, fingerprints, self.objective, force)
+        if self.eval_cache is not None:
+            check_compatibility(self.eval_cache.manifest, fingerprints, self.objective, force)
+            _check_same_safety_tokens(self.cache, self.eval_cache)
+        self.safety_ids, self.safety_weights = self.cache.safety_ids, self.cache.safety_weights
+        self.pad_id = pad_token_id(processing_class)
+        self.ce_chunk_size = ce_chunk_size
+        kwargs.setdefault("data_collator", keep_batch)
+        super().__init__(model=model, args=args, train_dataset=CacheRows(self.cache), processing_class=processing_class,
+                         eval_dataset=CacheRows(self.eval_cache) if self.eval_cache is not None else None, **kwargs)
         self.args.remove_unused_columns = False
-        self._parts = {"ce": 0.0, "kl": 0.0, "n": 0}
+        if self.args.disable_tqdm:
+            self.remove_callback(PrinterCallback)
+        self._step = torch.zeros(3, dtype=torch.float64)  # loss, ce, kl of this optimizer step, this process's share
+        self._logged = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tokens": 0, "steps": 0}
+        self._step_tokens = 0
+        self._checkpoint_root: str | None = None
+
+    # --- data ---
+
+    def _batch_sampler(self, order_of) -> GlobalMicroBatches:
+        """`order_of(epoch)`'s rows as this process's parts of global micro-batches of the per-device batch size."""
+        return GlobalMicroBatches(order_of, self.args.per_device_train_batch_size, self.args.world_size, self.args.process_index)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Shuffled shard by shard (each shard decoded once per epoch), seeded by `args.seed` and the epoch; global
+        micro-batches split among processes here, not by accelerate (which would pad an uneven last batch with repeats)."""
+        sampler = ShardShuffleSampler(self.cache, self.args.seed)
+
+        def order_of(epoch: int) -> list[int]:
+            """Every row once, shard by shard, shuffled for `epoch`."""
+            sampler.set_epoch(epoch)
+            return list(sampler)
+
+        return DataLoader(self.train_dataset, batch_sampler=self._batch_sampler(_cached(order_of)), collate_fn=self.data_collator,
+                          num_workers=self.args.dataloader_num_workers)
+
+    def _eval_loader(self) -> DataLoader:
+        """The eval cache's rows in order, split among the processes as training splits its batches."""
+        rows = list(range(len(self.eval_cache)))
+        return DataLoader(self.eval_dataset, batch_sampler=self._batch_sampler(lambda epoch: rows), collate_fn=self.data_collator)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int:
+        """The optimizer step's response tokens over every micro-batch and process: the loss's denominator."""
+        local = sum(batch["tokens"] for batch in batch_samples)
+        self._step_tokens = int(self._sum_over_processes(torch.tensor([float(local)]))[0])
+        return self._step_tokens
+
+    def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (float64) summed over the processes of the run."""
+        if self.args.world_size == 1:
+            return values.double()
+        return self.accelerator.reduce(values.double().to(self.args.device), reduction="sum").cpu()
+
+    # --- loss ---
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The PACT loss of one micro-batch of cache rows."""
-        rows = inputs["rows"]
-        result = cached_pact_loss(model, rows, self.safety_ids, self.safety_weights, self.objective, self.pad_id)
-        self._parts["ce"] += result.ce.item()
-        self._parts["kl"] += result.kl.item()
-        self._parts["n"] += 1
-        return (result.loss, {"ce": result.ce, "kl": result.kl}) if return_outputs else result.loss
+        """This micro-batch's part of the step's loss: its token sum over the step's tokens `num_items_in_batch`
+        (times the process count, which DDP divides the summed gradients by)."""
+        result = cached_pact_loss(model, inputs["rows"], self.safety_ids, self.safety_weights, self.objective, self.pad_id,
+                                  self.ce_chunk_size)
+        total = num_items_in_batch or max(inputs["tokens"], 1)
+        share = inputs["tokens"] / total
+        self._step += torch.tensor([result.loss.item(), result.ce.item(), result.kl.item()], dtype=torch.float64) * share
+        loss = result.loss * (share * self.args.world_size)
+        return (loss, {"ce": result.ce, "kl": result.kl}) if return_outputs else loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The step's gradient norm, after checking the step is finite: a non-finite loss or norm stops the run with
+        `CheckFailed` before the optimizer applies it (nothing is written; the last checkpoint stays intact)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        step = self._sum_over_processes(self._step)
+        self._step = torch.zeros(3, dtype=torch.float64)
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        loss, ce, kl = step.tolist()
+        if not all(math.isfinite(v) for v in (loss, ce, kl, norm)):
+            number = self.state.global_step + 1
+            saved = [p for p in Path(self.args.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+            last = max(saved, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+            kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written yet"
+            raise CheckFailed(f"step {number}: the loss is {loss} (ce {ce}, kl {kl}) and the gradient norm {norm}, not finite; "
+                              f"training stopped before applying this step and {kept}; check the cache with `pact-cache verify`, "
+                              "or lower --learning_rate or --lambda")
+        for key, value in (("loss", loss), ("ce", ce), ("kl", kl), ("tokens", self._step_tokens), ("steps", 1)):
+            self._logged[key] += value
+        return grad_norm
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Add the mean CE and KL since the last log to the training logs."""
-        if self._parts["n"] and "loss" in logs:
-            logs["ce"] = self._parts["ce"] / self._parts["n"]
-            logs["kl"] = self._parts["kl"] / self._parts["n"]
-            self._parts = {"ce": 0.0, "kl": 0.0, "n": 0}
+        """Training logs get the token-mean `loss`, `ce` and `kl` of the steps since the last log (exact over
+        processes and accumulation) and their response `tokens`."""
+        if "loss" in logs and self._logged["steps"]:
+            steps = self._logged["steps"]
+            logs.update({key: self._logged[key] / steps for key in ("loss", "ce", "kl")}, tokens=self._logged["tokens"])
+            self._logged = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tokens": 0, "steps": 0}
         super().log(logs, *args, **kwargs)
+
+    # --- evaluation ---
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Mean loss, CE and KL over the eval cache's response tokens (every process runs its part, then they are summed)."""
+        if self.eval_cache is None:
+            raise PactError("evaluate() needs an eval cache: pass eval_cache= to PactTrainer (--eval_cache on the command line)")
+        model = self.model_wrapped if self.is_in_train else self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in self._eval_loader():
+                result = cached_pact_loss(model, batch["rows"], self.safety_ids, self.safety_weights, self.objective, self.pad_id,
+                                          self.ce_chunk_size)
+                sums += torch.tensor([result.loss.item(), result.ce.item(), result.kl.item(), 1.0], dtype=torch.float64) * batch["tokens"]
+        model.train(was_training)
+        loss, ce, kl, tokens = self._sum_over_processes(sums).tolist()
+        metrics = {f"{metric_key_prefix}_{key}": value / max(tokens, 1) for key, value in (("loss", loss), ("ce", ce), ("kl", kl))}
+        metrics[f"{metric_key_prefix}_tokens"] = int(tokens)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --- checkpoints ---
+
+    def _get_output_dir(self, trial) -> str:
+        """Where the Trainer writes a checkpoint: the staging folder while `_save_checkpoint` runs, else the run folder."""
+        return self._checkpoint_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into `.checkpoint-N.tmp/` and rename it into place once complete, so a kill or a full
+        disk never leaves a `checkpoint-N` that resuming would pick up half written."""
+        out = Path(super()._get_output_dir(trial))
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging = out / f".{name}.tmp"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PactError(f"cannot write checkpoint {out / name}: {os_reason(err)}; nothing was replaced, earlier checkpoints "
+                            "are intact (free space or fix the folder's permissions, then rerun with --resume)") from err
+        finally:
+            self._checkpoint_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            shutil.rmtree(out / name, ignore_errors=True)  # a leftover the resumed run did not start from
+            (staging / name).rename(out / name)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+
+def _cached(order_of):
+    """`order_of` remembering its last epoch's order (the Trainer asks for the length and then the rows)."""
+    memo: dict = {}
+
+    def cached(epoch: int) -> list[int]:
+        """The rows of `epoch` in order, computed once per epoch."""
+        if memo.get("epoch") != epoch:
+            memo.update(epoch=epoch, order=order_of(epoch))
+        return memo["order"]
+
+    return cached
+
+
+def _check_same_safety_tokens(train: CacheReader, evaluation: CacheReader) -> None:
+    """Refuse an eval cache whose safety tokens differ from the training cache's (its KL would measure another set)."""
+    key = lambda r: (r.manifest["safety_tokens"].get("ids"), r.manifest["safety_tokens"].get("weights"))  # noqa: E731
+    if key(train) != key(evaluation):
+        raise PactError(f"the eval cache {evaluation.directory} has other safety tokens than the training cache {train.directory}; "
+                        "build both with the same --safety-tokens file")
+
+
+def os_reason(err: Exception) -> str:
+    """`No space left on device (ENOSPC)` for an `OSError`, the message otherwise."""
+    if isinstance(err, OSError) and err.strerror:
+        name = errno.errorcode.get(err.errno, "") if err.errno else ""
+        return f"{err.strerror}{f' ({name})' if name else ''}"
+    return str(err)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes `metrics.jsonl` (one object per logging step: step, epoch, loss, ce, kl, lr, grad_norm, tokens, seconds)
+    and `curves.png` at the end, in the run folder, from the main process.
+
+    On resume the file is cut back to the steps the checkpoint holds (later
+    lines belong to steps that will be run again).
+    """
+
+    def __init__(self, out: Path, curves_at_end: bool = True):
+        self.path = Path(out) / METRICS_FILE
+        self.out = Path(out)
+        self.curves_at_end = curves_at_end  # False when the caller saves `curves.png` with the final weights (`pact.train`)
+        self.records: list[dict] = []
+        self._started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start `metrics.jsonl` afresh, or cut it back to the resumed checkpoint's steps."""
+        if state.is_world_process_zero:
+            self.records = _first_records(self.path, state.global_step)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        self._started = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Append a training log (one with `loss`, `ce` and `kl`) as a line of `metrics.jsonl`."""
+        if not state.is_world_process_zero or not logs or "loss" not in logs or "ce" not in logs:
+            return
+        now = time.perf_counter()
+        record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"], "ce": logs["ce"], "kl": logs["kl"],
+                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"), "tokens": logs.get("tokens"),
+                  "seconds": now - self._started}
+        self._started = now
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Plot `curves.png` (unless the caller saves it with the final weights)."""
+        if state.is_world_process_zero and self.records and self.curves_at_end:
+            plot_curves(self.records, self.out / "curves.png")
+
+
+def _first_records(path: Path, steps: int) -> list[dict]:
+    """The records of an earlier run's first `steps` steps in `path` (none for a fresh run). Reading stops at the first
+    record past `steps` or the first torn line (a kill while it was written): those steps are run again."""
+    if not steps or not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict) or record.get("step", steps + 1) > steps:
+            break
+        records.append(record)
+    return records
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """Plot CE and KL against optimizer steps into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, key, title in ((axes[0], "ce", "cross-entropy"), (axes[1], "kl", "safety-token KL")):
+        axis.plot(steps, [m[key] for m in metrics], marker="." if len(steps) < 50 else None)
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

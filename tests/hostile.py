@@ -132,16 +132,17 @@ def check_case(case: Case, world: World, capsys) -> str:
 @pytest.fixture(scope="session")
 def hostile_fixtures(tiny, tiny_model_dir, tiny_safety_file, float32_cache, tmp_path_factory):
     """The shared originals a `World` copies: safety tokens, cache, data, a trained run (built once per session)."""
+    from pact.arguments import PactTrainingArguments
     from pact.data import demo_data_path
-    from pact.train import TrainConfig, train
+    from pact.train import train
 
     base = tmp_path_factory.mktemp("hostile-originals")
     rows = [line for line in demo_data_path("benign").read_text(encoding="utf-8").splitlines() if line.strip()][:12]
     data = base / "data.jsonl"
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     run = base / "run"
-    train(TrainConfig(cache=str(float32_cache), out=str(run), max_steps=1, batch_size=4, lr=1e-3, save_steps=1, device="cpu",
-                      progress=False))
+    train(PactTrainingArguments(cache=str(float32_cache), output_dir=str(run), max_steps=1, per_device_train_batch_size=4,
+                                learning_rate=1e-3, save_steps=1, train_device="cpu", disable_tqdm=True))
     return {"model": tiny_model_dir, "safety": Path(tiny_safety_file), "cache": Path(float32_cache), "data": data, "run": run}
 
 

@@ -29,7 +29,8 @@ from pact.cache_tools.manifest import differences, save_manifest
 from pact.cache_tools.writer import rank_manifest_name
 from pact.distributed import contiguous_part
 from pact.errors import PactError
-from pact.train import TrainConfig, train
+from pact.arguments import PactTrainingArguments
+from pact.train import train
 from test_cache_support import (  # noqa: F401  (fixtures)
     TINY_MAX_LENGTH, make_safety_tokens, one_thread, subprocess_env, tiny, tiny_safety, tiny_safety_file,
 )
@@ -173,35 +174,47 @@ def test_merge_refuses_missing_duplicate_and_mismatched_parts(tiny, tiny_model_d
         assert message in capsys.readouterr().err
 
 
-def _train_args(cache, out, batch_size):
+def _train_args(cache, out, batch_size, *extra):
     return ["train", "--cache", str(cache), "--out", str(out), "--batch-size", str(batch_size), "--grad-accum", "2",
-            "--max-steps", "2", "--save-steps", "1", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--no-progress"]
+            "--max-steps", "2", "--save-steps", "1", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--no-progress", *extra]
+
+
+def _one_process(cache, out, **overrides):
+    """The single-process run the 2-process runs are compared with: 10 rows x 2 micro-batches per step."""
+    settings = dict(cache=str(cache), output_dir=str(out), per_device_train_batch_size=10, gradient_accumulation_steps=2,
+                    max_steps=2, save_steps=1, learning_rate=1e-3, seed=3, train_device="cpu", disable_tqdm=True)
+    settings.update(overrides)
+    return train(PactTrainingArguments(**settings))
+
+
+def _assert_same_run(single, two, rel: float) -> None:
+    """The 2-process run folder `two` logged the single run's metrics (within `rel`) on the same response tokens."""
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 == len(single.metrics)
+    for want, got in zip(single.metrics, logged):
+        assert got["tokens"] == want["tokens"] == 244
+        for key in ("loss", "ce", "kl", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=rel), key
 
 
 def test_two_process_training_equals_one_process_on_the_same_global_batch(single_cache, tmp_path):
     """2 ranks x 5 rows x 2 micro-batches against 1 process x 10 rows x 2: the step's global batch is the epoch's 11 rows
     (10, then 1: rank 1's part of the second micro-batch is empty). Same loss, gradients and adapter."""
     one, two = tmp_path / "one", tmp_path / "two"
-    single = train(TrainConfig(cache=str(single_cache), out=str(one), batch_size=10, grad_accum=2, max_steps=2, save_steps=1,
-                               lr=1e-3, seed=3, device="cpu", progress=False))
+    single = _one_process(single_cache, one)
     assert "trained 2 steps" in _torchrun("-m", "pact.cli", *_train_args(single_cache, two, 5))
-    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(logged) == 2 == len(single.metrics)
-    for want, got in zip(single.metrics, logged):
-        assert got["tokens"] == want["tokens"] == 244
-        for key in ("loss", "ce", "kl", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    _assert_same_run(single, two, rel=1e-6)
     # AdamW's first moment after step 1 is 0.1 x the step's (clipped) gradient.
-    moments = [torch.load(run / "checkpoint-1" / "optimizer.pt", weights_only=True)["optimizer"]["state"] for run in (one, two)]
+    moments = [torch.load(run / "checkpoint-1" / "optimizer.pt", weights_only=True)["state"] for run in (one, two)]
     assert moments[0].keys() == moments[1].keys()
     for index in moments[0]:
         torch.testing.assert_close(moments[1][index]["exp_avg"], moments[0][index]["exp_avg"], atol=1e-8, rtol=1e-5)
     want, got = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert want.keys() == got.keys() and all((want[k] - got[k]).abs().max() < 1e-6 for k in want)
-    config = json.loads((two / "config.json").read_text())
+    config = json.loads((two / "pact_config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 20
     with pytest.raises(PactError, match="written by a run of 2 process"):
-        train(TrainConfig(cache=str(single_cache), out=str(two), batch_size=10, max_steps=3, resume=True, device="cpu", progress=False))
+        _one_process(single_cache, two, max_steps=3, resume=True)
 
 
 def test_the_loss_runs_the_forward_of_a_ddp_wrapped_model(single_cache, tiny_model_dir, tmp_path):

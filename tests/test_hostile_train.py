@@ -22,7 +22,7 @@ from pact.cache_tools.manifest import save_manifest, set_totals
 from pact.cli import main as pact_main
 from test_cache_support import single_thread, subprocess_env
 
-FAMILY = "pact train"
+FAMILY = "pact train and pact export"
 
 QUICK = {"--device": "cpu", "--batch-size": "4", "--max-steps": "1"}
 RUN = {**QUICK, "--lr": "1e-3"}  # what the fixture's `run` was trained with (tests/hostile.py)
@@ -76,34 +76,34 @@ def _changed_on_resume(name: str, extra: tuple[str, ...], message: str) -> Case:
 
 
 CASES = [
-    _invalid("lr-negative", ("--lr", "-1"), "--lr: lr must be a finite number > 0, got -1.0"),
-    _invalid("lr-nan", ("--lr", "nan"), "--lr: lr must be a finite number > 0, got nan"),
-    _invalid("lr-inf", ("--lr", "inf"), "--lr: lr must be a finite number > 0, got inf"),
-    _invalid("batch-size-zero", ("--batch-size", "0"), "--batch-size: batch_size must be an integer >= 1, got 0"),
-    _invalid("grad-accum-zero", ("--grad-accum", "0"), "--grad-accum: grad_accum must be an integer >= 1, got 0"),
+    _invalid("lr-negative", ("--lr", "-1"), "--lr: learning_rate must be a finite number > 0, got -1.0"),
+    _invalid("lr-nan", ("--lr", "nan"), "--lr: learning_rate must be a finite number > 0, got nan"),
+    _invalid("lr-inf", ("--lr", "inf"), "--lr: learning_rate must be a finite number > 0, got inf"),
+    _invalid("batch-size-zero", ("--batch-size", "0"), "--batch-size: per_device_train_batch_size must be an integer >= 1, got 0"),
+    _invalid("grad-accum-zero", ("--grad-accum", "0"), "--grad-accum: gradient_accumulation_steps must be an integer >= 1, got 0"),
     _invalid("lora-r-zero", ("--lora-r", "0"), "--lora-r: lora_r must be an integer >= 1, got 0"),
     _invalid("lora-alpha-zero", ("--lora-alpha", "0"), "--lora-alpha: lora_alpha must be a finite number > 0, got 0"),
     _invalid("lora-dropout-one", ("--lora-dropout", "1"), "--lora-dropout: lora_dropout must be a finite number >= 0 and < 1"),
     _invalid("lora-dropout-negative", ("--lora-dropout", "-0.1"), "--lora-dropout: lora_dropout must be a finite number >= 0"),
     _invalid("lora-targets-unknown", ("--lora-targets", "q_proj,qkv"),
-             "--lora-targets: lora_targets names no module of the model: 'qkv' (modules LoRA can adapt there: down_proj, embed_tokens"),
-    _invalid("lora-targets-empty", ("--lora-targets", ","), "--lora-targets: lora_targets must name at least one module"),
+             "--lora-targets: lora_target_modules names no module of the model: 'qkv' (modules LoRA can adapt there: down_proj, embed_tokens"),
+    _invalid("lora-targets-empty", ("--lora-targets", ","), "--lora-targets: lora_target_modules must name at least one module"),
     _invalid("temperature-zero", ("--temperature", "0"), "--temperature: temperature must be a finite number > 0, got 0.0"),
     _invalid("temperature-negative", ("--temperature", "-2"), "--temperature: temperature must be a finite number > 0"),
     _invalid("temperature-nan", ("--temperature", "nan"), "--temperature: temperature must be a finite number > 0, got nan"),
-    _invalid("epochs-zero", ("--epochs", "0"), "--epochs: epochs must be an integer >= 1, got 0"),
+    _invalid("epochs-zero", ("--epochs", "0"), "--epochs: num_train_epochs must be a finite number > 0, got 0.0"),
     _invalid("max-steps-zero", ("--max-steps", "0"), "--max-steps: max_steps must be an integer >= 1, got 0"),
     _invalid("lambda-nan", ("--lambda", "nan"), "--lambda: lam must be a finite number >= 0, got nan"),
     _invalid("lambda-negative", ("--lambda", "-1"), "--lambda: lam must be a finite number >= 0, got -1.0"),
-    _invalid("warmup-steps-negative", ("--warmup-steps", "-1"), "--warmup-steps: warmup_steps must be an integer >= 0, got -1"),
+    _invalid("warmup-steps-negative", ("--warmup-steps", "-1"), "--warmup-steps: warmup_steps must be a finite number >= 0, got -1.0"),
     _invalid("weight-decay-negative", ("--weight-decay", "-0.1"), "--weight-decay: weight_decay must be a finite number >= 0"),
     _invalid("max-grad-norm-zero", ("--max-grad-norm", "0"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got 0.0"),
     _invalid("max-grad-norm-nan", ("--max-grad-norm", "nan"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got nan"),
     _invalid("save-steps-negative", ("--save-steps", "-1"), "--save-steps: save_steps must be an integer >= 0, got -1"),
     _invalid("seed-negative", ("--seed", "-1"), "--seed: seed must be an integer >= 0 and <= 4294967295, got -1"),
     _invalid("scheduler-unknown", ("--scheduler", "cosine_restarts"),
-             "--scheduler: scheduler must be one of linear, cosine, constant, constant_with_warmup, got 'cosine_restarts'"),
-    _invalid("device-unknown", ("--device", "gpu0"), "--device: device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
+             "--scheduler: lr_scheduler_type must be one of linear, cosine, cosine_with_restarts,"),
+    _invalid("device-unknown", ("--device", "gpu0"), "--device: train_device must be one of auto, cpu, cuda (cuda only where a GPU is), got 'gpu0'"),
     _invalid("alpha-zero", ("--alpha", "0"), "--alpha: alpha must be a finite number > 0, got 0.0"),
     _invalid("alpha-nan", ("--alpha", "nan"), "--alpha: alpha must be a finite number > 0, got nan"),
     _invalid("gate-offset-nan", ("--gate-offset", "nan"), "--gate-offset: b must be a finite number, got nan"),
@@ -113,6 +113,27 @@ CASES = [
     _invalid("boost-inf", ("--boost", "inf"), "--boost: boost must be a finite number >= 0, got inf"),
     _invalid("p0-above-one", ("--p0", "1.5"), "--p0: p0 must be a finite number > 0 and <= 1, got 1.5"),
     _invalid("gate-temperature-zero", ("--gate-temperature", "0"), "--gate-temperature: gate_temperature must be a finite number > 0"),
+    _invalid("batch-size-zero-hf-name", ("--per_device_train_batch_size", "0"),
+             "--per_device_train_batch_size: per_device_train_batch_size must be an integer >= 1, got 0"),
+    _invalid("learning-rate-negative-hf-name", ("--learning_rate", "-1"), "--learning_rate: learning_rate must be a finite number > 0"),
+    Case("config-unknown-key", "`--config` YAML with a misspelt setting", "pact", _train("--config", "bad.yaml"), 2,
+         "bad.yaml: unknown setting 'learnin_rate'", prepare=lambda w: w.write("bad.yaml", "learnin_rate: 1.0e-3\n")),
+    Case("config-bad-value", "`--config` YAML with warmup_steps -1", "pact", _train("--config", "bad.yaml"), 2,
+         "bad.yaml (warmup_steps): warmup_steps must be a finite number >= 0, got -1",
+         prepare=lambda w: w.write("bad.yaml", "warmup_steps: -1\n")),
+    Case("config-not-a-mapping", "`--config` YAML holding a list", "pact", _train("--config", "bad.yaml"), 2,
+         "bad.yaml: expected a mapping of setting names to values, got list", prepare=lambda w: w.write("bad.yaml", "- lr\n- 1\n")),
+    Case("config-missing", "`--config` naming no file", "pact", _train("--config", "nowhere.yaml"), 2, "nowhere.yaml: cannot read it"),
+    Case("export-into-the-run", "`pact export --merge` with `--out` the run itself", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.run)], 2, "is the run folder itself"),
+    Case("export-not-an-adapter", "`pact export --merge` of a folder without an adapter", "pact",
+         lambda w: ["export", str(w.path("plain")), "--merge", "--out", str(w.path("merged"))], 2, "plain: no adapter_config.json",
+         prepare=lambda w: w.write("plain/notes.txt", "not a run")),
+    Case("export-out-taken", "`pact export --merge` into a non-empty folder", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("busy"))], 2, "busy already exists and is not an empty folder",
+         prepare=lambda w: w.write("busy/keep.txt", "keep me")),
+    Case("export-without-merge", "`pact export` without `--merge`", "pact",
+         lambda w: ["export", str(w.run), "--out", str(w.path("merged"))], 2, "say what to export: --merge"),
     Case("cache-missing", "`--cache` that does not exist", "pact",
          _train(cache="nowhere"), 2,
          "nowhere is not a pact cache"),
@@ -136,14 +157,14 @@ CASES = [
     Case("resume-foreign-folder", "`--resume` into a folder of other files, with no checkpoint", "pact",
          lambda w: [*_train(out="busy")(w), "--resume"], 2, "busy holds no checkpoint to resume from and is not a pact train run",
          prepare=lambda w: w.write("busy/keep.txt", "keep me")),
-    _changed_on_resume("resume-changed-lr", ("--lr", "2e-3"), "lr 0.001 -> 0.002"),
-    _changed_on_resume("resume-changed-batch-size", ("--batch-size", "2"), "batch_size 4 -> 2"),
-    _changed_on_resume("resume-changed-grad-accum", ("--grad-accum", "2"), "grad_accum 1 -> 2"),
+    _changed_on_resume("resume-changed-lr", ("--lr", "2e-3"), "learning_rate 0.001 -> 0.002"),
+    _changed_on_resume("resume-changed-batch-size", ("--batch-size", "2"), "per_device_train_batch_size 4 -> 2"),
+    _changed_on_resume("resume-changed-grad-accum", ("--grad-accum", "2"), "gradient_accumulation_steps 1 -> 2"),
     _changed_on_resume("resume-changed-scheduler-and-warmup", ("--scheduler", "cosine", "--warmup-steps", "1"),
-                       "scheduler 'linear' -> 'cosine'; warmup_steps 0 -> 1"),
+                       "lr_scheduler_type 'linear' -> 'cosine'; warmup_steps 0 -> 1.0"),
     _changed_on_resume("resume-changed-seed", ("--seed", "7"), "seed 42 -> 7"),
     _changed_on_resume("resume-changed-lora", ("--lora-r", "4", "--lora-targets", "q_proj"),
-                       "lora_r 8 -> 4; lora_targets ['q_proj', 'v_proj'] -> ['q_proj']"),
+                       "lora_r 8 -> 4; lora_target_modules ['q_proj', 'v_proj'] -> ['q_proj']"),
     _changed_on_resume("resume-changed-full", ("--full",), "full False -> True"),
     _changed_on_resume("resume-changed-lambda", ("--lambda", "2"), "objective.lam 1.0 -> 2.0"),
     _changed_on_resume("resume-changed-max-steps", ("--max-steps", "3"), "total_steps 1 -> 3"),
@@ -157,8 +178,10 @@ CASES = [
          prepare=lambda w: _truncate(w, "run/checkpoint-1/trainer_state.json", keep=5)),
     Case("resume-truncated-optimizer", "`--resume` from a checkpoint whose optimizer.pt is truncated", "pact", _resume(), 2,
          "checkpoint-1: cannot resume from this checkpoint", prepare=lambda w: _truncate(w, "run/checkpoint-1/optimizer.pt")),
-    Case("resume-no-config", "`--resume` of a run folder whose config.json is gone", "pact", _resume(), 2,
-         "config.json: cannot read the run's recorded settings", prepare=lambda w: (w.run / "config.json").unlink()),
+    Case("resume-from-missing-checkpoint", "`--resume_from_checkpoint` naming no folder", "pact",
+         _train("--resume_from_checkpoint", "nowhere"), 2, "--resume_from_checkpoint nowhere: no such checkpoint folder"),
+    Case("resume-no-config", "`--resume` of a run folder whose pact_config.json is gone", "pact", _resume(), 2,
+         "pact_config.json: cannot read the run's recorded settings", prepare=lambda w: (w.run / "pact_config.json").unlink()),
 ]
 
 
@@ -208,10 +231,10 @@ def _steps_logged(out) -> int:
 def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_update(poison, world, capsys, monkeypatch):
     """Step 2 of 3 goes non-finite: exit 1 naming the step, no adapter written, checkpoint-1 intact; resuming from it
     without the fault finishes the run."""
-    import pact.train
+    import pact.trainer
 
     if poison == "loss":
-        _fail_call(monkeypatch, pact.train, "cached_pact_loss", 2, _nan_loss)
+        _fail_call(monkeypatch, pact.trainer, "cached_pact_loss", 2, _nan_loss)
         message = "step 2: the loss is nan"
     else:
         _fail_call(monkeypatch, torch.nn.utils, "clip_grad_norm_", 2, lambda args, real: real(*args) * float("inf"))
@@ -220,9 +243,9 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_update(poison, w
     err = check_case(Case(f"nan-{poison}", "", "pact", argv, 1, message, may_change=("out",)), world, capsys)
     assert "the last checkpoint, checkpoint-1, is intact" in err
     out = world.path("out")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl", "pact_config.json"]
     assert _steps_logged(out) == 1
-    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "model" / "adapter_model.safetensors").values())
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "adapter_model.safetensors").values())
     monkeypatch.undo()
     assert pact_main([*argv(world), "--resume"]) == 0
     assert _steps_logged(out) == 3 and (out / "adapter_model.safetensors").exists()
@@ -241,21 +264,25 @@ def test_a_read_only_parent_of_out_is_named(world, capsys, monkeypatch):
     case = Case("out-read-only", "", "pact", _train(out="locked/run"), 2,
                 "cannot create the output directory", prepare=lambda w: w.write("locked/keep.txt", "keep me"))
     err = check_case(case, world, capsys)
-    assert f"{world.path('locked/run')} (--out): Permission denied (EACCES)" in err
+    assert f"{world.path('locked/run')} (--output_dir): Permission denied (EACCES)" in err
 
 
 def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_and_checkpoint_intact(world, capsys, monkeypatch):
     """Resuming the finished run fails to write its adapter (ENOSPC after a torn file): exit 2 naming the folder, the
     adapter and checkpoint already there keep their bytes, no staging folder is left; with space back it completes."""
-    import pact.train
+    from pact.trainer import PactTrainer
 
     adapter = world.run / "adapter_model.safetensors"
     before = adapter.read_bytes()
-    monkeypatch.setattr(pact.train, "_save_weights", lambda model, directory, full, tokenizer:
-                        _half_written(directory / "adapter_model.safetensors"))
+
+    def save_model(trainer, output_dir=None, _internal_call=False):
+        pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+        _half_written(pathlib.Path(output_dir) / "adapter_model.safetensors")
+
+    monkeypatch.setattr(PactTrainer, "save_model", save_model)
     case = Case("final-save-disk-full", "", "pact", _resume(), 2,
                 f"cannot write the trained adapter to {world.run}: No space left on device (ENOSPC); nothing was replaced",
-                may_change=("run/config.json", "run/metrics.jsonl"))
+                may_change=("run/pact_config.json", "run/metrics.jsonl"))
     check_case(case, world, capsys)
     assert not (world.run / ".final.tmp").exists()
     monkeypatch.undo()
@@ -266,13 +293,16 @@ def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_and_checkpoint
 def test_a_full_disk_while_writing_a_checkpoint_leaves_no_half_checkpoint(world, capsys, monkeypatch):
     """The second checkpoint's optimizer state hits ENOSPC: exit 2 naming it, no checkpoint-2 (complete or not) that
     --resume could pick up, checkpoint-1 intact; resuming from it finishes the run."""
-    _fail_call(monkeypatch, torch, "save", 2, lambda args, real: _half_written(args[1]))
+    from transformers import Trainer
+
+    _fail_call(monkeypatch, Trainer, "_save_optimizer_and_scheduler", 2,
+               lambda args, real: _half_written(pathlib.Path(args[1]) / "optimizer.pt"))
     argv = _train("--save-steps", "1", "--max-steps", "3")
     out = world.path("out")
     check_case(Case("checkpoint-disk-full", "", "pact", argv, 2,
                     f"cannot write checkpoint {out / 'checkpoint-2'}: No space left on device (ENOSPC)", may_change=("out",)),
                world, capsys)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl", "pact_config.json"]
     monkeypatch.undo()
     assert pact_main([*argv(world), "--resume"]) == 0
     assert _steps_logged(out) == 3 and (out / "checkpoint-3").is_dir()
@@ -285,7 +315,7 @@ def test_resume_accepts_settings_that_do_not_change_the_result(world):
     argv = _resume("--save-steps", "5", "--gradient-checkpointing", cache="moved-cache")(world)
     argv.remove("--no-progress")
     assert pact_main(argv) == 0
-    assert json.loads((world.run / "config.json").read_text())["cache"] == str(world.path("moved-cache"))
+    assert json.loads((world.run / "pact_config.json").read_text())["cache"] == str(world.path("moved-cache"))
 
 
 def _kill_run_when(argv: list[str], out, moment, cwd, log) -> None:

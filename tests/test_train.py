@@ -1,155 +1,311 @@
-"""`pact train` and `PactTrainer` on a tiny model and a cache built from it."""
+"""`pact train` and `PactTrainer` on a tiny model and a float32 cache built from it (12 rows, 3 shards of 4)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_model, write_jsonl
-from pact.cache_tools.cli import main as cache_main
+from helpers import make_tiny_model
+from pact.arguments import PactTrainingArguments
+from pact.cache_tools import CacheReader
 from pact.cli import main as pact_main
 from pact.errors import PactError
-from pact.objective import PactConfig
-from pact.train import TrainConfig, train
+from pact.objective import PactArguments, PactConfig
+from pact.train import train
 
-ROWS = [
-    {"instruction": f"Say the word number {i}.", "output": "zebra zebra zebra zebra quantum quantum"}
-    for i in range(12)
-]
+REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_model_dir, tmp_path_factory):
-    """A float32 cache of 12 rows built from the tiny model with its own safety tokens."""
-    root = tmp_path_factory.mktemp("train-cache")
-    data = write_jsonl(root / "data.jsonl", ROWS)
-    tokens = root / "safety.json"
-    assert pact_main(["safety-tokens", "--aligned", str(tiny_model_dir), "--max-examples", "8", "--top", "24",
-                      "--device", "cpu", "--out", str(tokens)]) == 0
-    cache = root / "cache"
-    assert cache_main(["build", "--model", str(tiny_model_dir), "--data", str(data), "--safety-tokens", str(tokens),
-                       "--out", str(cache), "--dtype", "float32", "--device", "cpu", "--rows-per-shard", "5"]) == 0
-    return cache
-
-
-def _config(cache, out, **overrides):
-    settings = dict(cache=str(cache), out=str(out), max_steps=4, batch_size=4, lr=1e-3, seed=3, device="cpu", progress=False)
+def _args(cache, out, **overrides) -> PactTrainingArguments:
+    """Quick CPU training arguments on `cache` into `out` (4 steps of 4 rows at lr 1e-3), changed by `overrides`."""
+    settings = dict(cache=str(cache), output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, seed=3,
+                    train_device="cpu", disable_tqdm=True)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return PactTrainingArguments(**settings)
 
 
-def test_train_writes_every_output(tiny_cache, tmp_path):
-    """Adapter in save_pretrained layout, metrics.jsonl per step, curves.png and config.json."""
+def _trainer(cache, model_dir, out, **overrides):
+    """A PactTrainer over `cache` on a LoRA student of the model in `model_dir` (Python API, as a user builds it)."""
+    from peft import LoraConfig, get_peft_model
+
+    from pact.models import load_model
+    from pact.trainer import PactTrainer
+
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    settings = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, train_device="cpu",
+                    disable_tqdm=True)
+    trainer_kwargs = {key: overrides.pop(key) for key in ("objective", "eval_cache", "force") if key in overrides}
+    settings.update(overrides)
+    return PactTrainer(model, PactTrainingArguments(**settings), cache=cache, processing_class=loaded.tokenizer,
+                       **trainer_kwargs)
+
+
+def test_train_writes_the_outputs_the_ecosystem_expects(float32_cache, tmp_path):
+    """Adapter and tokenizer in save_pretrained layout, the project's settings in pact_config.json (never config.json),
+    metrics.jsonl per step (loss = ce + lambda kl, over the step's response tokens) and curves.png."""
     out = tmp_path / "run"
-    result = train(_config(tiny_cache, out))
+    result = train(_args(float32_cache, out))
     assert result.steps == 4
-    assert (out / "adapter_config.json").exists()
-    assert load_file(out / "adapter_model.safetensors")
+    assert load_file(out / "adapter_model.safetensors") and (out / "adapter_config.json").exists()
+    assert (out / "tokenizer.json").exists() and not (out / "config.json").exists()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    reader = CacheReader(float32_cache)
     for record in lines:
-        assert {"step", "loss", "ce", "kl", "lr", "tokens", "seconds"} <= record.keys()
+        assert {"step", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "seconds"} <= record.keys()
         assert record["loss"] == pytest.approx(record["ce"] + record["kl"], rel=1e-5)
-        assert record["tokens"] > 0 and record["seconds"] > 0
+    assert sum(m["tokens"] for m in lines[:3]) == sum(len(row["post_count"]) for row in reader)  # epoch 1: every row once
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "pact_config.json").read_text())
     assert config["lora_r"] == 8 and config["objective"]["lam"] == 1.0 and config["total_steps"] == 4
 
 
-def test_large_lambda_pulls_kl_down_and_sft_pushes_it_up(tiny_cache, tmp_path):
-    """With lambda large the KL falls during training; plain SFT (lambda 0) on the same data drives it up."""
+def test_the_loss_is_the_token_mean_of_the_whole_optimizer_step(float32_cache, tmp_path):
+    """Batch 4 x 2 accumulated micro-batches gives the loss, metrics and adapter of batch 8 in one micro-batch."""
+    one = train(_args(float32_cache, tmp_path / "one", per_device_train_batch_size=8, max_steps=2))
+    accumulated = train(_args(float32_cache, tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2))
+    for want, got in zip(one.metrics, accumulated.metrics):
+        assert got["tokens"] == want["tokens"]
+        for key in ("loss", "ce", "kl", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    want, got = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "acc" / "adapter_model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_large_lambda_pulls_kl_down_more_than_sft(float32_cache, tmp_path):
+    """With lambda large the KL falls during training, and ends below plain SFT's (lambda 0) on the same batches."""
     kl_runs = {}
     for lam in (0.0, 50.0):
-        result = train(_config(tiny_cache, tmp_path / f"lam{lam}", max_steps=12, lr=2e-2, scheduler="constant",
-                               objective=PactConfig(lam=lam)))
+        result = train(_args(float32_cache, tmp_path / f"lam{lam}", max_steps=12, learning_rate=2e-2, lr_scheduler_type="constant"),
+                       PactArguments(lam=lam))
         kl_runs[lam] = [m["kl"] for m in result.metrics]
     assert kl_runs[50.0][-1] < kl_runs[50.0][0]
-    assert kl_runs[0.0][-1] > kl_runs[0.0][0]
     assert kl_runs[50.0][-1] < kl_runs[0.0][-1]
 
 
-def test_resume_equals_uninterrupted(tiny_cache, tmp_path):
-    """Resuming from the step-3 checkpoint reproduces the uninterrupted run's adapter exactly (CPU, same seed)."""
+def test_resume_equals_uninterrupted(float32_cache, tmp_path):
+    """Resuming from the step-3 checkpoint (mid-epoch 2) reproduces the uninterrupted run's adapter exactly (CPU, same seed)."""
     full = tmp_path / "full"
-    train(_config(tiny_cache, full, max_steps=6, save_steps=3, epochs=1))
+    train(_args(float32_cache, full, max_steps=6, save_steps=3))
     crashed = tmp_path / "crashed"
     shutil.copytree(full, crashed)
     shutil.rmtree(crashed / "checkpoint-6")
     for name in ("adapter_model.safetensors", "adapter_config.json", "curves.png"):
         (crashed / name).unlink()
-    resumed = train(_config(tiny_cache, crashed, max_steps=6, save_steps=3, resume=True))
+    resumed = train(_args(float32_cache, crashed, max_steps=6, save_steps=3, resume=True))
     assert resumed.steps == 6
     want, got = load_file(full / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
-    assert (crashed / "metrics.jsonl").read_text() .count("\n") == 6
+    lines = [[{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (full, crashed)]
+    assert [m["step"] for m in lines[1]] == [1, 2, 3, 4, 5, 6] and lines[1] == lines[0]
 
 
-def test_non_empty_out_without_resume_is_refused(tiny_cache, tmp_path):
+def test_non_empty_out_without_resume_is_refused(float32_cache, tmp_path):
     """A run never overwrites an earlier run's directory silently."""
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(PactError, match="not empty"):
-        train(_config(tiny_cache, tmp_path))
+        train(_args(float32_cache, tmp_path))
 
 
-def test_fingerprint_mismatch_is_refused_unless_forced(tiny_cache, tmp_path, capsys):
-    """Another model's weights are refused with a message naming the model fingerprint; --force warns and trains."""
+def test_pact_trainer_refuses_another_model_unless_forced(float32_cache, tmp_path):
+    """The constructor compares the model's fingerprint with the cache's; force=True warns instead."""
     other = make_tiny_model(tmp_path / "other", seed=7)
     with pytest.raises(PactError, match="model fingerprint differs"):
-        train(_config(tiny_cache, tmp_path / "a", model=str(other)))
-    result = train(_config(tiny_cache, tmp_path / "b", model=str(other), force=True, max_steps=1))
-    assert result.steps == 1
-    assert "warning: model fingerprint differs" in capsys.readouterr().out
+        _trainer(float32_cache, other, tmp_path / "a")
+    assert "model fingerprint differs" in _trainer(float32_cache, other, tmp_path / "b", force=True).warnings[0]
 
 
-def test_gate_parameter_baked_into_cache_is_refused(tiny_cache, tmp_path):
-    """The cache stores the post-only top-p count for its p0; training with another p0 is refused."""
-    with pytest.raises(PactError, match="p0"):
-        train(_config(tiny_cache, tmp_path / "r", objective=PactConfig(p0=0.8)))
+def test_pact_trainer_refuses_a_gate_the_cache_was_not_built_for(float32_cache, tiny_model_dir, tmp_path):
+    """p0 and Tg are baked into the cache's counts: no `force` overrides them."""
+    for objective, name in ((PactConfig(p0=0.8), "p0"), (PactConfig(gate_temperature=2.0), "gate_temperature")):
+        with pytest.raises(PactError, match=f"gate {name}="):
+            _trainer(float32_cache, tiny_model_dir, tmp_path / name, objective=objective, force=True)
 
 
-def test_cli_train_runs_and_help_lists_flags(tiny_cache, tmp_path, capsys):
-    """`pact train` runs from the command line; --help documents the objective's constants."""
-    out = tmp_path / "cli"
-    assert pact_main(["train", "--cache", str(tiny_cache), "--out", str(out), "--max-steps", "2", "--batch-size", "3",
-                      "--device", "cpu", "--no-progress", "--lambda", "2.0"]) == 0
-    assert "trained 2 steps" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["objective"]["lam"] == 2.0
-    with pytest.raises(SystemExit):
-        pact_main(["train", "--help"])
-    text = capsys.readouterr().out
-    for flag in ("--lora-r", "--lora-targets", "--full", "--lambda", "--grad-accum", "--save-steps", "--resume", "--p0", "--tau"):
-        assert flag in text
-
-
-def test_pact_trainer_logs_ce_and_kl(tiny_cache, tiny_model_dir, tmp_path):
-    """PactTrainer trains through transformers.Trainer with the cached loss and logs ce and kl."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
-
-    from pact.models import load_model
-    from pact.trainer import PactTrainer
-
-    loaded = load_model(str(tiny_model_dir), device="cpu")
-    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
-                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3, disable_tqdm=True)
-    trainer = PactTrainer(model=model, args=args, cache=tiny_cache, pad_id=loaded.tokenizer.pad_token_id)
+def test_pact_trainer_trains_logs_and_evaluates_on_an_eval_cache(float32_cache, tiny_model_dir, tmp_path):
+    """trainer.train() logs loss, ce and kl; trainer.evaluate() on an eval cache gives eval_loss = eval_ce + eval_kl."""
+    trainer = _trainer(float32_cache, tiny_model_dir, tmp_path / "hf", eval_cache=float32_cache)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 3
-    assert all("ce" in entry and "kl" in entry and entry["kl"] >= 0 for entry in logged)
+    assert len(logged) == 3 and all(entry["kl"] >= 0 and "ce" in entry for entry in logged)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + metrics["eval_kl"], rel=1e-5)
+    assert metrics["eval_tokens"] == sum(len(row["post_count"]) for row in CacheReader(float32_cache))
+    with pytest.raises(PactError, match="needs an eval cache"):
+        _trainer(float32_cache, tiny_model_dir, tmp_path / "none").evaluate()
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tiny_cache, tmp_path):
+def test_the_train_sampler_decodes_each_shard_once_per_epoch(float32_cache, tiny_model_dir, tmp_path):
+    """With a buffer too small for two shards, an epoch of the trainer's loader still decodes each shard exactly once,
+    visits every row once, and the next epoch's order differs."""
+    reader = CacheReader(float32_cache, buffer_bytes=1)
+    trainer = _trainer(reader, tiny_model_dir, tmp_path / "s", per_device_train_batch_size=3)
+    loader = trainer.get_train_dataloader()
+    orders = []
+    for epoch in (0, 1):
+        loader.batch_sampler.set_epoch(epoch)
+        before = reader.shards_decoded
+        orders.append([row["example_id"] for batch in loader for row in batch["rows"]])
+        assert reader.shards_decoded - before == len(reader.shards)
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(row["example_id"] for row in CacheReader(float32_cache))
+    assert orders[0] != orders[1]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(float32_cache, tmp_path):
     """Recomputing activations in backward changes memory, not the result."""
-    plain = train(_config(tiny_cache, tmp_path / "plain", max_steps=2))
-    checkpointed = train(_config(tiny_cache, tmp_path / "gc", max_steps=2, gradient_checkpointing=True))
+    plain = train(_args(float32_cache, tmp_path / "plain", max_steps=2))
+    checkpointed = train(_args(float32_cache, tmp_path / "gc", max_steps=2, gradient_checkpointing=True))
     assert [m["loss"] for m in checkpointed.metrics] == pytest.approx([m["loss"] for m in plain.metrics], rel=1e-6)
     want = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     got = load_file(tmp_path / "gc" / "adapter_model.safetensors")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_cli_train_runs_and_help_lists_the_hugging_face_names_and_the_old_ones(float32_cache, tmp_path, capsys):
+    """`pact train` runs with the old short flags; --help lists the HF names, the aliases and the objective's constants."""
+    out = tmp_path / "cli"
+    assert pact_main(["train", "--cache", str(float32_cache), "--out", str(out), "--max-steps", "2", "--batch-size", "3",
+                      "--device", "cpu", "--no-progress", "--lambda", "2.0", "--lora-targets", "q_proj,v_proj"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "pact_config.json").read_text())["objective"]["lam"] == 2.0
+    with pytest.raises(SystemExit):
+        pact_main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--output_dir", "--learning_rate", "--per_device_train_batch_size", "--gradient_accumulation_steps",
+                 "--num_train_epochs", "--max_steps", "--lora_r", "--lora_alpha", "--lora_target_modules", "--report_to",
+                 "--save_steps", "--seed", "--lr_scheduler_type", "--warmup_steps", "--weight_decay", "--max_grad_norm", "--bf16",
+                 "--gradient_checkpointing", "--resume_from_checkpoint", "--resume", "--config", "--eval_cache",
+                 "--out", "--lr", "--batch-size", "--grad-accum", "--epochs", "--lora-targets", "--lambda", "--scheduler",
+                 "--no-progress", "--p0", "--tau", "--gate-offset", "--free-steps"):
+        assert flag in text, flag
+
+
+def _parse(argv):
+    """The (PactArguments, PactTrainingArguments) `pact train argv` would run with."""
+    import argparse
+
+    from pact.commands import train as command
+
+    parser = argparse.ArgumentParser(prog="pact")
+    command.register(parser.add_subparsers())
+    return command.parse(parser.parse_args(["train", *argv]))
+
+
+def _same(a, b) -> None:
+    """Two parses give the same objective and the same training arguments."""
+    objective_a, training_a = a
+    objective_b, training_b = b
+    assert objective_a == objective_b
+    assert training_a.to_dict() == training_b.to_dict()
+
+
+REPRO_FLAGS = ["--cache", "runs/repro/cache", "--output_dir", "runs/repro/pact", "--lora_r", "8", "--lora_alpha", "32",
+               "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "125", "--per_device_train_batch_size", "8",
+               "--learning_rate", "2e-4", "--lr_scheduler_type", "linear", "--lambda", "1.0", "--seed", "0", "--device", "cpu"]
+
+
+def test_the_repro_yaml_equals_the_same_flags_and_flags_override_it(tmp_path):
+    """examples/repro_train.yaml parses to exactly what the flags give; a flag after --config wins over the file, and a
+    JSON file with alias keys (`lr`, `lambda`) reads the same."""
+    yaml_file = REPO / "examples" / "repro_train.yaml"
+    _same(_parse(["--config", str(yaml_file)]), _parse(REPRO_FLAGS))
+    objective, training = _parse(["--config", str(yaml_file), "--learning_rate", "1e-4", "--lambda", "2"])
+    assert training.learning_rate == 1e-4 and objective.lam == 2.0 and training.max_steps == 125
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"cache": "runs/repro/cache", "out": "runs/repro/pact", "lr": "2e-4", "lambda": 1,
+                                     "max_steps": 125, "batch-size": 8, "seed": 0, "device": "cpu"}))
+    _same(_parse(["--config", str(json_file)]), _parse(REPRO_FLAGS))
+
+
+def test_a_config_file_with_an_unknown_or_bad_setting_is_named(tmp_path, capsys):
+    """An unknown key and a value the field refuses are named with the file."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: c\nlearnin_rate: 1e-3\n")
+    assert pact_main(["train", "--config", str(bad)]) == 2
+    assert f"--config {bad}: unknown setting 'learnin_rate'" in capsys.readouterr().err
+    bad.write_text("cache: c\nper_device_train_batch_size: 0\n")
+    assert pact_main(["train", "--config", str(bad)]) == 2
+    assert f"{bad} (per_device_train_batch_size): per_device_train_batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_run_folder_loads_with_auto_peft_and_exports_merged(float32_cache, tiny_model_dir, tmp_path, capsys):
+    """AutoPeftModelForCausalLM.from_pretrained(run) gives the trained model's logits; `pact export --merge` writes a full
+    safetensors model whose logits equal adapter + base within 1e-4, loadable by AutoModelForCausalLM."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train(_args(float32_cache, out, max_steps=2, learning_rate=5e-2))
+    ids = CacheReader(float32_cache)[0]["input_ids"].unsqueeze(0)
+    adapted = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        want = adapted(ids).logits
+        assert (want - base(ids).logits).abs().max() > 1e-4  # the adapter does change the model
+    assert pact_main(["export", str(out), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists() and not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-4)
+    capsys.readouterr()
+    assert pact_main(["export", str(out), "--merge", "--out", str(tmp_path / "merged")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_a_full_run_loads_with_auto_model_and_keeps_its_settings_apart(float32_cache, tmp_path):
+    """--full writes the model's own config.json (AutoModelForCausalLM loads it) and the project's pact_config.json."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    train(_args(float32_cache, out, max_steps=1, full=True))
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert json.loads((out / "pact_config.json").read_text())["full"] is True
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_push_to_hub_uploads_the_run_folder(float32_cache, tmp_path, monkeypatch):
+    """--push_to_hub creates the repo and uploads the output folder as the Trainer does (hub calls replaced by a local
+    stand-in: no network)."""
+    import huggingface_hub
+
+    calls = {}
+
+    class Hub:
+        def create_repo(self, repo_id, **kwargs):
+            calls["repo"] = repo_id
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.setdefault("uploads", []).append((repo_id, Path(folder_path)))
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
+                                              commit_description="", oid="0" * 40)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    import transformers.trainer
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda *args, **kwargs: Hub(), raising=False)
+    out = tmp_path / "run"
+    train(_args(float32_cache, out, max_steps=1, push_to_hub=True, hub_model_id="someone/pact-run"))
+    assert calls["repo"] == "someone/pact-run"
+    assert ("someone/pact-run", out) in calls["uploads"]
+
+
+def test_the_repro_yaml_runs_with_its_paths_overridden(float32_cache, tmp_path, capsys):
+    """`pact train --config examples/repro_train.yaml` runs (on the test cache, one step, paths given as flags)."""
+    out = tmp_path / "repro"
+    assert pact_main(["train", "--config", str(REPO / "examples" / "repro_train.yaml"), "--cache", str(float32_cache),
+                      "--output_dir", str(out), "--max_steps", "1", "--no-progress"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    recorded = json.loads((out / "pact_config.json").read_text())
+    assert recorded["learning_rate"] == 2e-4 and recorded["lora_r"] == 8 and recorded["seed"] == 0
