@@ -7,6 +7,11 @@ Arrow schema, row and response-token counts, and the row invariants of
 `schema.ShardRows`. Any failure raises `CacheError` naming the shard (and
 row). Decoded shards are held in a least-recently-used buffer bounded in
 bytes; at least one shard is always held.
+
+`ShardShuffleSampler` orders rows shard by shard (each shard decoded once per
+epoch) and can length-bucket batches within windows of that order, planned
+from the rows' token counts, which `CacheReader.row_lengths` reads from the
+shards' `input_ids` offsets without decoding them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import bisect
 import random
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
@@ -65,6 +71,30 @@ def read_shard_table(directory: Path, entry: dict) -> pa.Table:
     return table
 
 
+def read_row_lengths(directory: Path, entry: dict) -> np.ndarray | None:
+    """Tokens of each row of one shard (its `input_ids` lengths), from that column alone: the file is memory-mapped and
+    only the column's buffers are read and decompressed, no checksum, no decoding (cheap enough to plan an epoch's order).
+
+    Returns None when the file is not what the manifest says (name, size, Arrow format, column, row count): the caller
+    then reads it in full with `read_shard_table`, whose checks name the fault.
+    """
+    path = Path(directory) / str(entry.get("file"))
+    try:
+        if not is_shard_name(entry.get("file")) or path.stat().st_size != entry["bytes"]:
+            return None
+        with pa.memory_map(str(path)) as source:
+            names = ipc.open_file(source).schema.names
+            if "input_ids" not in names:
+                return None
+            column_only = ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=[names.index("input_ids")]))
+            parts = [pc.list_value_length(column_only.get_batch(i).column(0)).to_numpy(zero_copy_only=False)
+                     for i in range(column_only.num_record_batches)]
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    lengths = np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+    return lengths if len(lengths) == entry["rows"] else None
+
+
 def decode_shard(table: pa.Table, layout: Layout, entry: dict) -> ShardRows:
     """Decode and check a shard table read by `read_shard_table` (row invariants and response-token count)."""
     rows = ShardRows(table, layout, entry["file"])
@@ -100,6 +130,7 @@ class CacheReader:
         self.buffer_bytes = buffer_bytes
         self._row_starts = np.cumsum([0] + [s["rows"] for s in self.shards]).tolist()
         self._buffer: OrderedDict[int, ShardRows] = OrderedDict()
+        self._row_lengths: np.ndarray | None = None
         self.shards_decoded = 0
         self.peak_shards_held = 0
 
@@ -146,6 +177,17 @@ class CacheReader:
             held -= self._buffer.popitem(last=False)[1].nbytes
         self.peak_shards_held = max(self.peak_shards_held, len(self._buffer))
         return rows
+
+    def row_lengths(self) -> np.ndarray:
+        """Tokens of every row (`len(input_ids)`, int64, in row order), read once per reader by `read_row_lengths`
+        without decoding a shard; a shard file that is not what the manifest says is loaded in full, which names its fault."""
+        if self._row_lengths is None:
+            parts = []
+            for index, entry in enumerate(self.shards):
+                lengths = read_row_lengths(self.directory, entry)
+                parts.append(lengths if lengths is not None else np.diff(self.load_shard(index).token_offsets))
+            self._row_lengths = np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+        return self._row_lengths
 
     def shard_row_range(self, index: int) -> range:
         """Global row indices held by shard `index`."""
@@ -258,15 +300,86 @@ class CacheIterableDataset(IterableDataset):
         return self.reader.iter_shard_rows(shards, rng)
 
 
+def shard_aware_order(shard_rows: Sequence[int], rng: random.Random, batch_size: int = 1, window: int = 0,
+                      lengths: Sequence[int] | None = None) -> list[int]:
+    """One epoch's row order: shards in random order, the rows of each shuffled, all drawn from `rng`.
+
+    Rows are numbered consecutively across shards (`shard_rows[i]` rows in
+    shard i). With `window` > 0, batches are also length-bucketed (see
+    `_bucketed`, which needs every row's token count in `lengths`): cutting
+    the order into consecutive `batch_size` pieces gives batches of rows of
+    similar length. Either way each row comes exactly once and a shard's rows
+    stay together, so a reader decodes each shard once per epoch. Works on row
+    counts and lengths alone (no cache needed), so a benchmark can plan the
+    order of a data set that was never cached.
+    """
+    starts = np.cumsum([0, *shard_rows]).tolist()
+    shards = list(range(len(shard_rows)))
+    rng.shuffle(shards)
+    order: list[int] = []
+    for shard in shards:
+        rows = list(range(starts[shard], starts[shard + 1]))
+        rng.shuffle(rows)
+        order.extend(_bucketed(rows, lengths, batch_size, window, -len(order) % batch_size, rng) if window else rows)
+    return order
+
+
+def _bucketed(rows: list[int], lengths: Sequence[int], batch_size: int, window: int, head: int, rng: random.Random) -> list[int]:
+    """One shard's shuffled `rows` regrouped into batches of similar lengths.
+
+    The first `head` rows complete the batch the previous shard left open and
+    the last rows that fill no whole batch stay last (the next shard completes
+    theirs): batches then line up with the order's `batch_size` cuts. The rows
+    between are taken in windows of `window` batches; each window is sorted by
+    length (ties in shuffled order), cut into batches, and its batches are
+    shuffled so that long batches do not always come last.
+    """
+    head = min(head, len(rows))
+    full = head + (len(rows) - head) // batch_size * batch_size
+    middle: list[int] = []
+    for start in range(head, full, window * batch_size):
+        part = sorted(rows[start:min(start + window * batch_size, full)], key=lambda row: lengths[row])
+        batches = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        rng.shuffle(batches)
+        middle.extend(row for batch in batches for row in batch)
+    return rows[:head] + middle + rows[full:]
+
+
+def padding_fraction(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> float:
+    """Share of padding in the batches cut from `order` in `batch_size` pieces, each padded to its longest row:
+    padded tokens over all tokens of the padded batches (0 for no rows). What `bucket_window` lowers."""
+    padded = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [int(lengths[row]) for row in order[start:start + batch_size]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return (padded - real) / padded if padded else 0.0
+
+
 class ShardShuffleSampler(Sampler[int]):
-    """Random row order that visits shards one at a time (shards shuffled, rows shuffled within each).
+    """Random row order that visits shards one at a time (shards shuffled, rows shuffled within each), seeded by
+    `seed` and the epoch (`set_epoch`), every row once per epoch.
 
     With a map-style dataset over a cache larger than the reader's buffer,
     this keeps decoding to one pass over each shard per epoch.
+
+    `bucket_window` > 0 length-buckets the batches a consumer cuts from the
+    order in `batch_size` pieces (the global micro-batch, before it is split
+    among processes): within each shard, windows of `bucket_window` batches are
+    sorted by row length, cut into batches and those batches shuffled (see
+    `shard_aware_order`), so a batch holds rows of similar length and pads
+    little. The lengths come from `CacheReader.row_lengths` (the shards'
+    `input_ids` offsets, read once per reader, no decoding), so shards are
+    still decoded once per epoch. Rows that span two shards' batch boundary
+    (fewer than a batch per shard) are not bucketed. 0 gives the plain shuffle.
     """
 
-    def __init__(self, reader: CacheReader, seed: int = 0):
+    def __init__(self, reader: CacheReader, seed: int = 0, batch_size: int = 1, bucket_window: int = 0):
+        for name, value, low in (("batch_size", batch_size, 1), ("bucket_window", bucket_window, 0)):
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise CacheError(f"ShardShuffleSampler: {name} must be an integer >= {low}, got {value!r}")
         self.reader, self.seed, self.epoch = reader, seed, 0
+        self.batch_size, self.bucket_window = batch_size, bucket_window
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the order of the next pass."""
@@ -276,10 +389,8 @@ class ShardShuffleSampler(Sampler[int]):
         return len(self.reader)
 
     def __iter__(self) -> Iterator[int]:
+        """This epoch's rows in order (`shard_aware_order`)."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        shards = list(range(len(self.reader.shards)))
-        rng.shuffle(shards)
-        for shard in shards:
-            rows = list(self.reader.shard_row_range(shard))
-            rng.shuffle(rows)
-            yield from rows
+        lengths = self.reader.row_lengths() if self.bucket_window else None
+        shard_rows = [entry["rows"] for entry in self.reader.shards]
+        return iter(shard_aware_order(shard_rows, rng, self.batch_size, self.bucket_window, lengths))

@@ -28,6 +28,7 @@ from pact.objective import check_setting
 SEED_LIMIT = 2**32 - 1  # what numpy, and so transformers' set_seed, accept
 SCHEDULERS = tuple(s.value for s in SchedulerType)
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_BUCKET_WINDOW = 64  # global micro-batches per length-sorted window of the train order
 RESERVED_FIELDS = ("debug",)  # TrainingArguments' `debug`: `--debug` is every command's show-the-traceback flag
 
 
@@ -71,6 +72,9 @@ class PactTrainingArguments(TrainingArguments):
     train_device: str = field(default="auto", metadata={
         "aliases": ["--device"], "help": "auto, cpu or cuda (under a launcher each process uses its own GPU)"})
     ce_chunk_size: int = field(default=1024, metadata={"help": "response positions per chunk of the cross-entropy (memory only)"})
+    bucket_window: int = field(default=DEFAULT_BUCKET_WINDOW, metadata={
+        "help": "less padding: within each cache shard, windows of N global micro-batches are sorted by row length, cut into "
+                "batches and the batches shuffled (seeded; each row once per epoch); 0: the plain shard-aware shuffle"})
 
     def __post_init__(self) -> None:
         """Refuse a value the run cannot use (`InvalidSetting` naming the field), then let `TrainingArguments` settle the rest."""
@@ -87,8 +91,8 @@ class PactTrainingArguments(TrainingArguments):
     def _check_values(self) -> None:
         """The project's checks of every numeric and named setting, before transformers sees them."""
         for name, low, integer in (("lora_r", 1, True), ("per_device_train_batch_size", 1, True), ("gradient_accumulation_steps", 1, True),
-                                   ("save_steps", 0, True), ("ce_chunk_size", 1, True), ("weight_decay", 0, False),
-                                   ("warmup_steps", 0, False)):
+                                   ("save_steps", 0, True), ("ce_chunk_size", 1, True), ("bucket_window", 0, True),
+                                   ("weight_decay", 0, False), ("warmup_steps", 0, False)):
             check_setting(name, getattr(self, name), low, integer=integer)
         for name in ("lora_alpha", "learning_rate", "max_grad_norm", "num_train_epochs"):
             check_setting(name, getattr(self, name), 0, low_open=True)
@@ -111,7 +115,7 @@ class PactTrainingArguments(TrainingArguments):
 
 
 PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "force",
-                  "resume", "train_device", "ce_chunk_size")
+                  "resume", "train_device", "ce_chunk_size", "bucket_window")
 RECORDED_TRAINER_FIELDS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
                            "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")

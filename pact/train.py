@@ -41,7 +41,7 @@ FINAL_STAGING = ".final.tmp"
 # Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
 RESULT_SETTINGS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-                   "max_grad_norm", "seed", "bf16", "total_steps", "model_fingerprint", "cache_identity")
+                   "max_grad_norm", "seed", "bf16", "bucket_window", "total_steps", "model_fingerprint", "cache_identity")
 
 
 @dataclass
