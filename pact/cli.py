@@ -15,6 +15,7 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 
 from pact.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, PactError
 
@@ -40,6 +41,8 @@ def describe_os_error(err: OSError) -> str:
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse `argv`, run the chosen subcommand, and turn errors into one message and an exit code (see the module notes)."""
+    # peft still asks transformers 5 models the deprecated name; the user can do nothing about it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,6 +1,8 @@
 """The PACT loss of a model on a batch: cross-entropy on the response tokens
-plus lambda times the masked KL on the safety tokens, with targets that come
-live or from the cache, both as a `pact.cache_tools.batch.CacheBatch`.
+(or, with the objective `pact+tokenwise`, Qi et al.'s token-wise constrained
+loss in its place) plus lambda times the masked KL on the safety tokens, or
+the token-wise loss alone (`tokenwise`), with targets that come live or from
+the cache, both as a `pact.cache_tools.batch.CacheBatch`.
 
 The student's safety-token logits are computed from the final hidden states
 and the LM-head rows of S, so the KL never needs full-vocabulary logits, and
@@ -16,23 +18,28 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from pact.cache_tools.batch import CacheBatch, collate_rows
-from pact.objective import PactConfig, chunked_cross_entropy, pact_kl, pact_loss
+from pact.errors import PactError
+from pact.objective import PactConfig, chunked_target_logprob, mean_cross_entropy, pact_kl, pact_loss, tokenwise_terms
 from pact.reference import causal_lm_parts, hidden_states_at
 from pact.targets import check_columns
 
 
 @dataclass
 class StudentOutputs:
-    """What the objective needs from the student for a batch's N response positions."""
+    """What the objective needs from the student for a batch's N response positions: the mean CE, the log-prob of
+    each response token [N] (None without CE), the logits on S and each token's step within its turn."""
 
     ce: torch.Tensor
     safety_logits: torch.Tensor | None
     steps: torch.Tensor
+    logprob: torch.Tensor | None = None
 
 
 @dataclass
 class PactOutput:
-    """The batch loss and its parts; `kl_per_position` [N] is KL_t (times T^2)."""
+    """The batch loss and its parts; `kl_per_position` [N] is KL_t (times T^2); `tokenwise` the mean token-wise
+    constrained loss (docs/objective.md section 4). Parts the objective leaves out of `loss` are computed without
+    gradient, for the logs: the KL under `tokenwise`, the token-wise loss under `pact`."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -40,6 +47,7 @@ class PactOutput:
     kl_per_position: torch.Tensor
     steps: torch.Tensor
     tokens: int
+    tokenwise: torch.Tensor
 
 
 def student_outputs(
@@ -49,17 +57,19 @@ def student_outputs(
     with_ce: bool = True,
     ce_chunk_size: int = 1024,
 ) -> StudentOutputs:
-    """One forward pass of the student: mean response CE and logits on S at every response position of `batch`.
+    """One forward pass of the student: the response tokens' log-probs and mean CE, and logits on S at every response
+    position of `batch`.
 
-    With `safety_ids=None` only the CE is computed (plain SFT on response tokens).
+    With `safety_ids=None` only the CE is computed (plain SFT on response tokens); with `with_ce=False` only the logits on S.
     """
     _, head = causal_lm_parts(model)
     device = head.device
     hidden = hidden_states_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
     labels = batch.labels.to(device)
-    ce = chunked_cross_entropy(hidden, head, labels, ce_chunk_size) if with_ce else hidden.new_zeros((), dtype=torch.float32)
+    logprob = chunked_target_logprob(hidden, head, labels, ce_chunk_size) if with_ce else None
+    ce = mean_cross_entropy(logprob) if with_ce else hidden.new_zeros((), dtype=torch.float32)
     safety_logits = None if safety_ids is None else F.linear(hidden, head[safety_ids.to(device)])
-    return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device))
+    return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device), logprob=logprob)
 
 
 def pact_batch_loss(
@@ -70,21 +80,38 @@ def pact_batch_loss(
     cfg: PactConfig,
     ce_chunk_size: int = 1024,
 ) -> PactOutput:
-    """L = CE + lambda * mean_t KL_t over the batch's response tokens (docs/objective.md section 2).
+    """The objective `cfg.objective` over the batch's response tokens (docs/objective.md sections 2 and 4):
+    pact L = CE + lambda * mean_t KL_t; tokenwise L = mean_t TW_t; pact+tokenwise L = mean_t TW_t + lambda * mean_t KL_t.
 
     `batch` carries its targets (cached, `collate_rows`, or online,
-    `OnlineReference.fill`); `safety_ids` is S, the columns of the student's logits.
+    `OnlineReference.fill`), the reference log-probs `target_logprob` among
+    them; `safety_ids` is S, the columns of the student's logits.
     """
     student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size)
     device = student.safety_logits.device
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
     columns = None if batch.columns is None else batch.columns.to(device)
     kl_per_position = pact_kl(
-        student.safety_logits, batch.full_logits.to(device), batch.post_logits.to(device), batch.post_count.to(device),
-        student.steps, mask, weights.to(device), cfg, columns,
+        _in_loss(student.safety_logits, cfg.uses_kl), batch.full_logits.to(device), batch.post_logits.to(device),
+        batch.post_count.to(device), student.steps, mask, weights.to(device), cfg, columns,
     )
-    loss, kl = pact_loss(student.ce, kl_per_position, mask, cfg)
-    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, int(mask.sum()))
+    tokenwise = tokenwise_terms(_in_loss(student.logprob, cfg.uses_tokenwise), _reference_logprob(batch), student.steps,
+                                cfg.betas).sum() / mask.sum().clamp(min=1)
+    loss, kl = pact_loss(tokenwise if cfg.uses_tokenwise else student.ce, kl_per_position, mask, cfg)
+    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, int(mask.sum()), tokenwise)
+
+
+def _in_loss(values: torch.Tensor, used: bool) -> torch.Tensor:
+    """`values` as they are when the loss uses them, else detached (a part computed only for the logs needs no graph)."""
+    return values if used else values.detach()
+
+
+def _reference_logprob(batch: CacheBatch) -> torch.Tensor:
+    """The reference's log-prob of each response token, which every cache row and every online batch carries."""
+    if batch.target_logprob is None:
+        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no reference log-probs (target_logprob) to "
+                        "compute the token-wise loss with; fill the batch with `collate_rows` or `OnlineReference.fill`")
+    return batch.target_logprob
 
 
 def cached_pact_loss(

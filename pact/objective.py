@@ -1,5 +1,6 @@
-"""The PACT objective on tensors (docs/objective.md section 2), shared by the online
-and the cached modes so both run one code path for the math.
+"""The PACT objective on tensors (docs/objective.md section 2), and the token-wise
+constrained objective of Qi et al. 2024 (section 4), shared by the online and
+the cached modes so both run one code path for the math.
 
 Shapes: the response positions of a batch are flattened to `N` rows; `S` is
 the safety-token set. Inputs on the reference side are logits restricted to
@@ -41,9 +42,33 @@ def check_setting(field: str, value, low: float | None = None, high: float | Non
         raise InvalidSetting(field, f"{field} must be {expected}, got {value!r}")
 
 
+OBJECTIVES = ("pact", "tokenwise", "pact+tokenwise")
+# Qi et al. 2024 (arXiv 2406.05946), Table 3 with Eqn 3: beta_1 = 0.5, beta_t = 2 for 2 <= t <= 5, beta_t = 0.1 for t > 5.
+PAPER_BETA_SCHEDULE = "0.5,2,2,2,2,0.1"
+
+
+def parse_beta_schedule(value) -> tuple[float, ...]:
+    """The betas of a `beta_schedule`: comma-separated text, a number, or a list of either (a config file's or the
+    API's form); `InvalidSetting` naming `beta_schedule` unless every value is a finite number > 0 and there is one."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    items = [part for item in values for part in ([t.strip() for t in item.split(",")] if isinstance(item, str) else [item])]
+    if not items or any(item == "" for item in items):
+        raise InvalidSetting("beta_schedule", f"beta_schedule must be comma-separated numbers > 0, one per response position "
+                                              f"(e.g. {PAPER_BETA_SCHEDULE}), got {value!r}")
+    betas = []
+    for item in items:
+        try:
+            number = float(item) if isinstance(item, str) else item
+        except ValueError:
+            number = item
+        check_setting("beta_schedule", number, 0, low_open=True)
+        betas.append(float(number))
+    return tuple(betas)
+
+
 @dataclass(frozen=True)
 class PactArguments:
-    """Every constant of the objective (docs/objective.md section 2), with the paper's defaults.
+    """Every constant of the objective (docs/objective.md sections 2 and 4), with the papers' defaults.
 
     The command lines' objective flags are generated from these fields (their
     `help` and `aliases` metadata); `PactConfig` is the same class.
@@ -59,9 +84,15 @@ class PactArguments:
                                              "help": "response steps N before the gate decays"})
     tau: float = field(default=8.0, metadata={"help": "gate decay time constant"})
     boost: float = field(default=1.0, metadata={"help": "gate scale"})
+    objective: str = field(default="pact", metadata={
+        "help": "the loss: pact (CE + lambda * KL), tokenwise (token-wise constrained SFT, Qi et al. 2024) or pact+tokenwise "
+                "(the token-wise loss in place of the CE, + lambda * KL); docs/objective.md section 4"})
+    beta_schedule: str = field(default=PAPER_BETA_SCHEDULE, metadata={
+        "help": "token-wise beta_t for response positions 1..k, comma-separated; the last holds for every later position"})
 
     def __post_init__(self) -> None:
-        """Refuse a constant the objective cannot use (a NaN lambda would train a NaN adapter without any error)."""
+        """Refuse a constant the objective cannot use (a NaN lambda would train a NaN adapter without any error), and
+        write `beta_schedule` in one canonical form (so `1` and `1.0` record, and compare on resume, alike)."""
         check_setting("temperature", self.temperature, 0, low_open=True)
         check_setting("lam", self.lam, 0)
         check_setting("p0", self.p0, 0, 1, low_open=True)
@@ -71,6 +102,24 @@ class PactArguments:
         check_setting("n_free", self.n_free, 0, integer=True)
         check_setting("tau", self.tau, 0, low_open=True)
         check_setting("boost", self.boost, 0)
+        if self.objective not in OBJECTIVES:
+            raise InvalidSetting("objective", f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        object.__setattr__(self, "beta_schedule", ",".join(map(repr, parse_beta_schedule(self.beta_schedule))))
+
+    @property
+    def betas(self) -> tuple[float, ...]:
+        """beta_t for response positions 1..k (the last for every later position), as numbers."""
+        return parse_beta_schedule(self.beta_schedule)
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether lambda times the safety-token KL is part of the loss (objectives pact and pact+tokenwise)."""
+        return self.objective != "tokenwise"
+
+    @property
+    def uses_tokenwise(self) -> bool:
+        """Whether the token-wise constrained loss replaces the cross-entropy (objectives tokenwise and pact+tokenwise)."""
+        return self.objective != "pact"
 
     def to_dict(self) -> dict:
         """Plain-dict form for manifests, configs and logs."""
@@ -135,27 +184,52 @@ def pact_kl(
     return masked_kl(student_logits, target, weights, mask, cfg.temperature)
 
 
-def pact_loss(ce: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: PactConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = CE + lambda * mean KL_t over the batch's response tokens; returns (loss, mean KL)."""
+def pact_loss(fit: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: PactConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch loss and the mean KL_t over its response tokens: L = fit + lambda * mean KL (objectives pact and
+    pact+tokenwise), or `fit` alone (tokenwise). `fit` is the mean CE (pact) or the mean token-wise loss (the others)."""
     tokens = mask.sum().clamp(min=1)
     kl = kl_per_position.sum() / tokens
-    return ce + cfg.lam * kl, kl
+    return (fit + cfg.lam * kl if cfg.uses_kl else fit), kl
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean next-token cross-entropy of `hidden @ W.T` against `targets` without keeping [N, V] logits.
+def betas_at(steps: torch.Tensor, betas: tuple[float, ...]) -> torch.Tensor:
+    """beta_t of each response token: `betas[t]` for step t (t = 0 is response position 1), the last one past the end."""
+    schedule = torch.tensor(betas, dtype=torch.float32, device=steps.device)
+    return schedule[steps.clamp(max=len(betas) - 1)]
+
+
+def tokenwise_terms(student_logprob: torch.Tensor, reference_logprob: torch.Tensor, steps: torch.Tensor,
+                    betas: tuple[float, ...]) -> torch.Tensor:
+    """Per response token, Qi et al.'s Eqn 3 term -(2 / beta_t) * log sigmoid(beta_t * (log pi_theta - log pi_ref)) [N].
+
+    Written as (2 / beta_t) * softplus(-beta_t * ratio), which is the same
+    number without overflow; its gradient is -2 * sigmoid(-beta_t * ratio) times
+    that of log pi_theta, the weight the paper's appendix and code use.
+    """
+    beta = betas_at(steps, betas)
+    ratio = student_logprob.float() - reference_logprob.float().to(student_logprob.device)
+    return 2.0 / beta * F.softplus(-beta * ratio)
+
+
+def chunked_target_logprob(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ W.T)[target] of each row [N] (float32) without keeping [N, V] logits.
 
     Each chunk's logits are recomputed in backward (activation checkpointing),
     so peak memory holds one chunk of full-vocabulary logits, not all of them.
     """
     from torch.utils.checkpoint import checkpoint
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        total = total + checkpoint(_ce_sum, hidden[chunk], lm_head_weight, targets[chunk], use_reentrant=False)
-    return total / max(hidden.shape[0], 1)
+    parts = [checkpoint(_target_logprob, hidden[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size],
+                        use_reentrant=False) for start in range(0, hidden.shape[0], chunk_size)]
+    return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+def mean_cross_entropy(logprob: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy of response tokens whose log-probs are `logprob` (0 for none)."""
+    return -logprob.sum() / max(logprob.shape[0], 1)
+
+
+def _target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One chunk of `chunked_target_logprob`, in float32."""
+    return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")

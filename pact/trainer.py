@@ -1,12 +1,14 @@
 """`PactTrainer`: the one training loop, a `transformers.Trainer` whose loss is
-CE + lambda * safety-token KL against cached reference targets.
+CE + lambda * safety-token KL against cached reference targets (or a token-wise
+objective, docs/objective.md section 4).
 
 It overrides only what PACT needs: the constructor (the cache/model/tokenizer
-and objective checks), the train data loader (a seeded shard-aware shuffle cut
-into global micro-batches, each process taking its contiguous part), the loss
-(the exact response-token mean over the whole optimizer step across
-accumulation and processes), evaluation on an eval cache, logging of `ce` and
-`kl`, a stop before applying a non-finite step, and atomic checkpoints.
+and objective checks), the train data loader (a seeded shard-aware shuffle,
+length-bucketed, cut into global micro-batches, each process taking its
+contiguous part), the loss (the exact response-token mean over the whole
+optimizer step across accumulation and processes), evaluation on an eval
+cache, logging of `ce`, `kl` and `tokenwise` (`LOGGED_PARTS`), a stop before
+applying a non-finite step, and atomic checkpoints.
 
 Multi-process (torchrun, `accelerate launch`, data-parallel): a step's global
 batch is `per_device_train_batch_size x gradient_accumulation_steps x world
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from pact.arguments import DEFAULT_BUCKET_WINDOW
 from pact.cache_tools import CacheReader
 from pact.cache_tools.reader import ShardShuffleSampler
 from pact.cache_tools.writer import atomic_write
@@ -43,6 +46,7 @@ from pact.objective import PactArguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.jsonl"
+LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logged per step, token-mean over the step
 
 
 def check_compatibility(manifest: dict, fingerprints: tuple[str, str], cfg: PactArguments, force: bool) -> list[str]:
@@ -149,7 +153,7 @@ class PactTrainer(Trainer):
 
     `cache` (a directory or a `CacheReader`) is the training set;
     `objective` the loss's constants; `eval_cache` an optional cache that
-    `evaluate()` reports `eval_loss`, `eval_ce` and `eval_kl` on. The
+    `evaluate()` reports `eval_loss`, `eval_ce`, `eval_kl` and `eval_tokenwise` on. The
     constructor refuses a model or tokenizer the cache was not built for
     (`force=True` overrides fingerprints only, with warnings in
     `self.warnings`) and gate settings other than the cache's. Pass the
@@ -177,8 +181,8 @@ class PactTrainer(Trainer):
         self.args.remove_unused_columns = False
         if self.args.disable_tqdm:
             self.remove_callback(PrinterCallback)
-        self._step = torch.zeros(3, dtype=torch.float64)  # loss, ce, kl of this optimizer step, this process's share
-        self._logged = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tokens": 0, "steps": 0}
+        self._step = torch.zeros(len(LOGGED_PARTS), dtype=torch.float64)  # LOGGED_PARTS of this optimizer step, this process's share
+        self._logged = _no_logs()
         self._step_tokens = 0
         self._checkpoint_root: str | None = None
 
@@ -189,12 +193,16 @@ class PactTrainer(Trainer):
         return GlobalMicroBatches(order_of, self.args.per_device_train_batch_size, self.args.world_size, self.args.process_index)
 
     def get_train_dataloader(self) -> DataLoader:
-        """Shuffled shard by shard (each shard decoded once per epoch), seeded by `args.seed` and the epoch; global
-        micro-batches split among processes here, not by accelerate (which would pad an uneven last batch with repeats)."""
-        sampler = ShardShuffleSampler(self.cache, self.args.seed)
+        """Shuffled shard by shard (each shard decoded once per epoch), seeded by `args.seed` and the epoch, global
+        micro-batches length-bucketed within windows of `args.bucket_window` of them (plain `TrainingArguments` get the
+        default; see `ShardShuffleSampler`), then split among processes here, not by accelerate (which would pad an
+        uneven last batch with repeats)."""
+        window = getattr(self.args, "bucket_window", DEFAULT_BUCKET_WINDOW)
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        sampler = ShardShuffleSampler(self.cache, self.args.seed, batch_size=global_batch, bucket_window=window)
 
         def order_of(epoch: int) -> list[int]:
-            """Every row once, shard by shard, shuffled for `epoch`."""
+            """Every row once, shard by shard, shuffled (and length-bucketed) for `epoch`."""
             sampler.set_epoch(epoch)
             return list(sampler)
 
@@ -227,7 +235,7 @@ class PactTrainer(Trainer):
                                   self.ce_chunk_size)
         total = num_items_in_batch or max(inputs["tokens"], 1)
         share = inputs["tokens"] / total
-        self._step += torch.tensor([result.loss.item(), result.ce.item(), result.kl.item()], dtype=torch.float64) * share
+        self._step += _parts(result) * share
         loss = result.loss * (share * self.args.world_size)
         return (loss, {"ce": result.ce, "kl": result.kl}) if return_outputs else loss
 
@@ -236,48 +244,49 @@ class PactTrainer(Trainer):
         `CheckFailed` before the optimizer applies it (nothing is written; the last checkpoint stays intact)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
         step = self._sum_over_processes(self._step)
-        self._step = torch.zeros(3, dtype=torch.float64)
+        self._step = torch.zeros(len(LOGGED_PARTS), dtype=torch.float64)
         norm = float(grad_norm) if grad_norm is not None else 0.0
-        loss, ce, kl = step.tolist()
-        if not all(math.isfinite(v) for v in (loss, ce, kl, norm)):
+        parts = dict(zip(LOGGED_PARTS, step.tolist()))
+        if not all(math.isfinite(v) for v in (*parts.values(), norm)):
             number = self.state.global_step + 1
             saved = [p for p in Path(self.args.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
             last = max(saved, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
             kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written yet"
-            raise CheckFailed(f"step {number}: the loss is {loss} (ce {ce}, kl {kl}) and the gradient norm {norm}, not finite; "
+            raise CheckFailed(f"step {number}: the loss is {parts['loss']} (ce {parts['ce']}, kl {parts['kl']}, tokenwise "
+                              f"{parts['tokenwise']}) and the gradient norm {norm}, not finite; "
                               f"training stopped before applying this step and {kept}; check the cache with `pact-cache verify`, "
                               "or lower --learning_rate or --lambda")
-        for key, value in (("loss", loss), ("ce", ce), ("kl", kl), ("tokens", self._step_tokens), ("steps", 1)):
+        for key, value in {**parts, "tokens": self._step_tokens, "steps": 1}.items():
             self._logged[key] += value
         return grad_norm
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Training logs get the token-mean `loss`, `ce` and `kl` of the steps since the last log (exact over
-        processes and accumulation) and their response `tokens`."""
+        """Training logs get the token-mean `LOGGED_PARTS` of the steps since the last log (exact over processes and
+        accumulation) and their response `tokens`."""
         if "loss" in logs and self._logged["steps"]:
             steps = self._logged["steps"]
-            logs.update({key: self._logged[key] / steps for key in ("loss", "ce", "kl")}, tokens=self._logged["tokens"])
-            self._logged = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tokens": 0, "steps": 0}
+            logs.update({key: self._logged[key] / steps for key in LOGGED_PARTS}, tokens=self._logged["tokens"])
+            self._logged = _no_logs()
         super().log(logs, *args, **kwargs)
 
     # --- evaluation ---
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Mean loss, CE and KL over the eval cache's response tokens (every process runs its part, then they are summed)."""
+        """Mean `LOGGED_PARTS` over the eval cache's response tokens (every process runs its part, then they are summed)."""
         if self.eval_cache is None:
             raise PactError("evaluate() needs an eval cache: pass eval_cache= to PactTrainer (--eval_cache on the command line)")
         model = self.model_wrapped if self.is_in_train else self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(len(LOGGED_PARTS) + 1, dtype=torch.float64)
         with torch.no_grad():
             for batch in self._eval_loader():
                 result = cached_pact_loss(model, batch["rows"], self.safety_ids, self.safety_weights, self.objective, self.pad_id,
                                           self.ce_chunk_size)
-                sums += torch.tensor([result.loss.item(), result.ce.item(), result.kl.item(), 1.0], dtype=torch.float64) * batch["tokens"]
+                sums += torch.cat([_parts(result), torch.ones(1, dtype=torch.float64)]) * batch["tokens"]
         model.train(was_training)
-        loss, ce, kl, tokens = self._sum_over_processes(sums).tolist()
-        metrics = {f"{metric_key_prefix}_{key}": value / max(tokens, 1) for key, value in (("loss", loss), ("ce", ce), ("kl", kl))}
+        *parts, tokens = self._sum_over_processes(sums).tolist()
+        metrics = {f"{metric_key_prefix}_{key}": value / max(tokens, 1) for key, value in zip(LOGGED_PARTS, parts)}
         metrics[f"{metric_key_prefix}_tokens"] = int(tokens)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -315,6 +324,16 @@ class PactTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def _parts(result) -> torch.Tensor:
+    """The `LOGGED_PARTS` of a `PactOutput`, as float64 numbers."""
+    return torch.tensor([getattr(result, key).item() for key in LOGGED_PARTS], dtype=torch.float64)
+
+
+def _no_logs() -> dict:
+    """The running sums of the steps since the last log, empty."""
+    return {**dict.fromkeys(LOGGED_PARTS, 0.0), "tokens": 0, "steps": 0}
+
+
 def _cached(order_of):
     """`order_of` remembering its last epoch's order (the Trainer asks for the length and then the rows)."""
     memo: dict = {}
@@ -345,7 +364,7 @@ def os_reason(err: Exception) -> str:
 
 
 class MetricsCallback(TrainerCallback):
-    """Writes `metrics.jsonl` (one object per logging step: step, epoch, loss, ce, kl, lr, grad_norm, tokens, seconds)
+    """Writes `metrics.jsonl` (one object per logging step: step, epoch, loss, ce, kl, tokenwise, lr, grad_norm, tokens, seconds)
     and `curves.png` at the end, in the run folder, from the main process.
 
     On resume the file is cut back to the steps the checkpoint holds (later
@@ -372,8 +391,8 @@ class MetricsCallback(TrainerCallback):
             return
         now = time.perf_counter()
         record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"], "ce": logs["ce"], "kl": logs["kl"],
-                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"), "tokens": logs.get("tokens"),
-                  "seconds": now - self._started}
+                  "tokenwise": logs.get("tokenwise"), "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                  "tokens": logs.get("tokens"), "seconds": now - self._started}
         self._started = now
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as handle:

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="fine-tune from a reference cache (no reference model in memory)",
-        description="Fine-tune the cache's reference model with CE + lambda * safety-token KL, reading targets from the cache "
+        description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
+                    "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
                     "(docs/objective.md). Every transformers TrainingArguments flag is accepted; a YAML file may hold them (--config).",
     )
     defaults = add_dataclass_flags(parser, DATACLASSES)
