@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from pact.arguments import DEFAULT_BUCKET_WINDOW
 from pact.cache_tools import CacheReader
-from pact.cache_tools.reader import ShardShuffleSampler
+from pact.cache_tools.reader import CacheDataset, ShardShuffleSampler
 from pact.cache_tools.writer import atomic_write
 from pact.distributed import contiguous_part
 from pact.errors import CheckFailed, PactError
@@ -122,20 +122,9 @@ class GlobalMicroBatches:
             yield part if part else _Filler(batch[:1])
 
 
-class CacheRows(Dataset):
+class CacheRows(CacheDataset):
     """A cache's rows for a `DataLoader` fed by `GlobalMicroBatches`; a batch of rows becomes `{"rows", "tokens"}`,
     `tokens` its response tokens (0 for a `_Filler`)."""
-
-    def __init__(self, reader: CacheReader):
-        self.reader = reader
-
-    def __len__(self) -> int:
-        """Rows of the cache."""
-        return len(self.reader)
-
-    def __getitem__(self, index: int) -> dict:
-        """One row."""
-        return self.reader[index]
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A micro-batch: its rows and their response-token count (what `DataLoader` fetches per batch)."""
