@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from pact.errors import InvalidSetting, PactError
+from pact.models import DTYPES, dtype_name, resolve_device, resolve_dtype
 from pact.objective import check_setting
 
 SEED_LIMIT = 2**32 - 1  # what numpy, and so transformers' set_seed, accept
@@ -71,6 +72,10 @@ class PactTrainingArguments(TrainingArguments):
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
     train_device: str = field(default="auto", metadata={
         "aliases": ["--device"], "help": "auto, cpu or cuda (under a launcher each process uses its own GPU)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "the student's weight dtype: auto (bfloat16 on a GPU that supports it, float16 on an older one, float32 on CPU), "
+                "bfloat16, float16 (GPU and LoRA only; implies --fp16, the Trainer's loss scaling) or float32; "
+                "logits are float32 whatever it is"})
     ce_chunk_size: int = field(default=1024, metadata={"help": "response positions per chunk of the cross-entropy (memory only)"})
     bucket_window: int = field(default=DEFAULT_BUCKET_WINDOW, metadata={
         "help": "less padding: within each cache shard, windows of N global micro-batches are sorted by row length, cut into "
@@ -83,6 +88,7 @@ class PactTrainingArguments(TrainingArguments):
         if self.save_steps == 0:
             self.save_strategy = "no"
         self.use_cpu = self.use_cpu or self.train_device == "cpu"
+        self._settle_dtype()
         try:
             super().__post_init__()
         except ValueError as err:
@@ -109,16 +115,41 @@ class PactTrainingArguments(TrainingArguments):
             raise InvalidSetting("train_device", f"train_device must be one of {', '.join(DEVICES)} (cuda only where a GPU is), "
                                                  f"got {self.train_device!r}")
 
+    def _settle_dtype(self) -> None:
+        """Resolve `dtype` to the weight dtype the run trains in (`auto` by device) and turn on the loss scaling float16 needs.
+
+        float16 weights train only under LoRA and on a GPU: the adapters stay
+        float32 (peft upcasts them) and the Trainer's GradScaler (`fp16`, which
+        accelerate has only on CUDA) scales the loss; full fine-tuning would
+        update float16 weights the scaler cannot unscale.
+        """
+        if self.dtype not in DTYPES:
+            raise InvalidSetting("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        device = resolve_device("cpu" if self.use_cpu else "auto")
+        self.dtype = dtype_name(resolve_dtype(self.dtype, device))
+        if self.dtype != "float16":
+            return
+        if self.full:
+            raise InvalidSetting("dtype", "dtype float16 trains LoRA adapters only (full fine-tuning needs float32 master "
+                                          "weights the loss scaler can unscale); use --dtype bfloat16 or float32 with --full")
+        if self.bf16:
+            raise InvalidSetting("dtype", "dtype float16 uses float16 loss scaling (--fp16), which --bf16 autocast contradicts; "
+                                          "drop --bf16 or use --dtype bfloat16")
+        if device.type != "cuda":
+            raise InvalidSetting("dtype", "dtype float16 trains under a GPU's loss scaler (--fp16), which the CPU lacks; "
+                                          "use --dtype bfloat16 or float32 on CPU")
+        self.fp16 = True
+
     def run_settings(self) -> dict:
         """The project's fields and the Trainer settings a PACT run records in `pact_config.json` (JSON-ready)."""
         return json.loads(json.dumps({name: getattr(self, name) for name in (*PROJECT_FIELDS, *RECORDED_TRAINER_FIELDS)}, default=str))
 
 
 PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "force",
-                  "resume", "train_device", "ce_chunk_size", "bucket_window")
+                  "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window")
 RECORDED_TRAINER_FIELDS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
-                           "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")
+                           "fp16", "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
 # --- Command lines generated from the dataclasses ---------------------------------------------

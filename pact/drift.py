@@ -111,13 +111,14 @@ def _apply_adapter(loaded, adapter: str) -> None:
                         "(an adapter fits only the base model it was trained on: pass that one as --model)") from err
 
 
-def load_student(model_source: str, adapter: str | None = None, device: str = "auto"):
-    """Load a model (float32) and optionally apply a PEFT adapter directory on top (checked first: see `check_adapter_dir`)."""
+def load_student(model_source: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load a model with weights in `dtype` (see `pact.models.resolve_dtype`) and optionally apply a PEFT adapter directory
+    on top (checked first: see `check_adapter_dir`)."""
     from pact.models import load_model
 
     if adapter:
         check_adapter_dir(adapter)
-    loaded = load_model(model_source, device=device, dtype="float32")
+    loaded = load_model(model_source, device=device, dtype=dtype)
     if adapter:
         _apply_adapter(loaded, adapter)
     return loaded

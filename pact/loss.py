@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from pact.cache_tools.batch import CacheBatch, collate_rows
 from pact.errors import PactError
-from pact.objective import PactConfig, chunked_target_logprob, mean_cross_entropy, pact_kl, pact_loss, tokenwise_terms
+from pact.objective import (PactConfig, chunked_target_logprob, float32_logits, mean_cross_entropy, pact_kl, pact_loss,
+                            tokenwise_terms)
 from pact.reference import causal_lm_parts, hidden_states_at
 from pact.targets import check_columns
 
@@ -68,7 +68,7 @@ def student_outputs(
     labels = batch.labels.to(device)
     logprob = chunked_target_logprob(hidden, head, labels, ce_chunk_size) if with_ce else None
     ce = mean_cross_entropy(logprob) if with_ce else hidden.new_zeros((), dtype=torch.float32)
-    safety_logits = None if safety_ids is None else F.linear(hidden, head[safety_ids.to(device)])
+    safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
     return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device), logprob=logprob)
 
 

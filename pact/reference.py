@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from pact.data import EncodedExample
-from pact.objective import topp_count
+from pact.objective import float32_logits, topp_count
 
 if TYPE_CHECKING:
     from pact.cache_tools.batch import CacheBatch
@@ -145,12 +144,12 @@ def reference_batch(
     hidden = hidden_states_at(model, ids, mask, rows, torch.cat([batch.positions, post_positions]))
     full_hidden, post_hidden = hidden[:batch.tokens], hidden[batch.tokens:]
     safety_ids = safety_ids.to(device)
-    logits = F.linear(full_hidden, head).float()
+    logits = float32_logits(full_hidden, head)
     logsumexp = torch.logsumexp(logits, dim=-1)
     target_logprob = logits.gather(1, batch.labels.to(device)[:, None]).squeeze(1) - logsumexp
     full_logits = logits[:, safety_ids]
     del logits
-    post_logits = F.linear(post_hidden, head[safety_ids]).float()
+    post_logits = float32_logits(post_hidden, head[safety_ids])
     post_count = topp_count(post_logits, p0, gate_temperature)
     return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp)
 

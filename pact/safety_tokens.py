@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pact.data import Conversation, DataError, prompt_token_ids
 from pact.errors import PactError
 from pact.models import LoadedModel, pad_token_id, tokenizer_fingerprint
+from pact.objective import float32_logits
 from pact.reference import causal_lm_parts, response_hidden_states
 
 DIFF_MODES = ("p_diff", "pref_logratio")
@@ -292,7 +292,7 @@ def _response_logprobs(loaded: LoadedModel, prompts: list[list[int]], responses:
     sequences = [p + r for p, r in zip(prompts, responses)]
     starts = [len(p) for p in prompts]
     hidden = response_hidden_states(loaded.model, sequences, starts, pad_token_id(loaded.tokenizer), head.device)
-    return torch.log_softmax(F.linear(hidden.float(), head.float()) / temperature, dim=-1)
+    return torch.log_softmax(float32_logits(hidden, head) / temperature, dim=-1)
 
 
 @torch.inference_mode()

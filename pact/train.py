@@ -41,7 +41,7 @@ FINAL_STAGING = ".final.tmp"
 # Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
 RESULT_SETTINGS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-                   "max_grad_norm", "seed", "bf16", "bucket_window", "total_steps", "model_fingerprint", "cache_identity")
+                   "max_grad_norm", "seed", "bf16", "fp16", "dtype", "bucket_window", "total_steps", "model_fingerprint", "cache_identity")
 
 
 @dataclass
@@ -262,7 +262,7 @@ def train(args: PactTrainingArguments, objective: PactArguments | None = None) -
     out = Path(args.output_dir)
     reader = CacheReader(args.cache)
     checkpoint = run_on_main(lambda: prepare_output(out, args.resume, args.resume_from_checkpoint))
-    loaded = load_model(args.model or reader.manifest["model_source"], device="cpu", dtype="float32")
+    loaded = load_model(args.model or reader.manifest["model_source"], device="cpu", dtype=args.dtype)
     student = _student(loaded, args)
     metrics = MetricsCallback(out, curves_at_end=False)
     trainer = PactTrainer(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,

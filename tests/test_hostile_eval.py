@@ -175,6 +175,8 @@ TASK_CASES = [
     Case("task-limit-negative", "`--limit -3`", "pact", lambda w: task(w, w.data, "--limit", "-3"), 2, "argument --limit"),
     Case("task-batch-size-zero", "`--batch-size 0`", "pact",
          lambda w: task(w, w.data, "--batch-size", "0"), 2, "argument --batch-size"),
+    Case("task-dtype-unknown", "`--dtype float64`", "pact",
+         lambda w: task(w, w.data, "--dtype", "float64"), 2, "argument --dtype: invalid choice: 'float64'"),
     Case("task-save-to-eval-json-is-data", "`--data` is RUN_DIR/eval.json of `--save-to RUN_DIR`", "pact",
          lambda w: task(w, w.path("res/eval.json"), "--save-to", str(w.path("res"))), 2, "is the same file as --data",
          prepare=lambda w: w.write("res/eval.json", json.dumps([{"instruction": "Rate it.", "output": v} for v in "ab"]))),
@@ -207,6 +209,8 @@ DRIFT_CASES = [
          prepare=lambda w: (w.path("res").mkdir(), os.symlink(w.cache / "manifest.json", w.path("res/eval.json")))),
     Case("drift-batch-size-zero", "`--batch-size 0`", "pact",
          lambda w: drift(w, "--batch-size", "0"), 2, "argument --batch-size"),
+    Case("drift-dtype-unknown", "`--dtype int8` (a storage dtype of `pact-cache build`, not a weight dtype)", "pact",
+         lambda w: drift(w, "--dtype", "int8"), 2, "argument --dtype: invalid choice: 'int8'"),
 ]
 
 REPORT_CASES = [

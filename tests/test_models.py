@@ -305,12 +305,10 @@ def test_auto_is_cpu_float32_without_cuda(no_cuda):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
-def test_auto_is_cuda_bfloat16_when_available(monkeypatch):
-    """`auto` picks CUDA and bf16 when CUDA is available."""
+def test_auto_device_is_cuda_when_available(monkeypatch):
+    """`auto` picks CUDA when CUDA is available (the dtype `auto` picks: tests/test_dtypes.py)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda"
-    assert resolve_dtype("auto") == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
 
 
 def test_cuda_requested_without_cuda_is_an_error(tiny_model_dir, no_cuda):

@@ -19,16 +19,24 @@ from typing import Sequence
 from pact.commands.arguments import (add_data_source_arguments, check_model_argument, check_output_file, data_source_options,
                                      device_name, input_files, positive_int, refuse_overwriting_inputs)
 from pact.errors import PactError
-from pact.models import EMBEDDED_MODEL, pad_token_id
+from pact.models import DTYPES, EMBEDDED_MODEL, pad_token_id
 from pact.report import EVAL_FILE, load_measurements
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --adapter and --device, shared by the generation-based measurements."""
+    """--model, --adapter, --device and --dtype, shared by the generation-based measurements."""
     parser.add_argument("--model", metavar="M", default=None,
                         help=f"model to evaluate: local directory, hub id, .gguf file or {EMBEDDED_MODEL!r} (default: the embedded model)")
     parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to apply on top of --model (e.g. a `pact train --out` directory)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda (default auto)")
+    _add_dtype_argument(parser)
+
+
+def _add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype, the weight dtype of every model a measurement loads (logits are computed in float32 whatever it is)."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weight dtype of the model (and of --judge): auto (bfloat16 on a GPU that supports it, float16 "
+                             "on an older one, float32 on CPU), bfloat16, float16 or float32 (default auto)")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -162,6 +170,7 @@ def register(subparsers) -> None:
     drift.add_argument("--adapter", help="PEFT adapter directory to apply on top of --model")
     drift.add_argument("--batch-size", type=positive_int, default=8, help="cache rows per forward pass (default 8)")
     drift.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda (default auto)")
+    _add_dtype_argument(drift)
     _add_output_arguments(drift, "kl_mean, tokens, kl_by_position, ...")
     drift.set_defaults(func=run_drift)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -179,10 +188,10 @@ def run_refusal(args: argparse.Namespace) -> int:
     _check_outputs(args, inputs, [("--out", check_output_file("--out", args.out))] if args.out else [])
     prompts, report = load_prompts(args.prompts, skip_invalid=args.skip_invalid, limit=args.limit, **data_source_options(args))
     _report_skipped(report)
-    loaded = load_student(args.model, args.adapter, args.device)
+    loaded = load_student(args.model, args.adapter, args.device, args.dtype)
     judge = None
     if args.judge:
-        guard = load_model(args.judge, device=args.device)
+        guard = load_model(args.judge, device=args.device, dtype=args.dtype)
         judge = GuardJudge(guard.model, guard.tokenizer)
     result = evaluate_refusals(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.batch_size, judge,
                                progress=not args.json)
@@ -216,7 +225,7 @@ def run_task(args: argparse.Namespace) -> int:
                                                **data_source_options(args))
     _report_skipped(report)
     labels = label_set(conversations, source=report.path)
-    loaded = load_student(args.model, args.adapter, args.device)
+    loaded = load_student(args.model, args.adapter, args.device, args.dtype)
     result = evaluate_task(loaded.model, loaded.tokenizer, conversations, args.batch_size, progress=not args.json,
                            labels=labels)
     summary = {**result.to_dict(), "data": str(args.data), "model": loaded.source, "adapter": args.adapter}
@@ -244,7 +253,7 @@ def run_drift(args: argparse.Namespace) -> int:
     _check_outputs(args, {"--cache": check_cache_files(reader), **_adapter_files(args.adapter),
                           **_model_files("--model" if args.model else "the cache's model_source (--model)", model)})
     check_tokenizer(reader.manifest, tokenizer_fingerprint(load_tokenizer(model)), model, args.cache)
-    loaded = load_student(model, args.adapter, args.device)
+    loaded = load_student(model, args.adapter, args.device, args.dtype)
     result = safety_drift(loaded.model, reader, pad_token_id(loaded.tokenizer), batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))

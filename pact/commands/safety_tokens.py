@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="model weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16; "
+                        help="model weights dtype: auto (bfloat16 on a GPU that supports it, float16 on an older one, float32 on CPU), "
+                             "float32, bfloat16, float16; "
                              "probabilities are always computed in float32")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip malformed data rows (counted and reported) instead of stopping at the first one")
