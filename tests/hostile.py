@@ -15,8 +15,10 @@ test keeps it current.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -86,6 +88,20 @@ class Case:
         """The command as shown in the docs table, with placeholders for the fixtures' paths."""
         shown = World(*(Path(f"<{name}>") for name in ("dir", "model", "safety", "cache", "data", "run")))
         return " ".join([self.program, *(str(a).replace("<dir>/", "") for a in self.argv(shown))])
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """Create `path` as a folder the OS refuses writes into (for non-root users; see `NEEDS_NON_ROOT`), restored on exit."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+NEEDS_NON_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so there is nothing to refuse")
 
 
 def _entry_point(program: str) -> Callable[[list[str]], int]:

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from hostile import Case, check_case
+from hostile import NEEDS_NON_ROOT, Case, check_case, read_only_folder
 from pact.cache_tools import CacheReader, load_manifest
 from pact.cache_tools.cli import main
 from pact.cache_tools.manifest import save_manifest
@@ -363,17 +363,12 @@ def test_unwritable_out_is_one_message_and_touches_nothing(world, capsys, monkey
     assert not world.path("readonly").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@NEEDS_NON_ROOT
 def test_read_only_parent_is_one_message(world, capsys):
     """The same with a real read-only folder, where the OS enforces it."""
-    parent = world.path("readonly")
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
+    with read_only_folder(world.path("readonly")) as parent:
         assert main(["merge", str(parent / "merged"), str(world.cache)]) == 2
         assert f"cannot create the cache directory {parent / 'merged'}" in capsys.readouterr().err
-    finally:
-        parent.chmod(0o755)
 
 
 def test_manifest_without_checksums_still_verifies_with_a_note(world, capsys):

@@ -8,11 +8,10 @@ the flags, `--out` and the file are checked against the model's tokenizer alone.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from hostile import Case, check_case
+from hostile import NEEDS_NON_ROOT, Case, check_case, read_only_folder
 
 FAMILY = "pact safety-tokens and safety-token files"
 
@@ -157,19 +156,14 @@ def test_hostile_safety_tokens_input(case, world, capsys, no_model_loading):
     check_case(case, world, capsys)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so there is nothing to refuse")
+@NEEDS_NON_ROOT
 def test_out_in_a_read_only_folder(world, capsys):
     """`--out` in a folder that cannot be written is refused before any work, and nothing is left there."""
-    folder = world.path("locked")
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
+    with read_only_folder(world.path("locked")) as folder:
         case = Case("out-read-only", "`--out` in a read-only folder", "pact",
                     lambda w: compute(w, "--out", str(folder / "st.json")), 2, "locked is not writable")
         check_case(case, world, capsys)
         assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o755)
 
 
 def test_computed_file_is_accepted_by_its_tokenizer(world, capsys):
