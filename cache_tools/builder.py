@@ -46,11 +46,11 @@ from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
 from pact.cache_tools.writer import (
     DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock, atomic_write,
-    first_file_above, make_directory, rank_manifest_name, shard_index, write_shard,
+    make_directory, refuse_file_in_the_way, rank_manifest_name, shard_index, write_shard,
 )
 from pact.data import EncodedExample, assistant_header_ids
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
-from pact.models import LoadedModel, pad_token_id
+from pact.models import LoadedModel, dtype_name, pad_token_id
 from pact.objective import PactConfig
 from pact.reference import ReferenceTargets, causal_lm_parts, reference_targets
 from pact.safety_tokens import SafetyTokens
@@ -163,23 +163,23 @@ def _manifest_names(out: Path) -> list[str]:
     return names + _rank_manifest_names(out)
 
 
-def check_output_directory(out: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, without touching anything, an output `out` the build would refuse later: a file (or a path under one),
-    a non-empty folder without --resume/--overwrite, or one holding files pact-cache did not write.
+def check_output_directory(out: str | Path, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse, without touching anything, an output `out` the build cannot use: a file (or a path under one), a
+    non-empty folder without --resume/--overwrite, or one holding files pact-cache did not write. Returns the
+    files of ours already there (none for a missing or empty folder).
 
-    The command runs it before loading any model, so a wrong `--out` costs nothing.
+    The command runs it before loading any model, so a wrong `--out` costs nothing; the build runs it again
+    once it holds the directory's lock.
     """
     out = Path(out).expanduser()
     if resume and overwrite:
         raise CacheError("--resume and --overwrite exclude each other")
-    blocker = out if out.exists() and not out.is_dir() else first_file_above(out)
-    if blocker is not None:
-        raise CacheError(f"cannot use {out} as the cache directory: {blocker} is a file, not a directory; choose another output path")
+    refuse_file_in_the_way(out)
     if not out.is_dir() or not directory_entries(out):
-        return
+        return []
     if not resume and not overwrite:
         raise CacheError(f"{out} is not empty; pass --resume to continue the build there or --overwrite to replace it")
-    own_files(out, "--resume" if resume else "--overwrite")
+    return own_files(out, "--resume" if resume else "--overwrite")
 
 
 def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool) -> tuple[str, dict[int, dict]]:
@@ -191,13 +191,9 @@ def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool)
     Only files provably pact-cache's own are ever deleted (`own_files`): a
     directory holding anything else is refused for --overwrite and --resume.
     """
-    if resume and overwrite:
-        raise CacheError("--resume and --overwrite exclude each other")
-    if not directory_entries(out):
+    ours = check_output_directory(out, resume, overwrite)
+    if not ours:
         return manifest["created_at"], {}
-    if not resume and not overwrite:
-        raise CacheError(f"{out} is not empty; pass --resume to continue the build there or --overwrite to replace it")
-    ours = own_files(out, "--resume" if resume else "--overwrite")
     names = _manifest_names(out)
     if overwrite or not names:  # --overwrite, or a resume of a build that never wrote a manifest: nothing to keep
         delete_files(out, ours)
@@ -444,7 +440,7 @@ def build_cache(
         gate={"p0": objective.p0, "gate_temperature": objective.gate_temperature},
         objective_temperature=objective.temperature,
         params={"dtype": dtype, "top_k": top_k, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
-                "zstd_level": zstd_level, "threads": threads or torch.get_num_threads(), "device": str(parameter.device), "model_dtype": str(parameter.dtype).removeprefix("torch.")},
+                "zstd_level": zstd_level, "threads": threads or torch.get_num_threads(), "device": str(parameter.device), "model_dtype": dtype_name(parameter.dtype)},
         data=data,
         software=_software(),
         part={"index": part_index, "count": part_count} if part_count > 1 else None,

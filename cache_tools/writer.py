@@ -9,7 +9,6 @@ one of ours) and `DirectoryLock`, which keeps two writers out of one directory.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from pact.cache_tools.errors import CacheError, CacheWriteError
+from pact.errors import os_error_reason
 
 TEMP_PREFIX = ".tmp-"
 MANIFEST_NAME = "manifest.json"
@@ -56,12 +56,6 @@ def rank_manifest_name(rank: int, world_size: int) -> str:
     return f"{RANK_MANIFEST_PREFIX}{rank:05d}-of-{world_size:05d}.json"
 
 
-def _describe(err: OSError) -> str:
-    """`strerror (ENAME)` of an OSError."""
-    name = errno.errorcode.get(err.errno, "") if err.errno else ""
-    return f"{err.strerror or err}{f' ({name})' if name else ''}"
-
-
 def _fsync_directory(directory: Path) -> None:
     try:
         handle = os.open(directory, os.O_RDONLY)
@@ -90,7 +84,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         _fsync_directory(path.parent)
     except OSError as err:
         temp.unlink(missing_ok=True)
-        raise CacheWriteError(f"cannot write {path}: {_describe(err)}; nothing was replaced") from err
+        raise CacheWriteError(f"cannot write {path}: {os_error_reason(err)}; nothing was replaced") from err
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -128,7 +122,7 @@ def is_pact_shard_file(path: Path) -> bool:
     return SCHEMA_VERSION_KEY in metadata
 
 
-def first_file_above(path: Path) -> Path | None:
+def _first_file_above(path: Path) -> Path | None:
     """The nearest existing ancestor of `path` that is not a directory (why `path` cannot be created), if any."""
     for parent in path.parents:
         if parent.exists():
@@ -136,17 +130,23 @@ def first_file_above(path: Path) -> Path | None:
     return None
 
 
-def make_directory(directory: Path) -> None:
-    """Create the output directory `directory` (and its parents); a clear `CacheWriteError` naming the path when impossible."""
+def refuse_file_in_the_way(directory: Path) -> None:
+    """Raise `CacheWriteError` when `directory` is a file, or lies under one, so it can never be a cache directory."""
     directory = Path(directory)
-    blocker = directory if directory.exists() and not directory.is_dir() else first_file_above(directory)
+    blocker = directory if directory.exists() and not directory.is_dir() else _first_file_above(directory)
     if blocker is not None:
         raise CacheWriteError(f"cannot use {directory} as the cache directory: {blocker} is a file, not a directory; "
                               "choose another output path")
+
+
+def make_directory(directory: Path) -> None:
+    """Create the output directory `directory` (and its parents); a clear `CacheWriteError` naming the path when impossible."""
+    directory = Path(directory)
+    refuse_file_in_the_way(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CacheWriteError(f"cannot create the cache directory {directory}: {_describe(err)}") from err
+        raise CacheWriteError(f"cannot create the cache directory {directory}: {os_error_reason(err)}") from err
 
 
 class DirectoryLock:
@@ -173,7 +173,7 @@ class DirectoryLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise CacheWriteError(f"cannot create the lock file {self.path}: {_describe(err)}") from err
+            raise CacheWriteError(f"cannot create the lock file {self.path}: {os_error_reason(err)}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,7 +183,7 @@ class DirectoryLock:
                              f"{self.path}; wait for it to finish or stop it (a killed one releases the lock by itself)") from None
         except OSError as err:
             os.close(fd)
-            raise CacheWriteError(f"cannot lock {self.path}: {_describe(err)}") from err
+            raise CacheWriteError(f"cannot lock {self.path}: {os_error_reason(err)}") from err
         try:
             same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
@@ -208,7 +208,7 @@ class DirectoryLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as err:
             self._release(fd)
-            raise CacheWriteError(f"cannot write the lock file {self.path}: {_describe(err)}") from err
+            raise CacheWriteError(f"cannot write the lock file {self.path}: {os_error_reason(err)}") from err
         self.fd = fd
         return self
 

@@ -12,12 +12,11 @@ flag, a model), 130 interrupted. Errors are one message naming the culprit;
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 import warnings
 
-from pact.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, PactError
+from pact.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, PactError, os_error_reason
 
 SUBCOMMANDS = ("safety_tokens", "train", "evaluate", "report", "export")
 DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
@@ -34,9 +33,8 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def describe_os_error(err: OSError) -> str:
     """A one-line account of a failed file operation naming the file, e.g. `cannot write x: No space left on device (ENOSPC)`."""
-    code = errno.errorcode.get(err.errno, "") if err.errno else ""
     where = f" {err.filename}" if err.filename else ""
-    return f"cannot access{where}: {err.strerror or err}{f' ({code})' if code else ''}"
+    return f"cannot access{where}: {os_error_reason(err)}"
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

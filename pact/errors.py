@@ -1,4 +1,7 @@
-"""The project's user-facing error types and the exit codes the commands give them."""
+"""The project's user-facing error types, the exit codes the commands give them, and how a failed file
+operation is described in their messages."""
+
+import errno
 
 EXIT_FAILED_CHECK = 1
 EXIT_BAD_INPUT = 2
@@ -25,3 +28,11 @@ class InvalidSetting(PactError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+def os_error_reason(err: BaseException) -> str:
+    """`No space left on device (ENOSPC)` for an `OSError`; the message of any other error."""
+    if not isinstance(err, OSError) or not err.strerror:
+        return str(err)
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    return f"{err.strerror}{f' ({name})' if name else ''}"

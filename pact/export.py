@@ -10,9 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pact.drift import ADAPTER_CONFIG
 from pact.errors import PactError
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _base_of(run: Path) -> str:

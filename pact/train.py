@@ -29,10 +29,10 @@ from pact.arguments import PactTrainingArguments
 from pact.cache_tools import CacheReader
 from pact.cache_tools.writer import atomic_write
 from pact.distributed import current_ranks, run_on_main
-from pact.errors import InvalidSetting, PactError
+from pact.errors import InvalidSetting, PactError, os_error_reason
 from pact.models import LoadedModel, load_model
 from pact.objective import PactArguments
-from pact.trainer import CHECKPOINT_PREFIX, MetricsCallback, PactTrainer, os_reason, plot_curves
+from pact.trainer import CHECKPOINT_PREFIX, MetricsCallback, PactTrainer, plot_curves
 
 RUN_CONFIG = "pact_config.json"
 STATE_FILE = "trainer_state.json"
@@ -135,7 +135,7 @@ def prepare_output(out: Path, resume: bool, checkpoint_path: str | None = None) 
             raise PactError(f"output directory {out} is not empty; pass --resume to continue a run there or choose another --output_dir")
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PactError(f"cannot create the output directory {out} (--output_dir): {os_reason(err)}") from err
+        raise PactError(f"cannot create the output directory {out} (--output_dir): {os_error_reason(err)}") from err
     checkpoint = Path(checkpoint_path).expanduser() if checkpoint_path else latest_checkpoint(out) if resume else None
     if checkpoint is not None and not checkpoint.is_dir():
         raise PactError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
@@ -236,7 +236,7 @@ def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
             plot_curves(metrics, staging / "curves.png")
     except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise PactError(f"cannot write {what}: {os_reason(err)}; nothing was replaced, earlier checkpoints are intact "
+        raise PactError(f"cannot write {what}: {os_error_reason(err)}; nothing was replaced, earlier checkpoints are intact "
                         "(free space or fix the folder's permissions, then rerun with --resume)") from err
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:

@@ -21,7 +21,6 @@ weight beside the model's forward, where those shard it.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -39,7 +38,7 @@ from pact.cache_tools import CacheReader
 from pact.cache_tools.reader import CacheDataset, ShardShuffleSampler
 from pact.cache_tools.writer import atomic_write
 from pact.distributed import contiguous_part
-from pact.errors import CheckFailed, PactError
+from pact.errors import CheckFailed, PactError, os_error_reason
 from pact.loss import cached_pact_loss
 from pact.models import model_fingerprint, pad_token_id, tokenizer_fingerprint
 from pact.objective import PactArguments
@@ -301,7 +300,7 @@ class PactTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError, SafetensorError) as err:
             shutil.rmtree(staging, ignore_errors=True)
-            raise PactError(f"cannot write checkpoint {out / name}: {os_reason(err)}; nothing was replaced, earlier checkpoints "
+            raise PactError(f"cannot write checkpoint {out / name}: {os_error_reason(err)}; nothing was replaced, earlier checkpoints "
                             "are intact (free space or fix the folder's permissions, then rerun with --resume)") from err
         finally:
             self._checkpoint_root = None
@@ -342,14 +341,6 @@ def _check_same_safety_tokens(train: CacheReader, evaluation: CacheReader) -> No
     if key(train) != key(evaluation):
         raise PactError(f"the eval cache {evaluation.directory} has other safety tokens than the training cache {train.directory}; "
                         "build both with the same --safety-tokens file")
-
-
-def os_reason(err: Exception) -> str:
-    """`No space left on device (ENOSPC)` for an `OSError`, the message otherwise."""
-    if isinstance(err, OSError) and err.strerror:
-        name = errno.errorcode.get(err.errno, "") if err.errno else ""
-        return f"{err.strerror}{f' ({name})' if name else ''}"
-    return str(err)
 
 
 class MetricsCallback(TrainerCallback):
