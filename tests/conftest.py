@@ -8,6 +8,8 @@ import os
 
 import torch
 
+import pact  # noqa: F401 - first, before anything imports transformers (see pact._unshadow_hub_kernels)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -2,17 +2,33 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_OURS = (
+    "import importlib.util as u, pathlib, sys;"
+    "spec = u.find_spec('kernels');"
+    "print(spec is None or not pathlib.Path(spec.origin).resolve().is_relative_to(pathlib.Path(sys.argv[1])))"
+)
 
 
 def test_installed_packages_do_not_shadow_kernels(tmp_path):
-    """Outside the source tree, `kernels` and `cache_tools` are not importable, the pact.* names are."""
-    code = (
-        "import importlib.util as u, pact.kernels, pact.cache_tools;"
-        "print(u.find_spec('kernels') is None, u.find_spec('cache_tools') is None,"
-        " pact.kernels.__name__, pact.cache_tools.__name__)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    """Outside the source tree, `cache_tools` is not importable and `kernels`, if importable, is not ours (it is the hub's
+    package, which transformers 5.25+ installs); the pact.* names are."""
+    code = f"import pact.kernels, pact.cache_tools, importlib.util as u;{NOT_OURS};" \
+           "print(u.find_spec('cache_tools') is None, pact.kernels.__name__, pact.cache_tools.__name__)"
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "True", "pact.kernels", "pact.cache_tools"]
+
+
+def test_checkout_root_does_not_shadow_kernels_once_pact_is_imported():
+    """`python -m ...` started in the checkout's root (pytest, torchrun -m pact.cli) puts the root on sys.path, where the
+    `kernels/` folder would hide the hub's `kernels` that transformers imports; importing pact takes the root off."""
+    code = f"import pact;{NOT_OURS};import transformers.modeling_utils"
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"]
 
 
 def test_console_scripts_are_installed():
