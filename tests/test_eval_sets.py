@@ -1,6 +1,8 @@
 """The project's own evaluation prompt sets (benchmarks/data): readable as prompts, 100 distinct requests each,
 and disjoint from every prompt the project trains or selects safety tokens on (the bundled demo data)."""
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,30 @@ def test_an_evaluation_set_is_100_distinct_requests_never_trained_on(name):
     assert report.skipped == 0 and len(texts) == 100 == len(set(texts))
     trained = {p.text for demo in ("benign", "refusals") for p in load_prompts(demo_data_path(demo))[0]}
     assert not trained & set(texts)
+
+
+def _normalised(text: str) -> str:
+    """A request compared case- and whitespace-insensitively."""
+    return " ".join(text.casefold().split())
+
+
+def _instructions(path: Path) -> list[str]:
+    return [json.loads(line)["instruction"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_benign_alignment_prompts_are_300_distinct_requests_none_of_them_evaluated_or_in_the_demo_data():
+    """benchmarks/data/benign_alignment.jsonl only builds the small reproduction's reference: no request of it may be one
+    the project evaluates on (the two sets above) or ships as demo data."""
+    path = SETS / "benign_alignment.jsonl"
+    prompts, report = load_prompts(path)
+    assert report.skipped == 0 and len(prompts) == 300
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    mine = [_normalised(row["instruction"]) for row in rows]
+    assert len(rows) == 300 == len(set(mine))
+    assert Counter(row["category"] for row in rows) == {
+        "everyday": 70, "knowledge": 60, "writing": 50, "math_code": 40, "sensitive_looking": 80}
+    others = [SETS / "harmful_unlike_refusals.jsonl", SETS / "sensitive_harmless.jsonl",
+              demo_data_path("benign"), demo_data_path("refusals")]
+    evaluated = {_normalised(text) for other in others for text in _instructions(other)}
+    assert len(evaluated) > 300 and not evaluated & set(mine)
+    assert not evaluated & {_normalised(p.text) for p in prompts}
