@@ -11,13 +11,17 @@ output (plus what was measured: model, adapter, data):
      "drift":        {"kl_mean": 0.012, "tokens": 9000, ...}}
 
 Saving a measurement again replaces that key only. A run directory is
-usually a `pact train --out` directory, but any directory works.
+usually a `pact train --out` directory, but any directory works. Runs of
+several seeds named `NAME-seed0`, `NAME-seed1`, ... are reported as one row
+(mean ± standard deviation), with the spread as error bars in the figure.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -109,45 +113,91 @@ def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
 
 
-def markdown_table(runs: Sequence[RunSummary]) -> str:
-    """A markdown table: run, refusal rate, over-refusal, task accuracy, drift KL ("-" where not measured)."""
+SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 
-    def cell(number: float | None, digits: int) -> str:
-        return "-" if number is None else f"{number:.{digits}f}"
+
+@dataclass
+class RunGroup:
+    """Runs that differ only by seed (directory names ending in `-seedN` or `_seedN`), or one run alone."""
+
+    name: str
+    runs: list[RunSummary]
+
+    def values(self, field: str) -> list[float]:
+        """The measured values of `field` (a `RunSummary` field) over the group's runs."""
+        return [value for value in (getattr(run, field) for run in self.runs) if value is not None]
+
+    def mean(self, field: str) -> float | None:
+        """The mean of `field` over the runs that measured it (None if none did)."""
+        values = self.values(field)
+        return statistics.fmean(values) if values else None
+
+    def spread(self, field: str) -> float:
+        """The sample standard deviation of `field` over seeds (0 with fewer than two values)."""
+        values = self.values(field)
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_by_seed(runs: Sequence[RunSummary]) -> list[RunGroup]:
+    """Runs whose names differ only by a trailing seed (`sft-seed0`, `sft-seed1`) in one group named without it, in
+    first-seen order; other runs stay alone."""
+    groups: dict[str, RunGroup] = {}
+    for run in runs:
+        key = SEED_SUFFIX.sub("", run.name)
+        groups.setdefault(key, RunGroup(key, [])).runs.append(run)
+    return [group if len(group.runs) > 1 else RunGroup(group.runs[0].name, group.runs) for group in groups.values()]
+
+
+def markdown_table(runs: Sequence[RunSummary]) -> str:
+    """A markdown table: run, refusal rate, over-refusal, task accuracy, drift KL ("-" where not measured); runs of
+    several seeds are one row of mean ± standard deviation with the number of seeds."""
+    groups = group_by_seed(runs)
+
+    def cell(group: RunGroup, field: str, digits: int) -> str:
+        values = group.values(field)
+        if not values:
+            return "-"
+        if len(group.runs) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{group.mean(field):.{digits}f} ± {group.spread(field):.{digits}f} (n={len(values)})"
 
     lines = ["| run | refusal rate | over-refusal | task accuracy | drift KL |", "|---|---:|---:|---:|---:|"]
-    for run in runs:
-        lines.append(f"| {run.name} | {cell(run.refusal_rate, 3)} | {cell(run.over_refusal_rate, 3)} | "
-                     f"{cell(run.task_accuracy, 3)} | {cell(run.drift_kl, 5)} |")
+    for group in groups:
+        lines.append(f"| {group.name} | {cell(group, 'refusal_rate', 3)} | {cell(group, 'over_refusal_rate', 3)} | "
+                     f"{cell(group, 'task_accuracy', 3)} | {cell(group, 'drift_kl', 5)} |")
     return "\n".join(lines)
 
 
 def plot_runs(runs: Sequence[RunSummary], path: str | Path) -> Path:
-    """Write the trade-off figure: refusal rate vs task accuracy (runs with both), and one bar chart per measure."""
+    """Write the trade-off figure: refusal rate vs task accuracy (groups with both), and one bar chart per measure,
+    with the seed spread (standard deviation) as error bars where a group has several seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = group_by_seed(runs)
     measures = [("refusal_rate", "refusal rate (harmful)"), ("over_refusal_rate", "over-refusal (benign)"),
                 ("task_accuracy", "task accuracy"), ("drift_kl", "safety-token drift KL")]
     figure, axes = plt.subplots(1, 1 + len(measures), figsize=(4.2 * (1 + len(measures)), 4))
     scatter = axes[0]
-    for run in runs:
-        if run.refusal_rate is not None and run.task_accuracy is not None:
-            scatter.scatter(run.task_accuracy, run.refusal_rate, s=50)
-            scatter.annotate(run.name, (run.task_accuracy, run.refusal_rate), textcoords="offset points", xytext=(5, 5))
+    for group in groups:
+        x, y = group.mean("task_accuracy"), group.mean("refusal_rate")
+        if x is not None and y is not None:
+            scatter.errorbar(x, y, xerr=group.spread("task_accuracy"), yerr=group.spread("refusal_rate"), fmt="o", capsize=3)
+            scatter.annotate(group.name, (x, y), textcoords="offset points", xytext=(5, 5))
     scatter.set(xlabel="task accuracy", ylabel="refusal rate (harmful prompts)", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05),
                 title="safety vs utility (up-right is better)")
     scatter.grid(alpha=0.3)
-    names = [run.name for run in runs]
+    names = [group.name for group in groups]
     for ax, (field, title) in zip(axes[1:], measures):
-        values = [getattr(run, field) for run in runs]
-        ax.bar(range(len(runs)), [0.0 if v is None else v for v in values], color="tab:blue")
+        values = [group.mean(field) for group in groups]
+        ax.bar(range(len(groups)), [0.0 if v is None else v for v in values], color="tab:blue",
+               yerr=[group.spread(field) for group in groups], capsize=4)
         for x, v in enumerate(values):
             ax.annotate("n/a" if v is None else f"{v:.3g}", (x, 0.0 if v is None else v), ha="center",
                         textcoords="offset points", xytext=(0, 3))
-        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right")
+        ax.set_xticks(range(len(groups)), names, rotation=30, ha="right")
         ax.set_title(title)
         if field == "drift_kl":
             ax.margins(y=0.15)

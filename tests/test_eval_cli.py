@@ -104,6 +104,22 @@ def test_report_writes_table_and_png(tmp_path, capsys):
     assert (tmp_path / "out" / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_groups_seeds_into_mean_and_spread(tmp_path, capsys):
+    """Runs named NAME-seedN are one row of mean ± sample standard deviation (n seeds); other runs stay alone."""
+    import statistics
+
+    rates = {"sft-seed0": 0.10, "sft-seed1": 0.20, "sft-seed2": 0.60, "pact_seed7": 0.9, "reference": 1.0}
+    for name, rate in rates.items():
+        save_measurement(tmp_path / name, "refusal", {"refusal_rate": rate})
+        save_measurement(tmp_path / name, "over_refusal", {"refusal_rate": rate / 10})
+    assert cli.main(["report", *(str(tmp_path / name) for name in rates), "--out", str(tmp_path / "r")]) == 0
+    rows = (tmp_path / "r.md").read_text().splitlines()[2:]
+    spread = statistics.stdev([0.10, 0.20, 0.60])
+    assert rows[0] == f"| sft | 0.300 ± {spread:.3f} (n=3) | 0.030 ± {spread / 10:.3f} (n=3) | - | - |"
+    assert rows[1:] == ["| pact_seed7 | 0.900 | 0.090 | - | - |", "| reference | 1.000 | 0.100 | - | - |"]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_names_a_run_without_eval_json(tmp_path, capsys):
     """A run directory without eval.json is a user error that says how to make one."""
     (tmp_path / "empty").mkdir()

@@ -13,8 +13,9 @@ def register(subparsers) -> None:
         help="compare runs: markdown table + PNG of refusal rate, over-refusal, task accuracy and drift",
         description="Read RUN_DIR/eval.json of each run (written by `pact eval refusal|task|drift --save-to RUN_DIR`) "
         "and write PREFIX.md (a table: run, refusal rate, over-refusal, task accuracy, drift KL) and PREFIX.png "
-        "(refusal rate vs task accuracy, plus one bar chart per measure). Runs are labelled by directory name. "
-        "The table is also printed.",
+        "(refusal rate vs task accuracy, plus one bar chart per measure). Runs are labelled by directory name; runs "
+        "whose names differ only by a trailing -seedN (or _seedN) are one row of mean ± standard deviation over the "
+        "seeds, drawn with the spread as error bars. The table is also printed.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding an eval.json")
     parser.add_argument("--out", metavar="PREFIX", default="report", help="output path prefix (default: report -> report.md, report.png)")
