@@ -246,13 +246,14 @@ def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def train(args: PactTrainingArguments, objective: PactArguments | None = None) -> TrainResult:
+def train(args: PactTrainingArguments, objective: PactArguments | None = None,
+          trainer_class: type[PactTrainer] = PactTrainer) -> TrainResult:
     """Fine-tune the cache's reference model (or `args.model`) on `args.cache` with the PACT loss.
 
     Writes to `args.output_dir`: the adapter (or full model) and tokenizer,
     `pact_config.json` with every effective setting, `metrics.jsonl` (one
     object per logging step), `curves.png`, and checkpoints every `save_steps`.
-    Refusals are `PactError`s (`InvalidSetting` naming the field).
+    Refusals are `PactError`s (`InvalidSetting` naming the field). `trainer_class` may be a `PactTrainer` subclass.
     """
     objective = objective if objective is not None else PactArguments()
     if not args.cache:
@@ -265,7 +266,7 @@ def train(args: PactTrainingArguments, objective: PactArguments | None = None) -
     loaded = load_model(args.model or reader.manifest["model_source"], device="cpu", dtype=args.dtype)
     student = _student(loaded, args)
     metrics = MetricsCallback(out, curves_at_end=False)
-    trainer = PactTrainer(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,
+    trainer = trainer_class(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,
                           eval_cache=args.eval_cache, force=args.force, model_fingerprint=loaded.fingerprint,
                           ce_chunk_size=args.ce_chunk_size, callbacks=[metrics])
     if trainer.is_world_process_zero():

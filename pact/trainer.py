@@ -216,11 +216,15 @@ class PactTrainer(Trainer):
 
     # --- loss ---
 
+    def batch_loss(self, model, rows: list[dict]):
+        """The `PactOutput` of one micro-batch of cache rows against their cached targets (a subclass may take the
+        targets from elsewhere, e.g. a live reference model, as `benchmarks/reproduce_small.py`'s online control does)."""
+        return cached_pact_loss(model, rows, self.safety_ids, self.safety_weights, self.objective, self.pad_id, self.ce_chunk_size)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """This micro-batch's part of the step's loss: its token sum over the step's tokens `num_items_in_batch`
         (times the process count, which DDP divides the summed gradients by)."""
-        result = cached_pact_loss(model, inputs["rows"], self.safety_ids, self.safety_weights, self.objective, self.pad_id,
-                                  self.ce_chunk_size)
+        result = self.batch_loss(model, inputs["rows"])
         total = num_items_in_batch or max(inputs["tokens"], 1)
         share = inputs["tokens"] / total
         self._step += _parts(result) * share
@@ -269,8 +273,7 @@ class PactTrainer(Trainer):
         sums = torch.zeros(len(LOGGED_PARTS) + 1, dtype=torch.float64)
         with torch.no_grad():
             for batch in self._eval_loader():
-                result = cached_pact_loss(model, batch["rows"], self.safety_ids, self.safety_weights, self.objective, self.pad_id,
-                                          self.ce_chunk_size)
+                result = self.batch_loss(model, batch["rows"])
                 sums += torch.cat([_parts(result), torch.ones(1, dtype=torch.float64)]) * batch["tokens"]
         model.train(was_training)
         *parts, tokens = self._sum_over_processes(sums).tolist()
