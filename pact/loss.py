@@ -66,7 +66,8 @@ def student_outputs(
     device = head.device
     hidden = hidden_states_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
     labels = batch.labels.to(device)
-    logprob = chunked_target_logprob(hidden, head, labels, ce_chunk_size) if with_ce else None
+    # Projected in the head's dtype: a dequantised head's (pact.quantization.dense_weight) may differ from the hidden states'.
+    logprob = chunked_target_logprob(hidden.to(head.dtype), head, labels, ce_chunk_size) if with_ce else None
     ce = mean_cross_entropy(logprob) if with_ce else hidden.new_zeros((), dtype=torch.float32)
     safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
     return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device), logprob=logprob)

@@ -59,16 +59,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str = "auto", device: torch.device | None = None, quantized: bool = False) -> torch.dtype:
     """Map `auto|float32|bfloat16|float16` to a torch dtype for a model's weights.
 
     `auto` is bfloat16 on a GPU that supports it, float16 on an older GPU and
-    float32 on CPU (half-precision matmuls there are slow and gain nothing).
+    float32 on CPU (half-precision matmuls there are slow and gain nothing),
+    except that a `quantized` (bitsandbytes) model computes in bfloat16 on CPU
+    too, as QLoRA does (bitsandbytes' fused CPU kernels are bfloat16 ones).
     """
     if dtype == "auto":
         device = device or resolve_device("auto")
         if device.type != "cuda":
-            return torch.float32
+            return torch.bfloat16 if quantized else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -184,18 +186,32 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer by directory, hub id, `.gguf` file or the embedded name.
 
     `None` means the embedded default, SmolLM2-135M-Instruct. The model is put
-    in eval mode on the chosen device and dtype.
+    in eval mode on the chosen device and dtype. `quantization` `4bit` (NF4,
+    double quantisation, computing in `dtype`) or `8bit` (LLM.int8()) loads the
+    linear layers quantised by bitsandbytes straight onto the device, the LM
+    head and embeddings left in `dtype` (see `pact.quantization`).
     """
     source, location = resolve_model_path(name_or_path)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device, quantized=quantization is not None)
     tokenizer = _from_pretrained(AutoTokenizer, location, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(AutoModelForCausalLM, location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.to(torch_device).eval()
+    if quantization is None:
+        model = _from_pretrained(AutoModelForCausalLM, location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model.to(torch_device)
+    else:
+        from pact.quantization import guard_cpu_layers, quantization_config, require_bitsandbytes
+
+        config = quantization_config(quantization, torch_dtype)
+        require_bitsandbytes(quantization, torch_device, "quantization")
+        model = _from_pretrained(AutoModelForCausalLM, location, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                 quantization_config=config, device_map={"": torch_device})
+        guard_cpu_layers(model, torch_device)
+    model.eval()
     path = Path(location) if isinstance(location, Path) else Path(model.config._name_or_path)
     return LoadedModel(
         model=model,

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from pact.data import EncodedExample
 from pact.objective import float32_logits, topp_count
+from pact.quantization import dense_weight
 
 if TYPE_CHECKING:
     from pact.cache_tools.batch import CacheBatch
@@ -46,19 +47,31 @@ class ReferenceTargets:
     logsumexp: torch.Tensor
 
 
-def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The decoder stack (tokens -> final hidden states) and the LM-head weight [V, H] of a causal LM.
-
-    Works on PEFT- and DDP-wrapped models too (LoRA layers stay active inside the decoder).
-    """
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a PEFT and/or DDP wrapper (LoRA layers stay active inside it)."""
     base = getattr(model, "module", model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def _output_head(model: PreTrainedModel) -> torch.nn.Module:
+    """The LM-head module of a causal LM, refusing the heads the safety-column path cannot reproduce."""
+    base = _unwrapped(model)
     if getattr(base.config, "final_logit_softcapping", None):
         raise NotImplementedError("models with final_logit_softcapping are not supported by the safety-column path")
     head = base.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("LM heads with a bias are not supported by the safety-column path")
-    return base.get_decoder(), head.weight
+    return head
+
+
+def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder stack (tokens -> final hidden states) and the LM-head weight [V, H] of a causal LM.
+
+    Works on PEFT- and DDP-wrapped models too (LoRA layers stay active inside
+    the decoder). A head bitsandbytes quantised comes back dequantised
+    (`pact.quantization.dense_weight`), so its rows are the head's rows.
+    """
+    return _unwrapped(model).get_decoder(), dense_weight(_output_head(model))
 
 
 def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
@@ -70,15 +83,14 @@ def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     without grad the decoder stack is called directly and no per-layer
     hidden states are kept.
     """
-    device = causal_lm_parts(model)[1].device
+    device = _output_head(model).weight.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if torch.is_grad_enabled():
         no_logits = torch.empty(0, dtype=torch.long, device=device)
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=no_logits,
                        output_hidden_states=True).hidden_states[-1]
     else:
-        decoder, _ = causal_lm_parts(model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = _unwrapped(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return hidden[rows.to(device), positions.to(device)]
 
 
