@@ -63,6 +63,12 @@ class PactTrainingArguments(TrainingArguments):
         "help": "a second cache to evaluate on (eval loss, ce, kl), at the end and at every --eval_steps with --eval_strategy steps"})
     model: str | None = field(default=None, metadata={"help": "student starting point (default: the cache's reference model)"})
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the student's linear layers quantised to 4-bit NF4 (double quantisation, computing in --dtype, "
+                "bfloat16 under auto) by bitsandbytes and train LoRA adapters on them; the LM head and embeddings stay "
+                "unquantised. LoRA only; needs bitsandbytes (pip install 'pact-cache[qlora]') on a CUDA GPU or its CPU backend"})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "like --load_in_4bit with LLM.int8() 8-bit linear layers"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -89,6 +95,7 @@ class PactTrainingArguments(TrainingArguments):
             self.save_strategy = "no"
         self.use_cpu = self.use_cpu or self.train_device == "cpu"
         self._settle_dtype()
+        self._check_quantization()
         try:
             super().__post_init__()
         except ValueError as err:
@@ -126,7 +133,7 @@ class PactTrainingArguments(TrainingArguments):
         if self.dtype not in DTYPES:
             raise InvalidSetting("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         device = resolve_device("cpu" if self.use_cpu else "auto")
-        self.dtype = dtype_name(resolve_dtype(self.dtype, device))
+        self.dtype = dtype_name(resolve_dtype(self.dtype, device, quantized=self.quantization is not None))
         if self.dtype != "float16":
             return
         if self.full:
@@ -140,13 +147,35 @@ class PactTrainingArguments(TrainingArguments):
                                           "use --dtype bfloat16 or float32 on CPU")
         self.fp16 = True
 
+    @property
+    def quantization(self) -> str | None:
+        """`4bit` or `8bit` for a quantised (QLoRA) student, None for a plain one."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def _check_quantization(self) -> None:
+        """A quantised student trains LoRA adapters only, in one format, and needs bitsandbytes working on the device."""
+        if self.load_in_4bit and self.load_in_8bit:
+            raise InvalidSetting("load_in_8bit", "load_in_4bit and load_in_8bit exclude each other; choose one")
+        if self.quantization is None:
+            return
+        field_name = f"load_in_{self.quantization}"
+        if self.full:
+            raise InvalidSetting(field_name, f"{field_name} trains LoRA adapters on a frozen quantised base (QLoRA), and full "
+                                             "fine-tuning cannot update quantised weights; drop --full, or drop "
+                                             f"{field_name} to fine-tune every weight")
+        from pact.distributed import launcher_ranks, rank_device
+        from pact.quantization import require_bitsandbytes
+
+        device = rank_device("cpu" if self.use_cpu else "auto", launcher_ranks().local_rank)  # this process's GPU under a launcher
+        require_bitsandbytes(self.quantization, device, field_name)
+
     def run_settings(self) -> dict:
         """The project's fields and the Trainer settings a PACT run records in `pact_config.json` (JSON-ready)."""
         return json.loads(json.dumps({name: getattr(self, name) for name in (*PROJECT_FIELDS, *RECORDED_TRAINER_FIELDS)}, default=str))
 
 
-PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "force",
-                  "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window")
+PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout",
+                  "lora_target_modules", "force", "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window")
 RECORDED_TRAINER_FIELDS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
                            "fp16", "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")

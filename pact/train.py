@@ -39,9 +39,10 @@ STATE_FILE = "trainer_state.json"
 FINAL_STAGING = ".final.tmp"
 # The recorded settings a resumed run must share with the run that wrote the checkpoint: they change the result.
 # Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
-RESULT_SETTINGS = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-                   "max_grad_norm", "seed", "bf16", "fp16", "dtype", "bucket_window", "total_steps", "model_fingerprint", "cache_identity")
+RESULT_SETTINGS = ("full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
+                   "weight_decay", "max_grad_norm", "seed", "bf16", "fp16", "dtype", "bucket_window", "total_steps",
+                   "model_fingerprint", "cache_identity")
 
 
 @dataclass
@@ -84,8 +85,9 @@ def check_lora_targets(model, targets: list[str]) -> None:
 
 
 def _student(loaded: LoadedModel, args: PactTrainingArguments):
-    """The model to train: the loaded model itself (`full`) or wrapped with LoRA adapters (targets checked first)."""
-    from peft import LoraConfig, get_peft_model
+    """The model to train: the loaded model itself (`full`) or wrapped with LoRA adapters (targets checked first), a
+    quantised one prepared by peft for k-bit training first (frozen, norms and head in float32)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -95,6 +97,9 @@ def _student(loaded: LoadedModel, args: PactTrainingArguments):
     if args.full:
         return loaded.model
     check_lora_targets(loaded.model, args.lora_target_modules)
+    if args.quantization:
+        prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=list(args.lora_target_modules), task_type="CAUSAL_LM")
     return get_peft_model(loaded.model, lora)
@@ -263,7 +268,9 @@ def train(args: PactTrainingArguments, objective: PactArguments | None = None,
     out = Path(args.output_dir)
     reader = CacheReader(args.cache)
     checkpoint = run_on_main(lambda: prepare_output(out, args.resume, args.resume_from_checkpoint))
-    loaded = load_model(args.model or reader.manifest["model_source"], device="cpu", dtype=args.dtype)
+    # A quantised student is loaded straight onto its device (bitsandbytes quantises there); the Trainer moves any other.
+    loaded = load_model(args.model or reader.manifest["model_source"], device=str(args.device) if args.quantization else "cpu",
+                        dtype=args.dtype, quantization=args.quantization)
     student = _student(loaded, args)
     metrics = MetricsCallback(out, curves_at_end=False)
     trainer = trainer_class(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,
