@@ -109,11 +109,12 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**settings)
 
 
-def make_tiny_model(tmp_dir, vocab_size: int | None = None, seed: int = 0, tokenizer=None) -> Path:
+def make_tiny_model(tmp_dir, vocab_size: int | None = None, seed: int = 0, tokenizer=None, **config) -> Path:
     """Save a random tiny `LlamaForCausalLM` and its tokenizer to `tmp_dir`; returns the directory.
 
     `vocab_size` defaults to `len(tokenizer)`; `seed` fixes the weights (different seeds, different
-    weights). The directory loads with `pact.models.load_model(str(dir))`.
+    weights); `config` overrides `tiny_llama_config`'s settings. The directory loads with
+    `pact.models.load_model(str(dir))`.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -122,7 +123,7 @@ def make_tiny_model(tmp_dir, vocab_size: int | None = None, seed: int = 0, token
     out = Path(tmp_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size or len(tokenizer))).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size or len(tokenizer), **config)).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
