@@ -344,15 +344,15 @@ def plot(tables: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def run_order(attacks: list[str], seeds: list[int], online: bool) -> list[tuple[str, int, str]]:
+def run_order(attacks: list[str], seeds: list[int], methods: list[str], online: bool) -> list[tuple[str, int, str]]:
     """(attack, seed, method) in the order they run: the first seed of every attack (the online control after the
     first attack's methods), then the first attack's other seeds; the report after each run shows what has finished."""
     order = []
     for index, attack in enumerate(attacks):
-        order += [(attack, seeds[0], method) for method in METHODS]
+        order += [(attack, seeds[0], method) for method in methods]
         if index == 0 and online:
             order.append((attack, seeds[0], "pact-online"))
-    return order + [(attacks[0], seed, method) for seed in seeds[1:] for method in METHODS]
+    return order + [(attacks[0], seed, method) for seed in seeds[1:] for method in methods]
 
 
 def write_report(out: Path, attacks: list[str], seeds: list[int], online: bool) -> str:
@@ -388,6 +388,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default 2e-4)")
     parser.add_argument("--scheduler", default="constant", help="learning-rate schedule (default constant)")
     parser.add_argument("--no-online", action="store_true", help="skip the online-PACT control")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"methods to run (default {','.join(METHODS)}); processes sharing an --out may split them")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size everywhere (default 8)")
     parser.add_argument("--max-length", type=int, default=256, help="token limit per example (default 256)")
     parser.add_argument("--eval-harmful", type=int, default=100, help="held-out harmful requests: the last N refusal rows (default 100)")
@@ -416,7 +418,11 @@ def main() -> None:
         stages.run(f"c cache {attack}", out / f"cache-{attack}" / "manifest.json",
                    lambda: build_cache(out, _write_jsonl(out / f"attack-{attack}.jsonl", attack_rows(args, attack)),
                                        out / f"cache-{attack}"))
-    for attack, seed, method in run_order(attacks, seeds, not args.no_online):
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    for attack, seed, method in run_order(attacks, seeds, methods, not args.no_online):
         run = out / attack / f"{method}-seed{seed}"
         work = (lambda: finetune_online(args, out, attack, seed, run)) if method == "pact-online" else \
             (lambda: finetune(args, out, attack, method, seed, run))
