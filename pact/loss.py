@@ -6,7 +6,9 @@ the cache, both as a `pact.cache_tools.batch.CacheBatch`.
 
 The student's safety-token logits are computed from the final hidden states
 and the LM-head rows of S, so the KL never needs full-vocabulary logits, and
-the cross-entropy is chunked so no float32 [tokens, vocab] copy is kept.
+the cross-entropy is chunked so no float32 [tokens, vocab] copy is kept. Both
+projections run inside the model's forward (`pact.projection`), where sharded
+training (FSDP) has the head's full weight.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from pact.cache_tools.batch import CacheBatch, collate_rows
 from pact.errors import PactError
 from pact.objective import (PactConfig, chunked_target_logprob, float32_logits, mean_cross_entropy, pact_kl, pact_loss,
                             tokenwise_terms)
-from pact.reference import causal_lm_parts, hidden_states_at
+from pact.projection import projected_forward
+from pact.reference import causal_lm_parts
 from pact.targets import check_columns
 
 
@@ -50,6 +54,16 @@ class PactOutput:
     tokenwise: torch.Tensor
 
 
+@dataclass
+class StudentProjections(ModelOutput):
+    """The student's forward output under `student_outputs`: the log-prob of each response token [N] (float32) and the
+    logits on S [N, |S|] (float32), each None when not asked for. A `ModelOutput`, so the wrappers that walk a forward's
+    output (FSDP registering its backward hooks, DDP) find its tensors."""
+
+    logprob: torch.Tensor | None = None
+    safety_logits: torch.Tensor | None = None
+
+
 def student_outputs(
     model: PreTrainedModel,
     batch: CacheBatch,
@@ -62,15 +76,20 @@ def student_outputs(
 
     With `safety_ids=None` only the CE is computed (plain SFT on response tokens); with `with_ce=False` only the logits on S.
     """
-    _, head = causal_lm_parts(model)
-    device = head.device
-    hidden = hidden_states_at(model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
-    labels = batch.labels.to(device)
-    # Projected in the head's dtype: a dequantised head's (pact.quantization.dense_weight) may differ from the hidden states'.
-    logprob = chunked_target_logprob(hidden.to(head.dtype), head, labels, ce_chunk_size) if with_ce else None
-    ce = mean_cross_entropy(logprob) if with_ce else hidden.new_zeros((), dtype=torch.float32)
-    safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
-    return StudentOutputs(ce=ce, safety_logits=safety_logits, steps=batch.steps.to(device), logprob=logprob)
+
+    def project(hidden: torch.Tensor, head: torch.Tensor) -> StudentProjections:
+        """The response positions' hidden states projected onto the LM head: target log-probs and logits on S."""
+        device = hidden.device
+        hidden = hidden[batch.rows.to(device), batch.positions.to(device)]
+        # Projected in the head's dtype: a dequantised head's (pact.quantization.dense_weight) may differ from the hidden states'.
+        logprob = chunked_target_logprob(hidden.to(head.dtype), head, batch.labels.to(device), ce_chunk_size) if with_ce else None
+        safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
+        return StudentProjections(logprob=logprob, safety_logits=safety_logits)
+
+    projected = projected_forward(model, batch.input_ids, batch.attention_mask, project)
+    steps = batch.steps.to(causal_lm_parts(model)[1].device)
+    ce = mean_cross_entropy(projected.logprob) if with_ce else torch.zeros((), dtype=torch.float32, device=steps.device)
+    return StudentOutputs(ce=ce, safety_logits=projected.safety_logits, steps=steps, logprob=projected.logprob)
 
 
 def pact_batch_loss(

@@ -78,19 +78,13 @@ def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_
                      positions: torch.Tensor) -> torch.Tensor:
     """Final hidden states at (rows, positions) of a padded batch, [N, H].
 
-    In grad mode the call goes through the model's own forward (asking it for
-    no logits), so wrappers such as DistributedDataParallel see the forward;
-    without grad the decoder stack is called directly and no per-layer
-    hidden states are kept.
+    The decoder stack is called directly, so no logits and no per-layer
+    hidden states are computed: the reference's passes, on a model nobody
+    wraps. The student, which a training loop may wrap (DDP, FSDP), goes
+    through its own forward instead (`pact.projection.projected_forward`).
     """
     device = _output_head(model).weight.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if torch.is_grad_enabled():
-        no_logits = torch.empty(0, dtype=torch.long, device=device)
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=no_logits,
-                       output_hidden_states=True).hidden_states[-1]
-    else:
-        hidden = _unwrapped(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = _unwrapped(model).get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
     return hidden[rows.to(device), positions.to(device)]
 
 

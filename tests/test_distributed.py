@@ -242,3 +242,60 @@ def test_the_loss_runs_the_forward_of_a_ddp_wrapped_model(single_cache, tiny_mod
     direct = cached_pact_loss(model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
     assert calls == [1]
     assert through_ddp.loss.item() == pytest.approx(direct.loss.item(), rel=1e-6)
+
+
+def _fsdp2_sharded(model):
+    """`model` sharded as accelerate's FSDP2 preparation shards it: each decoder layer, then the whole model, every
+    one resharded after its forward (the root included, so its weights are gathered again for the backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    return fully_shard(model, reshard_after_forward=True)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_loss_projects_inside_the_forward_of_an_fsdp2_sharded_model(single_cache, tiny_model_dir, tmp_path, lora):
+    """Under FSDP2 the LM head's weight is this process's shard (a DTensor) outside the forward and freed after it: the
+    loss projects inside the forward and its backward gathers the weight again. Same loss and gradients as the unwrapped
+    model (1 process: the sharding machinery runs, the shard is the whole weight); the no-grad path (eval, drift) too."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.tensor import DTensor
+
+    from pact.cache_tools.batch import collate_rows
+    from pact.loss import cached_pact_loss, student_outputs
+    from pact.models import load_model
+    from pact.objective import PactConfig
+
+    reader = CacheReader(single_cache)
+    rows = [reader[i] for i in range(3)]
+
+    def student():
+        model = load_model(str(tiny_model_dir), device="cpu", dtype="float32").model
+        torch.manual_seed(0)  # the same random (nonzero) adapters both times
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)) if lora else model
+
+    direct = student()
+    want = cached_pact_loss(direct, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+    want.loss.backward()
+    with torch.no_grad():
+        want_logits = student_outputs(direct, collate_rows(rows, 2), reader.safety_ids, with_ce=False).safety_logits
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded = _fsdp2_sharded(student())
+        assert isinstance(sharded.get_output_embeddings().weight, DTensor)
+        got = cached_pact_loss(sharded, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+        got.loss.backward()
+        grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            got_logits = student_outputs(sharded, collate_rows(rows, 2), reader.safety_ids, with_ce=False).safety_logits
+    finally:
+        dist.destroy_process_group()
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+    want_grads = {name: p.grad for name, p in direct.named_parameters() if p.grad is not None}
+    assert grads.keys() == want_grads.keys() and len(grads) == (4 if lora else 20)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+
