@@ -37,6 +37,7 @@ from pact.trainer import CHECKPOINT_PREFIX, MetricsCallback, PactTrainer, plot_c
 RUN_CONFIG = "pact_config.json"
 STATE_FILE = "trainer_state.json"
 FINAL_STAGING = ".final.tmp"
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # the Trainer's optimizer state; accelerate's under FSDP (a full state dict)
 # The recorded settings a resumed run must share with the run that wrote the checkpoint: they change the result.
 # Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
 RESULT_SETTINGS = ("full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -177,20 +178,22 @@ def _check_checkpoint_readable(checkpoint: Path) -> None:
     Trainer does, so a damaged file is named with what to do."""
     _read_json(checkpoint / STATE_FILE, "checkpoint state",
                "delete that checkpoint folder to resume from an earlier one, or start a new run in another --output_dir")
+    optimizer = next((checkpoint / name for name in OPTIMIZER_FILES if (checkpoint / name).is_file()), checkpoint / OPTIMIZER_FILES[0])
     try:
-        for name in ("optimizer.pt", "scheduler.pt"):
-            torch.load(checkpoint / name, map_location="cpu", weights_only=True, mmap=True)
+        for path in (optimizer, checkpoint / "scheduler.pt"):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises unpickler errors of many types for a damaged file
         raise PactError(f"{checkpoint}: cannot resume from this checkpoint ({type(err).__name__}: {err}); delete it to resume "
                         "from an earlier one, or start a new run in another --output_dir") from err
 
 
 def _run_record(args: PactTrainingArguments, objective: PactArguments, loaded: LoadedModel, reader: CacheReader,
-                total_steps: int, world_size: int) -> dict:
-    """What `pact_config.json` records: the settings, the identities of the model and cache and the derived sizes."""
+                total_steps: int, world_size: int, fsdp: bool) -> dict:
+    """What `pact_config.json` records: the settings, the identities of the model and cache, the derived sizes and
+    whether the weights are sharded (`fsdp`)."""
     return {**args.run_settings(), "objective": objective.to_dict(), "model_source": loaded.source,
             "model_fingerprint": loaded.fingerprint, "cache_identity": cache_identity(reader.manifest), "total_steps": total_steps,
-            "cache_rows": len(reader), "safety_tokens": len(reader.safety_ids), "world_size": world_size,
+            "cache_rows": len(reader), "safety_tokens": len(reader.safety_ids), "world_size": world_size, "fsdp": fsdp,
             "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size}
 
 
@@ -212,6 +215,10 @@ def check_resume_settings(out: Path, checkpoint: Path, record: dict) -> None:
     if recorded.get("world_size", 1) != record["world_size"]:
         raise PactError(f"{checkpoint} was written by a run of {recorded.get('world_size', 1)} process(es), this one has "
                         f"{record['world_size']}; resume with the same number of processes (the global batch depends on it)")
+    if recorded.get("fsdp", False) != record["fsdp"]:
+        raise PactError(f"{checkpoint} was written by a run {'with' if recorded.get('fsdp') else 'without'} FSDP, this one runs "
+                        f"{'with' if record['fsdp'] else 'without'}; resume it as it was written (the checkpoint's model and "
+                        "optimizer files differ)")
     old, new = _result_settings(recorded), _result_settings(json.loads(json.dumps(record)))
     differing = [key for key in new if old.get(key) != new[key]]
     changed = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in differing]
@@ -279,7 +286,8 @@ def train(args: PactTrainingArguments, objective: PactArguments | None = None,
     if trainer.is_world_process_zero():
         for warning in trainer.warnings:
             print(f"warning: {warning} (--force)")
-    record = _run_record(args, objective, loaded, reader, total_steps(args, len(reader), world_size), world_size)
+    record = _run_record(args, objective, loaded, reader, total_steps(args, len(reader), world_size), world_size,
+                         trainer.is_fsdp_enabled)
     if checkpoint is not None:
         check_resume_settings(out, checkpoint, record)
     run_on_main(lambda: atomic_write(out / RUN_CONFIG, json.dumps(record, indent=2).encode()))

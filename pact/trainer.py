@@ -14,15 +14,19 @@ Multi-process (torchrun, `accelerate launch`, data-parallel): a step's global
 batch is `per_device_train_batch_size x gradient_accumulation_steps x world
 size` rows, cut into the same global micro-batches one process with a batch of
 `per_device_train_batch_size x world size` would use, so N processes compute
-the loss, gradient and metrics of one process on that global batch. Sharded
-training (FSDP, ZeRO-3) is not supported yet: the loss reads the LM head's
-weight beside the model's forward, where those shard it.
+the loss, gradient and metrics of one process on that global batch. The same
+holds under FSDP (`--fsdp` or an accelerate FSDP config; transformers applies
+FSDP2): the loss's projections onto the LM head run inside the model's forward
+(`pact.projection`), where FSDP has gathered the head's weight. A run that asks
+for FSDP where accelerate does not set it up (on CPU processes) is refused
+rather than trained unsharded.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -166,6 +170,7 @@ class PactTrainer(Trainer):
         kwargs.setdefault("data_collator", keep_batch)
         super().__init__(model=model, args=args, train_dataset=CacheRows(self.cache), processing_class=processing_class,
                          eval_dataset=CacheRows(self.eval_cache) if self.eval_cache is not None else None, **kwargs)
+        _check_fsdp_set_up(self)
         self.args.remove_unused_columns = False
         if self.args.disable_tqdm:
             self.remove_callback(PrinterCallback)
@@ -313,6 +318,18 @@ class PactTrainer(Trainer):
             (staging / name).rename(out / name)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+
+def _check_fsdp_set_up(trainer: Trainer) -> None:
+    """Refuse a run that asks for FSDP (`--fsdp`, or `accelerate launch` with an FSDP config) which accelerate did not
+    set up: accelerate turns FSDP on only where the processes compute on GPUs (or other accelerators) and otherwise
+    trains unsharded, as plain data parallel, without a word."""
+    asked = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not (trainer.is_fsdp_enabled or getattr(trainer, "is_fsdp_xla_enabled", False)):
+        kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
+        raise PactError(f"--fsdp (or an accelerate FSDP config) asks for sharded training, but accelerate set up no FSDP "
+                        f"(distributed type {kind}): it runs FSDP only on GPUs; run on GPUs, or drop --fsdp and the accelerate "
+                        "FSDP config to train unsharded")
 
 
 def _parts(result) -> torch.Tensor:

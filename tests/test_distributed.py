@@ -1,9 +1,10 @@
 """Scaling out on torch.distributed, on CPU with gloo: the 2-process torchrun
 cache build, the `--num-shards` parts joined by `merge`, resuming a crashed
-multi-process build, and data-parallel `pact train`, each against one process.
+multi-process build, and data-parallel and FSDP `pact train`, each against one
+process.
 
 Each torchrun launch costs about 15 s here (two fresh interpreters), so there
-are two: one build and one training run.
+are three: one build, one data-parallel and one FSDP training run.
 
 Shard bytes are compared between builds that use the same intra-op thread
 count (`--threads 1`: CPU sums depend on it, whatever the environment's
@@ -299,3 +300,40 @@ def test_the_loss_projects_inside_the_forward_of_an_fsdp2_sharded_model(single_c
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
 
+
+def test_fsdp_training_equals_one_process_on_the_same_global_batch(single_cache, tmp_path):
+    """`pact train --full --fsdp` in 2 processes (accelerate's FSDP2, with gloo: see tests/fsdp_on_cpu.py) against one
+    process on the same global batch: the same per-step loss, parts and gradient norm, the same weights, saved as a model
+    AutoModelForCausalLM loads, and FSDP checkpoints that `--resume` accepts."""
+    from transformers import AutoModelForCausalLM
+
+    from pact.train import check_resume_settings, prepare_output
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _one_process(single_cache, one, full=True)
+    launcher = Path(__file__).with_name("fsdp_on_cpu.py")
+    assert "trained 2 steps" in _torchrun(launcher, *_train_args(single_cache, two, 5, "--full", "--fsdp"))
+    assert (two / "checkpoint-1" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP checkpoint: the run was sharded
+    _assert_same_run(single, two, rel=1e-5)
+    want, got = (AutoModelForCausalLM.from_pretrained(run).state_dict() for run in (one, two))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    record = json.loads((two / "pact_config.json").read_text())
+    assert record["fsdp"] is True and record["world_size"] == 2
+    checkpoint = prepare_output(two, resume=True)
+    assert checkpoint == two / "checkpoint-2"  # its optimizer.bin read, as --resume reads it
+    with pytest.raises(PactError, match="was written by a run with FSDP, this one runs without"):
+        check_resume_settings(two, checkpoint, {**record, "fsdp": False})
+
+
+def test_fsdp_that_accelerate_does_not_set_up_is_refused(single_cache, tmp_path, monkeypatch, capsys):
+    """`accelerate launch` with an FSDP config on CPU: accelerate drops the FSDP plugin and would train unsharded, without a
+    word; `pact train` refuses (exit 2) before training. (`--fsdp` on CPU processes is refused by the same check.)"""
+    from pact.cli import main as pact_main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file FSDP.yaml` sets
+    assert pact_main(_train_args(single_cache, tmp_path / "run", 5, "--full")) == 2
+    assert "asks for sharded training, but accelerate set up no FSDP (distributed type NO): it runs FSDP only on GPUs" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
