@@ -309,3 +309,32 @@ def test_the_repro_yaml_runs_with_its_paths_overridden(float32_cache, tmp_path, 
     assert "trained 1 steps" in capsys.readouterr().out
     recorded = json.loads((out / "pact_config.json").read_text())
     assert recorded["learning_rate"] == 2e-4 and recorded["lora_r"] == 8 and recorded["seed"] == 0
+
+
+def test_report_to_is_none_by_default(float32_cache, tiny_model_dir, tmp_path):
+    """No logging integration is set up unless asked for, whatever is installed (tensorboard, wandb, ...)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    trainer = _trainer(float32_cache, tiny_model_dir, tmp_path / "run")
+    assert trainer.args.report_to == [] and PactTrainingArguments(output_dir=str(tmp_path)).report_to == []
+    integrations = tuple(INTEGRATION_TO_CALLBACK.values())
+    assert [type(c).__name__ for c in trainer.callback_handler.callbacks if isinstance(c, integrations)] == []
+
+
+def test_report_to_tensorboard_writes_the_loss_and_its_parts(float32_cache, tmp_path):
+    """`--report_to tensorboard` writes one event file under the run folder's runs/ with train/loss, train/ce and
+    train/kl at every step: the numbers metrics.jsonl holds."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (`pip install tensorboard` to run this test)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert pact_main(["train", "--cache", str(float32_cache), "--output_dir", str(out), "--max_steps", "2",
+                      "--per_device_train_batch_size", "4", "--device", "cpu", "--no-progress", "--report_to", "tensorboard"]) == 0
+    events = list(out.glob("runs/*/events.out.tfevents.*"))
+    assert len(events) == 1
+    logged = EventAccumulator(str(events[0].parent)).Reload()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "ce", "kl"):
+        scalars = logged.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
