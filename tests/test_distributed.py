@@ -337,3 +337,17 @@ def test_fsdp_that_accelerate_does_not_set_up_is_refused(single_cache, tmp_path,
     assert "asks for sharded training, but accelerate set up no FSDP (distributed type NO): it runs FSDP only on GPUs" \
         in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_accelerate_fsdp_example_sets_up_what_fsdp_sets_up(tmp_path, monkeypatch):
+    """examples/accelerate_fsdp.yaml is a valid accelerate config (accelerate refuses unknown keys) asking for the FSDP
+    plugin that `pact train --fsdp` builds: FSDP2, a unit per decoder layer, resharded after forward, full state dicts."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(Path(__file__).resolve().parent.parent / "examples" / "accelerate_fsdp.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.mixed_precision == "no"
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments(fsdp=...) sets it; restored afterwards
+    flag = PactTrainingArguments(output_dir=str(tmp_path), full=True, fsdp=True, train_device="cpu").fsdp_plugin_args
+    assert flag == {key: config.fsdp_config[key if key == "fsdp_version" else f"fsdp_{key}"] for key in flag}
+    assert flag["fsdp_version"] == 2 and flag["reshard_after_forward"] is True
