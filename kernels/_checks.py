@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: Logit dtypes both paths accept. Arithmetic is always float32 internally.
 SUPPORTED_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: CPU weight tensors whose values passed the check, with their version counter at that time.
+_VALIDATED_WEIGHTS = WeakIdKeyDictionary()
 
 
 def check_masked_kl_inputs(
@@ -29,7 +33,10 @@ def check_masked_kl_inputs(
 
     The value check on `weights` (finite, non-negative, at least one positive)
     reads the data, so it runs only for CPU tensors; on CUDA it would force a
-    host synchronisation on every training step. On CUDA, weights <= 0 simply
+    host synchronisation on every training step. A CPU weight tensor is read
+    once: it is remembered (by identity, while alive) with its version counter,
+    which any in-place change bumps, so a training loop that passes the same
+    weights every step reads them on its first step only. On CUDA, weights <= 0 simply
     drop their column from the target, and an all-zero weight vector makes every
     row a zero-mass row (loss 0, gradient 0).
     """
@@ -85,7 +92,7 @@ def check_masked_kl_inputs(
         raise ValueError(f"temperature must be a number, got {temperature!r}") from None
     if not (math.isfinite(t_val) and t_val > 0.0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    if weights.device.type == "cpu":
+    if weights.device.type == "cpu" and _VALIDATED_WEIGHTS.get(weights) != weights._version:
         w = weights.detach()
         if not bool(torch.isfinite(w).all()):
             raise ValueError("weights must be finite")
@@ -93,3 +100,4 @@ def check_masked_kl_inputs(
             raise ValueError("weights must be >= 0 (PACT uses w = max(v, 0))")
         if not bool((w > 0).any()):
             raise ValueError("weights must have at least one positive entry")
+        _VALIDATED_WEIGHTS[weights] = weights._version

@@ -24,7 +24,7 @@ from pact.errors import PactError
 from pact.objective import (PactConfig, chunked_target_logprob, float32_logits, mean_cross_entropy, pact_kl, pact_loss,
                             tokenwise_terms)
 from pact.projection import projected_forward
-from pact.reference import causal_lm_parts
+from pact.reference import causal_attention_mask, causal_lm_parts
 from pact.targets import check_columns
 
 
@@ -86,8 +86,12 @@ def student_outputs(
         safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
         return StudentProjections(logprob=logprob, safety_logits=safety_logits)
 
-    projected = projected_forward(model, batch.input_ids, batch.attention_mask, project)
-    steps = batch.steps.to(causal_lm_parts(model)[1].device)
+    device = causal_lm_parts(model)[1].device
+    # The batch is right-padded: a plain causal mask gives the response positions their hidden states without the host
+    # reads transformers makes to prepare a padding mask (see `causal_attention_mask`).
+    mask = causal_attention_mask(model, batch.input_ids.shape[1], device)
+    projected = projected_forward(model, batch.input_ids, batch.attention_mask if mask is None else mask, project)
+    steps = batch.steps.to(device)
     ce = mean_cross_entropy(projected.logprob) if with_ce else torch.zeros((), dtype=torch.float32, device=steps.device)
     return StudentOutputs(ce=ce, safety_logits=projected.safety_logits, steps=steps, logprob=projected.logprob)
 
@@ -118,7 +122,7 @@ def pact_batch_loss(
     tokenwise = tokenwise_terms(_in_loss(student.logprob, cfg.uses_tokenwise), _reference_logprob(batch), student.steps,
                                 cfg.betas).sum() / mask.sum().clamp(min=1)
     loss, kl = pact_loss(tokenwise if cfg.uses_tokenwise else student.ce, kl_per_position, mask, cfg)
-    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, int(mask.sum()), tokenwise)
+    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, batch.tokens, tokenwise)
 
 
 def _in_loss(values: torch.Tensor, used: bool) -> torch.Tensor:

@@ -193,9 +193,15 @@ def pact_loss(fit: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tens
 
 
 def betas_at(steps: torch.Tensor, betas: tuple[float, ...]) -> torch.Tensor:
-    """beta_t of each response token: `betas[t]` for step t (t = 0 is response position 1), the last one past the end."""
-    schedule = torch.tensor(betas, dtype=torch.float32, device=steps.device)
-    return schedule[steps.clamp(max=len(betas) - 1)]
+    """beta_t of each response token: `betas[t]` for step t (t = 0 is response position 1), the last one past the end.
+
+    Built on the device from the numbers themselves (a schedule tensor made on
+    the host would be a pageable copy to the GPU at every step).
+    """
+    beta = torch.full(steps.shape, betas[-1], dtype=torch.float32, device=steps.device)
+    for step, value in enumerate(betas[:-1]):
+        beta = torch.where(steps == step, value, beta)
+    return beta
 
 
 def tokenwise_terms(student_logprob: torch.Tensor, reference_logprob: torch.Tensor, steps: torch.Tensor,

@@ -74,6 +74,33 @@ def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tens
     return _unwrapped(model).get_decoder(), dense_weight(_output_head(model))
 
 
+def causal_attention_mask(model: PreTrainedModel, length: int, device: torch.device) -> torch.Tensor | None:
+    """A plain causal attention mask [1, 1, length, length] in the form the model's attention takes, built on `device`
+    (sdpa: bool, True where a position may attend; eager: 0 or the dtype's minimum, added to the scores); None for a
+    model whose attention needs more than causality (sliding windows, chunks, non-causal layers) or takes no such mask
+    (flash or flex attention), for which transformers builds its own.
+
+    For a right-padded batch under causal attention the padding needs no mask: a position never attends to a later
+    one, so every real position gets the hidden state a padding mask would give it. Why a mask at all then: given
+    none (or a 2-D one), transformers reads the position ids (or the mask) on the host to decide whether it may leave
+    the mask out, a host sync at every forward pass; a 4-D mask is used as given. The mask is one [L, L] for the whole
+    batch, where transformers' padding mask is [B, 1, L, L].
+    """
+    base = _unwrapped(model)
+    config = base.config
+    plain = (getattr(config, "is_causal", True) and not getattr(config, "sliding_window", None)
+             and not getattr(config, "attention_chunk_size", None)
+             and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ["full_attention"]))
+    implementation = getattr(config, "_attn_implementation", None)
+    if not plain or implementation not in ("sdpa", "eager"):
+        return None
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if implementation == "sdpa":
+        return allowed
+    dtype = base.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
     """Final hidden states at (rows, positions) of a padded batch, [N, H].
