@@ -203,7 +203,6 @@ def finetune(args, out: Path, attack: str, method: str, seed: int, run: Path) ->
 def finetune_online(args, out: Path, attack: str, seed: int, run: Path) -> None:
     """The online control: PACT with the reference's targets computed live (the student with its adapters off is
     the reference), on the same cache rows, settings and seed as cached PACT."""
-    from pact.cache_tools.batch import collate_rows
     from pact.data import assistant_header_ids
     from pact.loss import pact_batch_loss
     from pact.objective import PactArguments
@@ -214,11 +213,11 @@ def finetune_online(args, out: Path, attack: str, seed: int, run: Path) -> None:
     class OnlinePactTrainer(PactTrainer):
         """`PactTrainer` whose targets come from the live reference instead of the cache."""
 
-        def batch_loss(self, model, rows):
+        def batch_loss(self, model, batch):
             online = OnlineReference(model, self.safety_ids, assistant_header_ids(self.processing_class), self.objective,
                                      self.pad_id)
-            return pact_batch_loss(model, online.fill(collate_rows(rows, self.pad_id)), self.safety_ids, self.safety_weights,
-                                   self.objective, self.ce_chunk_size)
+            return pact_batch_loss(model, online.fill(batch), self.safety_ids, self.safety_weights, self.objective,
+                                   self.ce_chunk_size)
 
     started = time.perf_counter()
     train(training_arguments(args, out, attack, run, seed), PactArguments(lam=1.0), trainer_class=OnlinePactTrainer)

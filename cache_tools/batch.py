@@ -63,10 +63,18 @@ class CacheBatch:
         """Tokens per span [M]."""
         return self.span_ends - self.span_starts
 
-    def to(self, device: torch.device | str) -> "CacheBatch":
-        """Every tensor moved to `device`."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
-                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold a tensor, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CacheBatch":
+        """Every tensor moved to `device` (with `non_blocking`, asynchronously where the batch is in pinned memory)."""
+        return dataclasses.replace(self, **{name: t.to(device, non_blocking=non_blocking) for name, t in self._tensors().items()})
+
+    def pin_memory(self) -> "CacheBatch":
+        """This batch in page-locked memory, so `to(device, non_blocking=True)` copies without blocking the host; a
+        `DataLoader` with `pin_memory=True` calls it on each batch in its pinning thread."""
+        return dataclasses.replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
 
     def with_targets(self, full_logits: torch.Tensor, post_logits: torch.Tensor, post_count: torch.Tensor,
                      columns: torch.Tensor | None = None, stored_ids: torch.Tensor | None = None,

@@ -55,6 +55,9 @@ class PactTrainingArguments(TrainingArguments):
         "aliases": ["--grad-accum"], "help": "micro-batches per optimizer step"})
     logging_steps: float = field(default=1, metadata={"help": "log (and write metrics.jsonl) every N optimizer steps"})
     save_steps: int = field(default=0, metadata={"help": "write a resumable checkpoint every N optimizer steps (0: only at the end)"})
+    dataloader_num_workers: int = field(default=1, metadata={
+        "help": "worker processes that decode the cache and collate micro-batches while the model computes (0: in the "
+                "training process); each decodes the shards its batches come from, so 1 decodes each shard once per epoch"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
         "help": "DDP: look for parameters the loss did not use (the PACT loss uses every trainable one)"})
     disable_tqdm: bool = field(default=False, metadata={"aliases": ["--no-progress"], "help": "no progress bar"})
@@ -105,6 +108,7 @@ class PactTrainingArguments(TrainingArguments):
         """The project's checks of every numeric and named setting, before transformers sees them."""
         for name, low, integer in (("lora_r", 1, True), ("per_device_train_batch_size", 1, True), ("gradient_accumulation_steps", 1, True),
                                    ("save_steps", 0, True), ("ce_chunk_size", 1, True), ("bucket_window", 0, True),
+                                   ("dataloader_num_workers", 0, True),
                                    ("weight_decay", 0, False), ("warmup_steps", 0, False)):
             check_setting(name, getattr(self, name), low, integer=integer)
         for name in ("lora_alpha", "learning_rate", "max_grad_norm", "num_train_epochs"):

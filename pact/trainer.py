@@ -5,10 +5,18 @@ objective, docs/objective.md section 4).
 It overrides only what PACT needs: the constructor (the cache/model/tokenizer
 and objective checks), the train data loader (a seeded shard-aware shuffle,
 length-bucketed, cut into global micro-batches, each process taking its
-contiguous part), the loss (the exact response-token mean over the whole
-optimizer step across accumulation and processes), evaluation on an eval
-cache, logging of `ce`, `kl` and `tokenwise` (`LOGGED_PARTS`), a stop before
-applying a non-finite step, and atomic checkpoints.
+contiguous part, collated in a worker process and pinned), the loss (the exact
+response-token mean over the whole optimizer step across accumulation and
+processes), evaluation on an eval cache, logging of `ce`, `kl` and `tokenwise`
+(`LOGGED_PARTS`), a stop before applying a non-finite step, and atomic
+checkpoints.
+
+The hot path makes no host synchronisation: the micro-batches arrive
+collated and pinned and are copied with `non_blocking=True`, the logged
+numbers and the non-finite guard stay on the device (`StepGuard`), and the one
+host read of an optimizer step happens when the step is logged, saved or the
+last (`_maybe_log_save_evaluate`): none on other steps. `pact.sync_counter`
+counts it (tests/test_hotpath.py).
 
 Multi-process (torchrun, `accelerate launch`, data-parallel): a step's global
 batch is `per_device_train_batch_size x gradient_accumulation_steps x world
@@ -33,19 +41,22 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from pact.arguments import DEFAULT_BUCKET_WINDOW
 from pact.cache_tools import CacheReader
+from pact.cache_tools.batch import CacheBatch, collate_rows
 from pact.cache_tools.reader import CacheDataset, ShardShuffleSampler
 from pact.cache_tools.writer import atomic_write
 from pact.distributed import contiguous_part
 from pact.errors import CheckFailed, PactError, os_error_reason
-from pact.loss import cached_pact_loss
+from pact.loss import PactOutput, pact_batch_loss
 from pact.models import model_fingerprint, pad_token_id, tokenizer_fingerprint
 from pact.objective import PactArguments
+from pact.step_guard import Fetched, StepGuard
+from pact.targets import check_columns
 
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.jsonl"
@@ -126,17 +137,41 @@ class GlobalMicroBatches:
 
 
 class CacheRows(CacheDataset):
-    """A cache's rows for a `DataLoader` fed by `GlobalMicroBatches`; a batch of rows becomes `{"rows", "tokens"}`,
-    `tokens` its response tokens (0 for a `_Filler`)."""
+    """A cache's rows for a `DataLoader` fed by `GlobalMicroBatches`: a batch of rows is collated where it is loaded
+    (in a `DataLoader` worker when there are workers) into `{"batch": CacheBatch, "tokens": N}`, `tokens` its response
+    tokens (0 for a `_Filler`), its columns checked against the cache's safety tokens there too.
+
+    A `PactError` met in a worker (a damaged shard) travels to the main
+    process as the batch's `error` and is raised there unchanged by
+    `raise_batch_error`; the `DataLoader`'s own re-raise would bury the message
+    in the worker's traceback.
+    """
+
+    def __init__(self, reader: CacheReader, pad_id: int):
+        super().__init__(reader)
+        self.pad_id = pad_id
+        self.safety_ids = reader.safety_ids
 
     def __getitems__(self, indices: list[int]) -> dict:
-        """A micro-batch: its rows and their response-token count (what `DataLoader` fetches per batch)."""
-        rows = [self.reader[i] for i in indices]
-        return {"rows": rows, "tokens": 0 if isinstance(indices, _Filler) else sum(len(r["post_count"]) for r in rows)}
+        """A micro-batch, collated: what `DataLoader` fetches per batch."""
+        try:
+            batch = collate_rows([self.reader[i] for i in indices], self.pad_id)
+            check_columns(batch, self.safety_ids)
+        except PactError as err:
+            if get_worker_info() is None:
+                raise
+            return {"error": err}
+        return {"batch": batch, "tokens": 0 if isinstance(indices, _Filler) else batch.tokens}
+
+
+def raise_batch_error(batch: dict) -> None:
+    """Raise the error a `DataLoader` worker met while loading `batch` (see `CacheRows`), if any."""
+    if "error" in batch:
+        raise batch["error"]
 
 
 def keep_batch(batch: dict) -> dict:
-    """The collator: a batch from `CacheRows.__getitems__` is already what the loss takes (rows stay rows)."""
+    """The collator: a batch from `CacheRows.__getitems__` is already what the loss takes."""
     return batch
 
 
@@ -168,15 +203,18 @@ class PactTrainer(Trainer):
         self.pad_id = pad_token_id(processing_class)
         self.ce_chunk_size = ce_chunk_size
         kwargs.setdefault("data_collator", keep_batch)
-        super().__init__(model=model, args=args, train_dataset=CacheRows(self.cache), processing_class=processing_class,
-                         eval_dataset=CacheRows(self.eval_cache) if self.eval_cache is not None else None, **kwargs)
+        eval_rows = CacheRows(self.eval_cache, self.pad_id) if self.eval_cache is not None else None
+        super().__init__(model=model, args=args, train_dataset=CacheRows(self.cache, self.pad_id), processing_class=processing_class,
+                         eval_dataset=eval_rows, **kwargs)
         _check_fsdp_set_up(self)
         self.args.remove_unused_columns = False
+        self.args.logging_nan_inf_filter = False  # a host read of every micro-batch's loss; a non-finite step stops the run anyway
         if self.args.disable_tqdm:
             self.remove_callback(PrinterCallback)
-        self._step = torch.zeros(len(LOGGED_PARTS), dtype=torch.float64)  # LOGGED_PARTS of this optimizer step, this process's share
-        self._logged = _no_logs()
-        self._step_tokens = 0
+        self._step: torch.Tensor | None = None  # LOGGED_PARTS of this optimizer step so far, this process's share, on the device
+        self._step_tokens: torch.Tensor | int = 0
+        self._guard = StepGuard(LOGGED_PARTS)
+        self._safety_on_device: tuple[torch.Tensor, torch.Tensor] | None = None
         self._checkpoint_root: str | None = None
 
     # --- data ---
@@ -199,72 +237,132 @@ class PactTrainer(Trainer):
             sampler.set_epoch(epoch)
             return list(sampler)
 
-        return DataLoader(self.train_dataset, batch_sampler=self._batch_sampler(_cached(order_of)), collate_fn=self.data_collator,
-                          num_workers=self.args.dataloader_num_workers)
+        return self._loader(self.train_dataset, self._batch_sampler(_cached(order_of)))
 
     def _eval_loader(self) -> DataLoader:
         """The eval cache's rows in order, split among the processes as training splits its batches."""
         rows = list(range(len(self.eval_cache)))
-        return DataLoader(self.eval_dataset, batch_sampler=self._batch_sampler(lambda epoch: rows), collate_fn=self.data_collator)
+        return self._loader(self.eval_dataset, self._batch_sampler(lambda epoch: rows))
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int:
-        """The optimizer step's response tokens over every micro-batch and process: the loss's denominator."""
+    def _loader(self, rows: CacheRows, batch_sampler: GlobalMicroBatches) -> DataLoader:
+        """A `DataLoader` of collated micro-batches: collated in `args.dataloader_num_workers` worker processes (0: in
+        this one), which each decode the shards their batches come from (one worker decodes each shard once per epoch);
+        pinned when training on a GPU (`args.dataloader_pin_memory`), so `compute_loss` copies them without blocking."""
+        workers = self.args.dataloader_num_workers
+        return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=self.data_collator, num_workers=workers,
+                          pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
+                          prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+                          persistent_workers=self.args.dataloader_persistent_workers if workers else False)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int:
+        """The optimizer step's response tokens over every micro-batch and process: the loss's denominator (a number
+        with one process; with several, their sum on the device, which no host waits for)."""
+        for batch in batch_samples:
+            raise_batch_error(batch)
         local = sum(batch["tokens"] for batch in batch_samples)
-        self._step_tokens = int(self._sum_over_processes(torch.tensor([float(local)]))[0])
+        if self.args.world_size == 1:
+            self._step_tokens = local
+        else:
+            self._step_tokens = self._sum_over_processes(torch.full((), local, dtype=torch.float64, device=device))
         return self._step_tokens
 
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` (float64) summed over the processes of the run."""
+        """`values` (on the device) summed over the processes of the run."""
         if self.args.world_size == 1:
-            return values.double()
-        return self.accelerator.reduce(values.double().to(self.args.device), reduction="sum").cpu()
+            return values
+        return self.accelerator.reduce(values, reduction="sum")
+
+    def _safety(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The safety-token ids and weights on `device`, copied there once."""
+        if self._safety_on_device is None or self._safety_on_device[0].device != device:
+            self._safety_on_device = (self.safety_ids.to(device), self.safety_weights.to(device))
+        return self._safety_on_device
 
     # --- loss ---
 
-    def batch_loss(self, model, rows: list[dict]):
-        """The `PactOutput` of one micro-batch of cache rows against their cached targets (a subclass may take the
-        targets from elsewhere, e.g. a live reference model, as `benchmarks/reproduce_small.py`'s online control does)."""
-        return cached_pact_loss(model, rows, self.safety_ids, self.safety_weights, self.objective, self.pad_id, self.ce_chunk_size)
+    def batch_loss(self, model, batch: CacheBatch) -> PactOutput:
+        """The `PactOutput` of one collated micro-batch against its cached targets, the batch copied to the device without
+        blocking the host (it comes pinned on a GPU). A subclass may take the targets from elsewhere, e.g. a live reference
+        model, as `benchmarks/reproduce_small.py`'s online control does; `batch` is still on the host when it is called."""
+        batch = batch.to(self.args.device, non_blocking=True)
+        safety_ids, weights = self._safety(batch.input_ids.device)
+        return pact_batch_loss(model, batch, safety_ids, weights, self.objective, self.ce_chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """This micro-batch's part of the step's loss: its token sum over the step's tokens `num_items_in_batch`
-        (times the process count, which DDP divides the summed gradients by)."""
-        result = self.batch_loss(model, inputs["rows"])
-        total = num_items_in_batch or max(inputs["tokens"], 1)
-        share = inputs["tokens"] / total
-        self._step += _parts(result) * share
-        loss = result.loss * (share * self.args.world_size)
+        (times the process count, which DDP divides the summed gradients by). Its `LOGGED_PARTS` are added to the
+        step's on the device."""
+        result = self.batch_loss(model, inputs["batch"])
+        total = num_items_in_batch if num_items_in_batch is not None else inputs["tokens"]
+        share = inputs["tokens"] / (total.clamp(min=1) if torch.is_tensor(total) else max(total, 1))
+        parts = _parts(result) * share
+        self._step = parts if self._step is None else self._step + parts
+        weight = share * self.args.world_size
+        loss = result.loss * (weight.to(result.loss.dtype) if torch.is_tensor(weight) else weight)
         return (loss, {"ce": result.ce, "kl": result.kl}) if return_outputs else loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The step's gradient norm, after checking the step is finite: a non-finite loss or norm stops the run with
-        `CheckFailed` before the optimizer applies it (nothing is written; the last checkpoint stays intact)."""
+        """The step's gradient norm (the Trainer's), the step recorded in the `StepGuard` before the optimizer runs.
+
+        A step whose loss or norm is not finite is never applied: a fused
+        optimizer (the Trainer's default `adamw_torch_fused`) is handed the
+        guard's `skip` as `found_inf` and leaves the weights and its state as
+        they are for this and every later step, on the device, and the run
+        stops with `CheckFailed` at the next log, checkpoint or its end; any
+        other optimizer (or a loss scaler, which sets `found_inf` itself) gets
+        the check here, on the host, at every step.
+        """
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        step = self._sum_over_processes(self._step)
-        self._step = torch.zeros(len(LOGGED_PARTS), dtype=torch.float64)
-        norm = float(grad_norm) if grad_norm is not None else 0.0
-        parts = dict(zip(LOGGED_PARTS, step.tolist()))
-        if not all(math.isfinite(v) for v in (*parts.values(), norm)):
-            number = self.state.global_step + 1
-            saved = [p for p in Path(self.args.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-            last = max(saved, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-            kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written yet"
-            raise CheckFailed(f"step {number}: the loss is {parts['loss']} (ce {parts['ce']}, kl {parts['kl']}, tokenwise "
-                              f"{parts['tokenwise']}) and the gradient norm {norm}, not finite; "
-                              f"training stopped before applying this step and {kept}; check the cache with `pact-cache verify`, "
-                              "or lower --learning_rate or --lambda")
-        for key, value in {**parts, "tokens": self._step_tokens, "steps": 1}.items():
-            self._logged[key] += value
+        skip = self._guard.end_step(self._sum_over_processes(self._step), self._step_tokens, grad_norm, self.state.global_step + 1)
+        self._step = None
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and self.accelerator.scaler is None:
+            optimizer.found_inf = skip
+        else:
+            self._stop_if_not_finite()
         return grad_norm
 
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        """Training logs get the token-mean `LOGGED_PARTS` of the steps since the last log (exact over processes and
-        accumulation) and their response `tokens`."""
-        if "loss" in logs and self._logged["steps"]:
-            steps = self._logged["steps"]
-            logs.update({key: self._logged[key] / steps for key in LOGGED_PARTS}, tokens=self._logged["tokens"])
-            self._logged = _no_logs()
-        super().log(logs, *args, **kwargs)
+    def _stop_if_not_finite(self) -> Fetched | None:
+        """The steps recorded so far, read to the host (the step's one sync, made once however often it is asked for);
+        `CheckFailed` naming the first step that was not finite, if one was (nothing is written; the last checkpoint stays
+        intact)."""
+        fetched = self._guard.fetch()
+        if fetched is None or not fetched.bad_step:
+            return fetched
+        parts = dict(zip(LOGGED_PARTS, fetched.bad_parts))
+        saved = [p for p in Path(self.args.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        last = max(saved, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+        kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written yet"
+        raise CheckFailed(f"step {fetched.bad_step}: the loss is {parts['loss']} (ce {parts['ce']}, kl {parts['kl']}, tokenwise "
+                          f"{parts['tokenwise']}) and the gradient norm {fetched.bad_norm}, not finite; training stopped without "
+                          f"applying this step or any later one and {kept}; check the cache with `pact-cache verify`, "
+                          "or lower --learning_rate or --lambda")
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                 learning_rate=None):
+        """At a step the Trainer logs, saves or ends the run on: first the step's one host read, which stops a run that
+        went non-finite, and the training log made from it; then the Trainer's evaluation and checkpoint (its own log,
+        which would read the loss and the norm again, finds the step logged)."""
+        control = self.control
+        if control.should_log or control.should_save or control.should_training_stop:
+            fetched = self._stop_if_not_finite()
+            if control.should_log and self.state.global_step > self._globalstep_last_logged and fetched is not None:
+                self._log_steps(fetched, tr_loss, learning_rate, start_time)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                         learning_rate=learning_rate)
+
+    def _log_steps(self, fetched: Fetched, tr_loss: torch.Tensor, learning_rate: float | None, start_time: float) -> None:
+        """Log the token-mean `LOGGED_PARTS` of the steps since the last log (exact over processes and accumulation), the
+        last step's gradient norm, the learning rate and the steps' response `tokens`, as the Trainer's own log would."""
+        means = {key: value / fetched.steps for key, value in zip(LOGGED_PARTS, fetched.parts)}
+        logs = {"loss": means["loss"], "grad_norm": fetched.grad_norm,
+                "learning_rate": learning_rate if learning_rate is not None else self._get_learning_rate(),
+                **means, "tokens": int(round(fetched.tokens))}
+        self._total_loss_scalar += fetched.parts[0]
+        tr_loss.zero_()
+        self._globalstep_last_logged = self.state.global_step
+        self._guard.start_log()
+        self.log(logs, start_time)
 
     # --- evaluation ---
 
@@ -275,11 +373,12 @@ class PactTrainer(Trainer):
         model = self.model_wrapped if self.is_in_train else self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(len(LOGGED_PARTS) + 1, dtype=torch.float64)
+        sums = torch.zeros(len(LOGGED_PARTS) + 1, dtype=torch.float64, device=self.args.device)
         with torch.no_grad():
-            for batch in self._eval_loader():
-                result = self.batch_loss(model, batch["rows"])
-                sums += torch.cat([_parts(result), torch.ones(1, dtype=torch.float64)]) * batch["tokens"]
+            for inputs in self._eval_loader():
+                raise_batch_error(inputs)
+                parts = _parts(self.batch_loss(model, inputs["batch"]))
+                sums = sums + torch.cat([parts, parts.new_ones(1)]) * inputs["tokens"]
         model.train(was_training)
         *parts, tokens = self._sum_over_processes(sums).tolist()
         metrics = {f"{metric_key_prefix}_{key}": value / max(tokens, 1) for key, value in zip(LOGGED_PARTS, parts)}
@@ -297,6 +396,7 @@ class PactTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into `.checkpoint-N.tmp/` and rename it into place once complete, so a kill or a full
         disk never leaves a `checkpoint-N` that resuming would pick up half written."""
+        self._stop_if_not_finite()
         out = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         staging = out / f".{name}.tmp"
@@ -332,14 +432,9 @@ def _check_fsdp_set_up(trainer: Trainer) -> None:
                         "FSDP config to train unsharded")
 
 
-def _parts(result) -> torch.Tensor:
-    """The `LOGGED_PARTS` of a `PactOutput`, as float64 numbers."""
-    return torch.tensor([getattr(result, key).item() for key in LOGGED_PARTS], dtype=torch.float64)
-
-
-def _no_logs() -> dict:
-    """The running sums of the steps since the last log, empty."""
-    return {**dict.fromkeys(LOGGED_PARTS, 0.0), "tokens": 0, "steps": 0}
+def _parts(result: PactOutput) -> torch.Tensor:
+    """The `LOGGED_PARTS` of a `PactOutput`, a float64 tensor on its device (no gradient, no host read)."""
+    return torch.stack([getattr(result, key).detach().double() for key in LOGGED_PARTS])
 
 
 def _cached(order_of):

@@ -136,13 +136,14 @@ def test_the_trainer_loader_decodes_each_shard_once_and_buckets(float32_cache, t
     """The train loader with batches of 3 (crossing shard boundaries) and `bucket_window` 0 or 1: each epoch decodes
     each shard once through a one-shard buffer and gives every row once; with a window each whole batch inside a
     shard is sorted by length."""
-    reader = CacheReader(float32_cache, buffer_bytes=1)
-    loader = _trainer(reader, tiny_model_dir, tmp_path / "s", per_device_train_batch_size=3, bucket_window=window).get_train_dataloader()
+    reader = CacheReader(float32_cache, buffer_bytes=1)  # collated in this process (no workers), so this reader decodes
+    loader = _trainer(reader, tiny_model_dir, tmp_path / "s", per_device_train_batch_size=3, bucket_window=window,
+                      dataloader_num_workers=0).get_train_dataloader()
     lengths = CacheReader(float32_cache).row_lengths()
     for epoch in (0, 1):
         loader.batch_sampler.set_epoch(epoch)
         before = reader.shards_decoded
-        batches = [[int(row["example_id"]) for row in batch["rows"]] for batch in loader]
+        batches = [batch["batch"].example_ids.tolist() for batch in loader]
         assert reader.shards_decoded - before == len(reader.shards)
         assert sorted(row for batch in batches for row in batch) == list(range(len(reader)))
         if window:

@@ -247,7 +247,7 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_update(poison, w
     import pact.trainer
 
     if poison == "loss":
-        _fail_call(monkeypatch, pact.trainer, "cached_pact_loss", 2, _nan_loss)
+        _fail_call(monkeypatch, pact.trainer, "pact_batch_loss", 2, _nan_loss)
         message = "step 2: the loss is nan"
     else:
         import accelerate  # every Trainer version clips through it (torch's own function is not always called)

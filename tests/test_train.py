@@ -143,18 +143,29 @@ def test_pact_trainer_trains_logs_and_evaluates_on_an_eval_cache(float32_cache, 
         _trainer(float32_cache, tiny_model_dir, tmp_path / "none").evaluate()
 
 
-def test_the_train_sampler_decodes_each_shard_once_per_epoch(float32_cache, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_train_sampler_decodes_each_shard_once_per_epoch(workers, float32_cache, tiny_model_dir, tmp_path, monkeypatch):
     """With a buffer too small for two shards, an epoch of the trainer's loader still decodes each shard exactly once,
-    visits every row once, and the next epoch's order differs."""
+    in this process or in its one worker process (the default), visits every row once, and the next epoch's order
+    differs."""
+    decodes = tmp_path / "decodes.txt"
+    real_load = CacheReader.load_shard
+
+    def load_shard(self, index):
+        with open(decodes, "a") as handle:  # a file, so a worker process's decodes are counted too
+            handle.write(f"{index}\n")
+        return real_load(self, index)
+
+    monkeypatch.setattr(CacheReader, "load_shard", load_shard)
     reader = CacheReader(float32_cache, buffer_bytes=1)
-    trainer = _trainer(reader, tiny_model_dir, tmp_path / "s", per_device_train_batch_size=3)
+    trainer = _trainer(reader, tiny_model_dir, tmp_path / "s", per_device_train_batch_size=3, dataloader_num_workers=workers)
     loader = trainer.get_train_dataloader()
     orders = []
     for epoch in (0, 1):
         loader.batch_sampler.set_epoch(epoch)
-        before = reader.shards_decoded
-        orders.append([row["example_id"] for batch in loader for row in batch["rows"]])
-        assert reader.shards_decoded - before == len(reader.shards)
+        decodes.write_text("")
+        orders.append([row for batch in loader for row in batch["batch"].example_ids.tolist()])
+        assert sorted(decodes.read_text().split()) == [str(i) for i in range(len(reader.shards))]
     assert sorted(orders[0]) == sorted(orders[1]) == sorted(row["example_id"] for row in CacheReader(float32_cache))
     assert orders[0] != orders[1]
 
