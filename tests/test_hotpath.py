@@ -94,16 +94,17 @@ def test_the_counter_counts_reads_data_dependent_operators_and_copies_between_de
 
 # --- syncs per optimizer step of a real run ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["lora", "full", "lora-checkpointing"])
+@pytest.mark.parametrize("variant", ["lora", "full", "lora-checkpointing", "full-checkpointing"])
 def test_an_optimizer_step_syncs_once_when_it_logs_and_never_otherwise(variant, float32_cache, tmp_path, monkeypatch):
-    """A `pact train` run (LoRA, full, LoRA with gradient checkpointing; 2 micro-batches per step; a log and a checkpoint
+    """A `pact train` run (LoRA or full, with or without gradient checkpointing; 2 micro-batches per step; a log and a checkpoint
     every second step): from the first micro-batch of a step to the next step's, one host read on a step that logs and
     saves (the guard's `tolist`, which the log and the checkpoint share), none on a step that does neither, none
     inside forward, backward and optimizer, and no blocking copy. The first step alone also validates the safety-token
     weights once (the CPU masked-KL path reads them). With `--gradient_checkpointing` the model does train with it on."""
-    extra = {"full": dict(full=True), "lora-checkpointing": dict(gradient_checkpointing=True)}.get(variant, {})
+    extra = {**(dict(full=True) if variant.startswith("full") else {}),
+             **(dict(gradient_checkpointing=True) if variant.endswith("checkpointing") else {})}
     steps, checkpointing = _train_counted(monkeypatch, _args(float32_cache, tmp_path / "run", **extra))
-    assert checkpointing == {variant == "lora-checkpointing"}
+    assert checkpointing == {variant.endswith("checkpointing")}
     assert [(s.step, s.logged, s.saved) for s in steps] == [(1, False, False), (2, True, True), (3, False, False), (4, True, True)]
     for record in steps:
         report = f"step {record.step}:\n{record.whole.describe()}"
