@@ -215,6 +215,7 @@ class PactTrainer(Trainer):
         self._step_tokens: torch.Tensor | int = 0
         self._guard = StepGuard(LOGGED_PARTS)
         self._safety_on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._safety(self.args.device)  # copied now, not inside the first step
         self._checkpoint_root: str | None = None
 
     # --- data ---
@@ -274,7 +275,7 @@ class PactTrainer(Trainer):
 
     def _safety(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The safety-token ids and weights on `device`, copied there once."""
-        if self._safety_on_device is None or self._safety_on_device[0].device != device:
+        if self._safety_on_device is None or self._safety_on_device[0].device != torch.device(device):
             self._safety_on_device = (self.safety_ids.to(device), self.safety_weights.to(device))
         return self._safety_on_device
 
