@@ -20,6 +20,7 @@ from pact.loss import pact_batch_loss
 from pact.objective import PactConfig
 from pact.reference import causal_attention_mask, hidden_states_at
 from pact.sync_counter import StepSyncs, SyncCounter
+from test_qlora import bitsandbytes_on_cpu, needs_bitsandbytes, wide_cache, wide_model_dir  # noqa: F401  (fixtures)
 
 
 def _args(cache, out, **overrides) -> PactTrainingArguments:
@@ -42,23 +43,23 @@ class _Checkpointing(TrainerCallback):
         self.seen.add(bool(model.is_gradient_checkpointing))
 
 
-def _train_counted(monkeypatch, args):
+def _train_counted(args):
     """`pact.train.train(args)` as `pact train` runs it, inside a CPU `SyncCounter`; the `StepSyncs` of its steps and
     whether checkpointing was on."""
-    import pact.train
+    from pact.train import train
+    from pact.trainer import PactTrainer
 
     counter = SyncCounter("cpu")
     steps, checkpointing = StepSyncs(counter), _Checkpointing()
 
-    class Counted(pact.train.PactTrainer):
+    class Counted(PactTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(steps)
             self.add_callback(checkpointing)
 
-    monkeypatch.setattr(pact.train, "PactTrainer", Counted)
     with counter:
-        pact.train.train(args)
+        train(args, trainer_class=Counted)
     return steps.steps, checkpointing.seen
 
 
@@ -95,7 +96,7 @@ def test_the_counter_counts_reads_data_dependent_operators_and_copies_between_de
 # --- syncs per optimizer step of a real run ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["lora", "full", "lora-checkpointing", "full-checkpointing"])
-def test_an_optimizer_step_syncs_once_when_it_logs_and_never_otherwise(variant, float32_cache, tmp_path, monkeypatch):
+def test_an_optimizer_step_syncs_once_when_it_logs_and_never_otherwise(variant, float32_cache, tmp_path):
     """A `pact train` run (LoRA or full, with or without gradient checkpointing; 2 micro-batches per step; a log and a checkpoint
     every second step): from the first micro-batch of a step to the next step's, one host read on a step that logs and
     saves (the guard's `tolist`, which the log and the checkpoint share), none on a step that does neither, none
@@ -103,7 +104,7 @@ def test_an_optimizer_step_syncs_once_when_it_logs_and_never_otherwise(variant, 
     weights once (the CPU masked-KL path reads them). With `--gradient_checkpointing` the model does train with it on."""
     extra = {**(dict(full=True) if variant.startswith("full") else {}),
              **(dict(gradient_checkpointing=True) if variant.endswith("checkpointing") else {})}
-    steps, checkpointing = _train_counted(monkeypatch, _args(float32_cache, tmp_path / "run", **extra))
+    steps, checkpointing = _train_counted(_args(float32_cache, tmp_path / "run", **extra))
     assert checkpointing == {variant.endswith("checkpointing")}
     assert [(s.step, s.logged, s.saved) for s in steps] == [(1, False, False), (2, True, True), (3, False, False), (4, True, True)]
     for record in steps:
@@ -118,9 +119,9 @@ def test_an_optimizer_step_syncs_once_when_it_logs_and_never_otherwise(variant, 
     assert [m["step"] for m in lines] == [2, 4] and all(m["loss"] == pytest.approx(m["ce"] + m["kl"], rel=1e-5) for m in lines)
 
 
-def test_logging_every_step_reads_once_per_step(float32_cache, tmp_path, monkeypatch):
+def test_logging_every_step_reads_once_per_step(float32_cache, tmp_path):
     """`pact train`'s default, a log every step: exactly one host read per optimizer step after the first."""
-    steps, _ = _train_counted(monkeypatch, _args(float32_cache, tmp_path / "run", logging_steps=1, save_steps=0))
+    steps, _ = _train_counted(_args(float32_cache, tmp_path / "run", logging_steps=1, save_steps=0))
     assert [s.logged for s in steps] == [True] * 4
     assert [s.whole.syncs for s in steps[1:]] == [1, 1, 1], "\n".join(s.whole.describe() for s in steps)
 
@@ -347,3 +348,18 @@ def test_cpu_weights_are_value_checked_once_until_they_change():
     weights[1] = -1.0
     with pytest.raises(ValueError, match="weights must be >= 0"):
         masked_kl(logits, target, weights, mask)
+
+
+
+@needs_bitsandbytes
+def test_qlora_with_gradient_checkpointing_syncs_as_lora_does(wide_cache, tmp_path, bitsandbytes_on_cpu):
+    """QLoRA (`--load-in-4bit`, peft's k-bit preparation) with `--gradient_checkpointing`: checkpointing is on and, with
+    no checkpoint written (saving reads every 4-bit layer's quantisation state on the host, in bitsandbytes), a step
+    syncs once when it logs and never otherwise, after the first step's weight check."""
+    steps, checkpointing = _train_counted(_args(wide_cache, tmp_path / "run", load_in_4bit=True, gradient_checkpointing=True,
+                                                save_steps=0))
+    assert checkpointing == {True}
+    assert [s.logged for s in steps] == [False, True, False, True]
+    assert [[e.op for e in s.whole.events] for s in steps[1:]] == [["Tensor.tolist"], [], ["Tensor.tolist"]], \
+        "\n".join(s.whole.describe() for s in steps)
+    assert all(s.inner.syncs == 0 for s in steps[1:])
