@@ -1,0 +1,53 @@
+"""The README's "Will it fit?" table: `pact plan`'s peak GPU memory of one optimizer step for plain SFT, cached PACT
+and online PACT on the shipped 7B architectures, printed as a markdown table.
+
+Each row is `pact.plan.plan` (the real step on meta tensors; no GPU and no weights needed) for one model and one
+setting; the columns are the three variants' peaks in GiB (without the fit margin), cached PACT over SFT, and the
+checks of issue 12's targets: cached PACT <= 1.02x SFT, 7B LoRA bf16 with checkpointing under 20 GiB, 4-bit under 12 GiB.
+
+    python benchmarks/plan_table.py                       # batch 8 x 512, LoRA r=8 on q_proj,v_proj (about 2 minutes)
+    python benchmarks/plan_table.py --batch-size 4 --max-length 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pact.plan import PlanArguments, gib, plan
+
+MODELS = ("llama-2-7b-chat", "qwen2.5-7b-instruct")
+SETTINGS = (("bf16", {}), ("bf16 + checkpointing", {"gradient_checkpointing": True}),
+            ("4-bit + checkpointing", {"gradient_checkpointing": True, "load_in_4bit": True}))
+TARGETS = {"bf16 + checkpointing": 20.0, "4-bit + checkpointing": 12.0}  # GiB, every variant's peak (issue 12, point 7)
+CACHED_OVER_SFT = 1.02
+
+
+def main() -> None:
+    """Plan every model and setting and print the table, then one line per target missed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    args = parser.parse_args()
+    print(f"| model | setting | plain SFT | cached PACT | online PACT | cached / SFT | targets |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    started = time.perf_counter()
+    for model in args.models:
+        for name, values in SETTINGS:
+            result = plan(PlanArguments(model=model, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+                                        gpu_memory="1TiB", **values))
+            peaks = {variant: gib(result.variants[variant].peak_bytes) for variant in ("sft", "cached_pact", "online_pact")}
+            ratio = peaks["cached_pact"] / peaks["sft"]
+            checks = [f"cached/SFT <= {CACHED_OVER_SFT}: {'met' if ratio <= CACHED_OVER_SFT else 'MISSED'}"]
+            if name in TARGETS:
+                over = [variant for variant, peak in peaks.items() if peak >= TARGETS[name]]
+                checks.append(f"< {TARGETS[name]:.0f} GiB: {'met' if not over else 'MISSED by ' + ', '.join(over)}")
+            print(f"| {model} | {name} | {peaks['sft']:.2f} | {peaks['cached_pact']:.2f} | {peaks['online_pact']:.2f} | "
+                  f"{ratio:.3f} | {'; '.join(checks)} |")
+    print(f"\nbatch {args.batch_size} x {args.max_length} tokens, LoRA r=8 on q_proj,v_proj, |S| = 50, peak GiB without the "
+          f"fit margin; planned in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
