@@ -28,7 +28,8 @@ from typing import Callable
 import pytest
 
 HERE = Path(__file__).resolve().parent
-FAMILY_MODULES = ("test_hostile_cache", "test_hostile_data", "test_hostile_safety_tokens", "test_hostile_train", "test_hostile_eval")
+FAMILY_MODULES = ("test_hostile_cache", "test_hostile_data", "test_hostile_safety_tokens", "test_hostile_train", "test_hostile_eval",
+                  "test_hostile_plan")
 
 
 @dataclass
