@@ -12,9 +12,10 @@ so the code itself runs unchanged (`pact.plan` uses all three):
   take PyTorch's math fallback, which keeps the whole [batch, heads, length,
   length] attention matrix for backward; a device runs a fused kernel that
   keeps only the output and a float32 log-sum-exp per query row. Under
-  `fused_attention` meta tensors run the fused flash kernel (its meta
-  implementation: the same shapes and saved tensors as the CUDA flash and
-  memory-efficient kernels).
+  `fused_attention` meta tensors run the flash kernel CPU SDPA runs (its meta
+  implementation), whose output and saved tensors have the shapes of the
+  CUDA flash and memory-efficient kernels' (one kernel for every device, so
+  the plan is checked against real CPU steps with the very kernel it assumes).
 * `fused_optimizers`: the Trainer's default optimizer is AdamW with
   `fused=True`, which refuses meta parameters though its kernel has a meta
   implementation; inside the block it accepts them.
@@ -34,7 +35,6 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from pact.memory import tensors_in
 
-META = torch.device("meta")
 SHADOW_LIMIT = 1 << 22  # elements: a larger meta tensor gets no host copy (masks and index tensors of a batch are far smaller)
 
 

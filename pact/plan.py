@@ -36,7 +36,7 @@ from pact.errors import InvalidSetting, PactError
 from pact.memory import CATEGORIES, LiveTensorBytes, Peak, tensors_in
 from pact.meta_run import HostShadows, fused_attention, fused_optimizers
 from pact.objective import PactConfig, check_setting
-from pact.packed_weights import QUANTIZATIONS, pack_linear_layers
+from pact.packed_weights import pack_linear_layers
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # shipped architectures: `--model NAME` for NAME.json
 VARIANTS = {"sft": "plain SFT", "cached_pact": "cached PACT", "online_pact": "online PACT"}

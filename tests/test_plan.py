@@ -21,7 +21,7 @@ from pact.memory import CATEGORIES, CUDA_BLOCK, LiveTensorBytes
 from pact.meta_run import HostShadows, UnknowableValue, _flash_attention, fused_attention
 from pact.packed_weights import PackedLinear, packed_sizes
 from pact.plan import (MARGIN_BYTES, MARGIN_FRACTION, MODEL_CONFIGS, VARIANTS, PlanArguments, candidate_changes,
-                       enable_checkpointing, frozen_reference, load_architecture, measure_step, measure_variants, plan,
+                       frozen_reference, load_architecture, measure_step, measure_variants, plan,
                        synthetic_rows, trainable_model)
 
 ROOT = Path(__file__).resolve().parent.parent
