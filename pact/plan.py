@@ -107,8 +107,9 @@ class PlanArguments:
         if self.load_in_4bit and self.load_in_8bit:
             raise InvalidSetting("load_in_8bit", "load_in_4bit and load_in_8bit exclude each other; choose one")
         if self.quantization and self.full:
-            raise InvalidSetting("full", f"load_in_{self.quantization} trains LoRA adapters on a frozen quantised base; "
-                                         "full fine-tuning cannot update quantised weights (drop --full or the quantisation)")
+            name = f"load_in_{self.quantization}"
+            raise InvalidSetting(name, f"{name} trains LoRA adapters on a frozen quantised base (QLoRA), and full fine-tuning "
+                                       f"cannot update quantised weights; drop --full, or drop {name} to plan full fine-tuning")
         if self.dtype == "float16" and self.full:
             raise InvalidSetting("dtype", "dtype float16 trains LoRA adapters only (as pact train); use bfloat16 or float32 with --full")
         if not self.full and not self.lora_target_modules:
@@ -193,8 +194,9 @@ def meta_model(config, args: PlanArguments):
 
 
 def trainable_model(model, args: PlanArguments):
-    """`model` set up for training as `pact train` sets it up: peft's k-bit preparation for a quantised base, LoRA
-    adapters (peft) unless `full`, gradient checkpointing (non-reentrant, as the Trainer enables it)."""
+    """`model` set up for training as `pact train` sets it up (`pact.train._student`, then the Trainer): peft's k-bit
+    preparation for a quantised base, LoRA adapters (peft) unless `full`, gradient checkpointing (non-reentrant).
+    `_student` itself takes `PactTrainingArguments`, which check that bitsandbytes runs here; a plan needs no GPU."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from pact.train import check_lora_targets

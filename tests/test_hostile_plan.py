@@ -36,7 +36,7 @@ CASES = [
           "--gpu-memory: gpu_memory must be a memory size such as 24GiB, 80GB or 16000MiB, got 'lots'"),
     _case("gpu-memory-zero", "`--gpu-memory 0GiB`", plan("--gpu-memory", "0GiB"), "--gpu-memory: gpu_memory must be a memory size"),
     _case("quantised-full", "`--load-in-4bit --full`", plan("--load-in-4bit", "--full"),
-          "--full: load_in_4bit trains LoRA adapters on a frozen quantised base"),
+          "--load-in-4bit: load_in_4bit trains LoRA adapters on a frozen quantised base (QLoRA)"),
     _case("two-quantisations", "`--load-in-4bit --load-in-8bit`", plan("--load-in-4bit", "--load-in-8bit"),
           "--load-in-8bit: load_in_4bit and load_in_8bit exclude each other"),
     _case("float16-full", "`--dtype float16 --full`", plan("--dtype", "float16", "--full"),
