@@ -194,22 +194,14 @@ def meta_model(config, args: PlanArguments):
 
 
 def trainable_model(model, args: PlanArguments):
-    """`model` set up for training as `pact train` sets it up (`pact.train._student`, then the Trainer): peft's k-bit
-    preparation for a quantised base, LoRA adapters (peft) unless `full`, gradient checkpointing (non-reentrant).
-    `_student` itself takes `PactTrainingArguments`, which check that bitsandbytes runs here; a plan needs no GPU."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from pact.train import check_lora_targets
+    """`model` set up for training as `pact train` sets it up (`pact.train.adapt_for_training`, then the Trainer's
+    non-reentrant gradient checkpointing). LoRA's alpha and dropout change no memory; the defaults are used."""
+    from pact.train import adapt_for_training
 
     checkpointing = {"use_reentrant": False}
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
-    if not args.full:
-        check_lora_targets(model, args.lora_target_modules)
-        if args.quantization:
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs=checkpointing)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=list(args.lora_target_modules), task_type="CAUSAL_LM"))
+    model = adapt_for_training(model, full=args.full, quantization=args.quantization, lora_r=args.lora_r, lora_alpha=32,
+                               lora_dropout=0.0, lora_target_modules=args.lora_target_modules,
+                               gradient_checkpointing=args.gradient_checkpointing, checkpointing_kwargs=checkpointing)
     if args.gradient_checkpointing:
         enable_checkpointing(model, checkpointing)
     return model

@@ -86,24 +86,36 @@ def check_lora_targets(model, targets: list[str]) -> None:
 
 
 def _student(loaded: LoadedModel, args: PactTrainingArguments):
-    """The model to train: the loaded model itself (`full`) or wrapped with LoRA adapters (targets checked first), a
-    quantised one prepared by peft for k-bit training first (frozen, norms and head in float32)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """The model to train, set up by `adapt_for_training` from the run's settings (seeded first)."""
     from transformers import set_seed
 
     set_seed(args.seed)
     if args.gradient_checkpointing:
         args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-        loaded.model.config.use_cache = False
-    if args.full:
-        return loaded.model
-    check_lora_targets(loaded.model, args.lora_target_modules)
-    if args.quantization:
-        prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=list(args.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(loaded.model, lora)
+    return adapt_for_training(loaded.model, full=args.full, quantization=args.quantization, lora_r=args.lora_r,
+                              lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                              lora_target_modules=args.lora_target_modules, gradient_checkpointing=args.gradient_checkpointing,
+                              checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+
+
+def adapt_for_training(model, *, full: bool, quantization: str | None, lora_r: int, lora_alpha: int, lora_dropout: float,
+                       lora_target_modules, gradient_checkpointing: bool, checkpointing_kwargs: dict | None):
+    """`model` as `pact train` trains it (and `pact plan` measures it): itself (`full`) or wrapped with LoRA adapters
+    (targets checked first), a quantised base prepared by peft for k-bit training first (frozen, norms and head in
+    float32). Gradient checkpointing itself is turned on by the Trainer (or the planner)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    if full:
+        return model
+    check_lora_targets(model, lora_target_modules)
+    if quantization:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=checkpointing_kwargs)
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(lora_target_modules),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 # --- The run folder --------------------------------------------------------------------------
