@@ -219,9 +219,9 @@ def _same(a, b) -> None:
     assert training_a.to_dict() == training_b.to_dict()
 
 
-REPRO_FLAGS = ["--cache", "runs/repro/cache", "--output_dir", "runs/repro/pact", "--lora_r", "8", "--lora_alpha", "32",
+REPRO_FLAGS = ["--cache", "runs/repro/cache-mix", "--output_dir", "runs/repro/mix/pact-seed0", "--lora_r", "8", "--lora_alpha", "32",
                "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "125", "--per_device_train_batch_size", "8",
-               "--learning_rate", "2e-4", "--lr_scheduler_type", "linear", "--lambda", "1.0", "--seed", "0", "--device", "cpu"]
+               "--learning_rate", "2e-4", "--lr_scheduler_type", "constant", "--lambda", "1.0", "--seed", "0", "--device", "cpu"]
 
 
 def test_the_repro_yaml_equals_the_same_flags_and_flags_override_it(tmp_path):
@@ -232,8 +232,9 @@ def test_the_repro_yaml_equals_the_same_flags_and_flags_override_it(tmp_path):
     objective, training = _parse(["--config", str(yaml_file), "--learning_rate", "1e-4", "--lambda", "2"])
     assert training.learning_rate == 1e-4 and objective.lam == 2.0 and training.max_steps == 125
     json_file = tmp_path / "c.json"
-    json_file.write_text(json.dumps({"cache": "runs/repro/cache", "out": "runs/repro/pact", "lr": "2e-4", "lambda": 1,
-                                     "max_steps": 125, "batch-size": 8, "seed": 0, "device": "cpu"}))
+    json_file.write_text(json.dumps({"cache": "runs/repro/cache-mix", "out": "runs/repro/mix/pact-seed0", "lr": "2e-4",
+                                     "scheduler": "constant", "lambda": 1, "max_steps": 125, "batch-size": 8, "seed": 0,
+                                     "device": "cpu"}))
     _same(_parse(["--config", str(json_file)]), _parse(REPRO_FLAGS))
 
 
