@@ -98,7 +98,7 @@ def test_student_logits_and_loss_are_float32_under_bf16_weights(tiny, tiny_bf16,
 
 @pytest.mark.parametrize(("dtype", "fp16", "device"), [
     ("bfloat16", False, "cpu"),
-    pytest.param("float16", True, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 trains on a GPU"))])
+    pytest.param("float16", True, "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 trains on a GPU")])])
 def test_train_in_half_precision_writes_a_float32_adapter_and_records_the_dtype(float32_cache, tmp_path, dtype, fp16, device):
     out = tmp_path / "run"
     result = train(PactTrainingArguments(cache=str(float32_cache), output_dir=str(out), max_steps=2, per_device_train_batch_size=4,

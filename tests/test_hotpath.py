@@ -225,6 +225,7 @@ def test_batches_are_collated_in_a_worker_and_move_as_a_whole(float32_cache, tin
                 assert torch.equal(getattr(moved, name), value), name
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and host-to-device copies need a GPU")
 def test_on_a_gpu_batches_arrive_pinned_and_move_without_blocking(float32_cache, tiny_model_dir, tmp_path):
     """With CUDA the loader pins each batch in its thread and the move to the GPU counts only asynchronous copies."""

@@ -28,7 +28,12 @@ INF = float("inf")
 HAS_CUDA = torch.cuda.is_available()
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+
+def needs_cuda(test):
+    """Mark `test` CUDA-only (`-m cuda` selects it) and skip it without a CUDA GPU and triton."""
+    return pytest.mark.cuda(pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")(test))
+
 
 IMPLS = [
     pytest.param(masked_kl_triton, id="triton", marks=needs_triton),
