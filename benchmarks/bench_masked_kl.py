@@ -14,8 +14,10 @@ backward with a random upstream gradient):
                   ``eager`` by construction (the Triton interpreter is far too
                   slow to time and is not the CPU product path).
 
-Reported per (N, S): median time over ``--repeats`` runs, the methods taking
-turns in every repeat (warm-up runs, which include compilation, excluded), the ratio to eager, peak memory above the
+Reported per (N, S): median time per call over ``--repeats`` measurements, each
+timing ``--calls`` calls back to back (one call of a small kernel would time the
+launch and the timer, not the work), the methods taking turns in every repeat
+(warm-up runs, which include compilation, excluded), the ratio to eager, peak memory above the
 inputs (``torch.cuda.max_memory_allocated`` on GPU; not measured on CPU), the
 bytes each method saves for backward (all devices, via saved-tensor hooks)
 and, on GPU, the achieved bandwidth of the minimal traffic
@@ -59,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--masked-frac", type=float, default=0.0, help="fraction of rows masked out")
     p.add_argument("--vocab", type=int, default=0, help="if > 0, gather S columns from [N, V] student logits first")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 20 GPU, 5 CPU)")
+    p.add_argument("--calls", type=int, default=None, help="calls per timed measurement (default 20 GPU, 1 CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (compilation happens here)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--peak-bandwidth-gbs", type=float, default=4800.0, help="device peak bandwidth (H200: 4800)")
@@ -74,6 +77,10 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if on_gpu else "float32"
     if args.repeats is None:
         args.repeats = 20 if on_gpu else 5
+    if args.calls is None:
+        args.calls = 20 if on_gpu else 1
+    if args.calls < 1 or args.repeats < 1:
+        p.error("--calls and --repeats must be at least 1")
     return args
 
 
@@ -97,22 +104,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_once(fn, device):
-    """Wall time of one fn() call in ms (CUDA events on GPU)."""
+def time_calls(fn, device, calls):
+    """Wall time per call in ms of `calls` fn() calls run back to back (CUDA events on GPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / calls
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
 
 
-def timed_side_by_side(fns, device, warmup, repeats):
-    """Median ms per named fn, warm-up excluded; the fns take turns in every repeat.
+def timed_side_by_side(fns, device, warmup, repeats, calls):
+    """Median ms per call of each named fn over `repeats` measurements of `calls` calls, warm-up excluded; the fns take
+    turns in every repeat.
 
     Interleaving (round robin) rather than timing one method after another
     keeps the ratios fair when the machine's load drifts during the run.
@@ -124,7 +134,7 @@ def timed_side_by_side(fns, device, warmup, repeats):
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            times[name].append(time_calls(fn, device, calls))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -192,8 +202,8 @@ def bench_config(args, N, S, device, dtype, methods):
         student.grad = None
 
     with torch.no_grad():
-        t_fwd = timed_side_by_side(fwd, device, args.warmup, args.repeats)
-    t_all = timed_side_by_side(fwd_bwd, device, args.warmup, args.repeats)
+        t_fwd = timed_side_by_side(fwd, device, args.warmup, args.repeats, args.calls)
+    t_all = timed_side_by_side(fwd_bwd, device, args.warmup, args.repeats, args.calls)
     for name in fwd_bwd:
         student.grad = None
         peak = peak_mb(fwd_bwd[name], device)
@@ -217,7 +227,8 @@ def main(argv=None):
 
     print(f"device={device} ({torch.cuda.get_device_name(device) if on_gpu else 'cpu, %d threads' % torch.get_num_threads()})"
           f" dtype={args.dtype} T={args.temperature} masked_frac={args.masked_frac}"
-          f" vocab_gather={'V=%d' % args.vocab if args.vocab else 'off'} repeats={args.repeats} warmup={args.warmup}")
+          f" vocab_gather={'V=%d' % args.vocab if args.vocab else 'off'} repeats={args.repeats} calls={args.calls}"
+          f" warmup={args.warmup}")
     if not on_gpu:
         print("note: CPU run -- default N is reduced to %s so it finishes in a few minutes; masked_kl dispatches"
               " to the PyTorch reference on CPU (so it equals eager); peak memory is not measured on CPU"
