@@ -12,9 +12,11 @@ and peak memory as ratios to plain SFT:
 * pact-train     -- the `pact train` loop itself (`pact.train.train`)
 
 Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
-on CUDA. Usage:
+on CUDA. `--dtype` sets the weight dtype of every variant (`pact train --dtype`;
+float32 by default, bfloat16 is the usual choice on a GPU). Usage:
 
     python benchmarks/bench_train.py --data ../shared/data/sst2_5k.jsonl --rows 32 --steps 6
+    python benchmarks/bench_train.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -70,15 +72,15 @@ def _worker(args) -> None:
         with tempfile.TemporaryDirectory() as out:
             result = train(PactTrainingArguments(cache=args.cache, output_dir=out, max_steps=needed,
                                                  per_device_train_batch_size=args.batch_size, learning_rate=1e-4, seed=0,
-                                                 train_device=args.device, disable_tqdm=True))
+                                                 train_device=args.device, dtype=args.dtype, disable_tqdm=True))
             times = [m["seconds"] for m in result.metrics][args.warmup :]
             device = torch.device("cuda" if args.device == "cuda" else "cpu")
             print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
         return
 
-    loaded = load_model(reader.manifest["model_source"], device=args.device, dtype="float32")
+    loaded = load_model(reader.manifest["model_source"], device=args.device, dtype=args.dtype)
     tok = loaded.tokenizer
-    reference_model = load_model(reader.manifest["model_source"], device=args.device, dtype="float32").model if args.variant == "online-separate" else None
+    reference_model = load_model(reader.manifest["model_source"], device=args.device, dtype=args.dtype).model if args.variant == "online-separate" else None
     model = get_peft_model(loaded.model, LoraConfig(**lora))
     model.train()
     device = next(model.parameters()).device
@@ -125,7 +127,7 @@ def _worker(args) -> None:
 def _run_variant(variant: str, args, cache: Path) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--cache", str(cache), "--rows", str(args.rows),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+               "--device", args.device, "--dtype", args.dtype]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{result.stderr[-4000:]}")
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weight dtype of every variant (default float32)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -167,7 +171,8 @@ def main() -> None:
                 print(f"  {variant}: {results[variant][-1]}", file=sys.stderr)
     summary = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)} for v, rs in results.items()}
     base = summary.get("sft")
-    print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}")
+    print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}, "
+          f"{args.dtype} weights")
     print(f"{'variant':<16} {'step s':>8} {'peak MB':>9} {'time/SFT':>9} {'mem/SFT':>8}")
     for variant, values in summary.items():
         time_ratio = values["step_s"] / base["step_s"] if base else float("nan")
