@@ -25,6 +25,7 @@ from transformers.trainer_utils import SchedulerType
 from pact.errors import InvalidSetting, PactError
 from pact.models import DTYPES, dtype_name, resolve_device, resolve_dtype
 from pact.objective import check_setting
+from pact.plan import parse_bytes
 
 SEED_LIMIT = 2**32 - 1  # what numpy, and so transformers' set_seed, accept
 SCHEDULERS = tuple(s.value for s in SchedulerType)
@@ -90,6 +91,13 @@ class PactTrainingArguments(TrainingArguments):
         "help": "less padding: within each cache shard, windows of N global micro-batches are sorted by row length, cut into "
                 "batches and the batches shuffled (seeded; each row once per epoch); 0: the plain shard-aware shuffle"})
 
+    auto_gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "turn gradient checkpointing on when the planner (as `pact plan`) says the run's step would not fit in the "
+                "GPU's memory (or --plan_memory) without it and does with it; an explicit --gradient_checkpointing is always honoured"})
+    plan_memory: str | None = field(default=None, metadata={
+        "help": "device memory the automatic gradient-checkpointing choice plans against, e.g. 24GiB (as `pact plan "
+                "--gpu-memory`); default the GPU's, and no automatic choice on CPU unless this is set"})
+
     def __post_init__(self) -> None:
         """Refuse a value the run cannot use (`InvalidSetting` naming the field), then let `TrainingArguments` settle the rest."""
         self.lora_target_modules = [t.strip() for item in self.lora_target_modules or [] for t in str(item).split(",") if t.strip()]
@@ -119,6 +127,8 @@ class PactTrainingArguments(TrainingArguments):
             check_setting("max_steps", self.max_steps, 1, integer=True)
         if not self.full and not self.lora_target_modules:
             raise InvalidSetting("lora_target_modules", "lora_target_modules must name at least one module (e.g. q_proj v_proj)")
+        if self.plan_memory is not None:
+            parse_bytes(self.plan_memory, "plan_memory")
         scheduler = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
         if scheduler not in SCHEDULERS:
             raise InvalidSetting("lr_scheduler_type", f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
@@ -179,7 +189,7 @@ class PactTrainingArguments(TrainingArguments):
 
 
 PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout",
-                  "lora_target_modules", "force", "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window")
+                  "lora_target_modules", "force", "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window", "auto_gradient_checkpointing", "plan_memory")
 RECORDED_TRAINER_FIELDS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
                            "fp16", "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")

@@ -48,13 +48,13 @@ _UNITS = {"": 2**30, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2*
           "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_bytes(text: str) -> int:
-    """Bytes of a memory size such as `24GiB`, `80GB`, `16000MiB` or `24` (GiB); `InvalidSetting` naming `gpu_memory`
-    otherwise."""
+def parse_bytes(text: str, name: str = "gpu_memory") -> int:
+    """Bytes of a memory size such as `24GiB`, `80GB`, `16000MiB` or `24` (GiB); `InvalidSetting` naming the setting
+    `name` otherwise."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match and match.group(2).lower()
     if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-        raise InvalidSetting("gpu_memory", f"gpu_memory must be a memory size such as 24GiB, 80GB or 16000MiB, got {text!r}")
+        raise InvalidSetting(name, f"{name} must be a memory size such as 24GiB, 80GB or 16000MiB, got {text!r}")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -514,6 +514,50 @@ def _first_fitting(config, args: PlanArguments, variant: str, budget: int, built
             return {"change": change, "settings": values, "peak_bytes": trial.peak_bytes,
                     "peak_gib": round(gib(trial.peak_bytes), 3), "required_bytes": trial.required_bytes}
     return None
+
+
+@dataclass
+class CheckpointingChoice:
+    """Whether a `pact train` run needs gradient checkpointing to fit in `memory_bytes`: the plan of its cached-PACT step
+    without checkpointing, and with it (None when the step fits without)."""
+
+    memory_bytes: int
+    without: VariantPlan
+    checkpointed: VariantPlan | None
+
+    @property
+    def needed(self) -> bool:
+        """True when the step does not fit without checkpointing and does with it."""
+        return not self.without.fits and self.checkpointed is not None and self.checkpointed.fits
+
+    def explain(self) -> str:
+        """The planned peaks (with the margin) against the memory, in one clause."""
+        with_checkpointing = f", {gib(self.checkpointed.required_bytes):.2f} GiB with it" if self.checkpointed else ""
+        return (f"planned peak plus margin {gib(self.without.required_bytes):.2f} GiB without gradient checkpointing"
+                f"{with_checkpointing}, device memory {gib(self.memory_bytes):.2f} GiB")
+
+
+def plan_checkpointing(args, model_config, memory_bytes: int, reader) -> CheckpointingChoice:
+    """Plan the cached-PACT step of the run `args` (`PactTrainingArguments`) on the student `model_config` with the cache
+    `reader`, without and then with gradient checkpointing, against `memory_bytes`.
+
+    Rows are planned at the cache's longest row (a micro-batch is padded to
+    its longest), with the response after the first token (the most such a
+    row can cost) and the cache's safety tokens; the run's batch size, LoRA or
+    full fine-tuning, dtype and quantisation as set.
+    """
+    base = PlanArguments(model=str(args.model or reader.manifest["model_source"]),
+                         per_device_train_batch_size=args.per_device_train_batch_size,
+                         max_length=max(int(reader.row_lengths().max(initial=0)), 2), full=args.full, lora_r=args.lora_r,
+                         lora_target_modules=list(args.lora_target_modules), dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                         load_in_8bit=args.load_in_8bit, safety_tokens=len(reader.safety_ids), ce_chunk_size=args.ce_chunk_size)
+    built: dict = {}
+    without = _fitting(measure_variants(model_config, base, ("cached_pact",), built)["cached_pact"], memory_bytes)
+    if without.fits:
+        return CheckpointingChoice(memory_bytes, without, None)
+    checkpointed_args = dataclasses.replace(base, gradient_checkpointing=True)
+    checkpointed = _fitting(measure_variants(model_config, checkpointed_args, ("cached_pact",), built)["cached_pact"], memory_bytes)
+    return CheckpointingChoice(memory_bytes, without, checkpointed)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from pact.distributed import current_ranks, run_on_main
 from pact.errors import InvalidSetting, PactError, os_error_reason
 from pact.models import LoadedModel, load_model
 from pact.objective import PactArguments
+from pact.plan import parse_bytes, plan_checkpointing
 from pact.trainer import CHECKPOINT_PREFIX, MetricsCallback, PactTrainer, plot_curves
 
 RUN_CONFIG = "pact_config.json"
@@ -85,13 +86,52 @@ def check_lora_targets(model, targets: list[str]) -> None:
                                                     f"(modules LoRA can adapt there: {', '.join(candidates[:12])})")
 
 
+def _choose_checkpointing(args: PactTrainingArguments, model_config, reader: CacheReader) -> None:
+    """Turn gradient checkpointing on when the run's step would not fit in the device's memory without it and does with
+    it (`pact.plan.plan_checkpointing`), unless the user asked for it already or switched the automatic choice off.
+
+    Planned against `plan_memory` when set (on any device), else the GPU's
+    total memory; a CPU run without `plan_memory` is left as it is. When
+    neither fits, the run goes ahead as set and a warning suggests `pact plan`.
+    """
+    if args.gradient_checkpointing or not args.auto_gradient_checkpointing:
+        return
+    if args.plan_memory is not None:
+        memory = parse_bytes(args.plan_memory, "plan_memory")
+    elif args.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(args.device).total_memory
+    else:
+        return
+    choice = plan_checkpointing(args, model_config, memory, reader)
+    main = current_ranks().is_main
+    if choice.needed:
+        _turn_on_checkpointing(args)
+        if main:
+            print(f"gradient checkpointing on: the step would not fit otherwise ({choice.explain()}; "
+                  "--auto_gradient_checkpointing false to keep it off)")
+    elif not choice.without.fits and main:
+        print(f"warning: the step may not fit even with gradient checkpointing ({choice.explain()}); run `pact plan` "
+              "for the settings that fit (smaller micro-batches, 4-bit weights)")
+
+
+def _turn_on_checkpointing(args: PactTrainingArguments) -> None:
+    """Gradient checkpointing on, non-reentrant unless the user gave other kwargs, under both of transformers' names:
+    `activation_checkpointing*` (what the Trainer reads where it exists) and their older aliases `gradient_checkpointing*`,
+    which `TrainingArguments` resolves only at construction."""
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        if hasattr(args, name):
+            setattr(args, name, True)
+            setattr(args, f"{name}_kwargs", kwargs)
+
+
 def _student(loaded: LoadedModel, args: PactTrainingArguments):
     """The model to train, set up by `adapt_for_training` from the run's settings (seeded first)."""
     from transformers import set_seed
 
     set_seed(args.seed)
     if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        _turn_on_checkpointing(args)
     return adapt_for_training(loaded.model, full=args.full, quantization=args.quantization, lora_r=args.lora_r,
                               lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                               lora_target_modules=args.lora_target_modules, gradient_checkpointing=args.gradient_checkpointing,
@@ -290,6 +330,7 @@ def train(args: PactTrainingArguments, objective: PactArguments | None = None,
     # A quantised student is loaded straight onto its device (bitsandbytes quantises there); the Trainer moves any other.
     loaded = load_model(args.model or reader.manifest["model_source"], device=str(args.device) if args.quantization else "cpu",
                         dtype=args.dtype, quantization=args.quantization)
+    _choose_checkpointing(args, loaded.model.config, reader)
     student = _student(loaded, args)
     metrics = MetricsCallback(out, curves_at_end=False)
     trainer = trainer_class(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,

@@ -1,5 +1,6 @@
 """`pact train` and `PactTrainer` on a tiny model and a float32 cache built from it (12 rows, 3 shards of 4)."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,9 +13,11 @@ from helpers import make_tiny_model
 from pact.arguments import PactTrainingArguments
 from pact.cache_tools import CacheReader
 from pact.cli import main as pact_main
-from pact.errors import PactError
+from pact.errors import InvalidSetting, PactError
 from pact.objective import PactArguments, PactConfig
+from pact.plan import PlanArguments, plan
 from pact.train import train
+from pact.trainer import PactTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +35,6 @@ def _trainer(cache, model_dir, out, **overrides):
     from peft import LoraConfig, get_peft_model
 
     from pact.models import load_model
-    from pact.trainer import PactTrainer
 
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -350,3 +352,65 @@ def test_report_to_tensorboard_writes_the_loss_and_its_parts(float32_cache, tmp_
         scalars = logged.Scalars(f"train/{key}")
         assert [s.step for s in scalars] == [1, 2]
         assert [s.value for s in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+
+
+# --- Gradient checkpointing turned on when the planner says the run would not fit without it ---------
+
+class CheckpointingRecorder(PactTrainer):
+    """A PactTrainer that records, at every loss, whether the model it trains recomputes its decoder layers."""
+
+    seen: list[bool] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Record `model.is_gradient_checkpointing`, then compute the loss as PactTrainer does."""
+        CheckpointingRecorder.seen.append(bool(model.is_gradient_checkpointing))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.fixture(scope="module")
+def planned_needs(float32_cache, tiny_model_dir) -> tuple[int, int]:
+    """What `pact plan` says the tiny run's cached-PACT step needs (peak plus margin) without and with gradient
+    checkpointing: batch 4, float32, LoRA defaults, rows of the cache's longest row, its safety tokens."""
+    reader = CacheReader(float32_cache)
+    settings = PlanArguments(model=str(tiny_model_dir), per_device_train_batch_size=4, max_length=int(reader.row_lengths().max()),
+                             dtype="float32", safety_tokens=len(reader.safety_ids))
+    needs = [plan(dataclasses.replace(settings, gradient_checkpointing=on)).variants["cached_pact"].required_bytes
+             for on in (False, True)]
+    assert needs[1] < needs[0], "checkpointing must lower the tiny model's planned peak for these tests to mean anything"
+    return needs[0], needs[1]
+
+
+@pytest.mark.parametrize("memory, settings, expect_on, expect_line", [
+    ("between", {}, True, "gradient checkpointing on: the step would not fit otherwise"),
+    ("plenty", {}, False, None),
+    ("between", {"auto_gradient_checkpointing": False}, False, None),
+    ("plenty", {"gradient_checkpointing": True}, True, None),
+    ("too_little", {}, False, "warning: the step may not fit even with gradient checkpointing"),
+])
+def test_gradient_checkpointing_is_turned_on_when_the_plan_needs_it(float32_cache, planned_needs, tmp_path, capsys, memory,
+                                                                    settings, expect_on, expect_line):
+    """With `plan_memory` between the planned need with and without checkpointing, `train()` turns checkpointing on
+    (recorded, and the model really recomputes) and says why; with plenty of memory, with the automatic choice off, it
+    stays off; an explicit on stays on; when even checkpointing does not fit, it warns and changes nothing."""
+    without, checkpointed = planned_needs
+    plan_memory = {"between": f"{(without + checkpointed) // 2}b", "plenty": "1TiB", "too_little": f"{checkpointed - 1}b"}[memory]
+    args = _args(float32_cache, tmp_path / "run", max_steps=1, plan_memory=plan_memory, **settings)
+    CheckpointingRecorder.seen = []
+    train(args, trainer_class=CheckpointingRecorder)
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "pact_config.json").read_text())["gradient_checkpointing"] is expect_on
+    assert CheckpointingRecorder.seen and set(CheckpointingRecorder.seen) == {expect_on}
+    if expect_on:
+        assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    if expect_line:
+        line = next(line for line in printed.splitlines() if expect_line in line)
+        assert f"{without / 2**30:.2f} GiB without gradient checkpointing" in line
+    else:
+        assert "gradient checkpointing on" not in printed and "may not fit" not in printed
+
+
+def test_a_bad_plan_memory_is_named():
+    """`plan_memory` is parsed as `pact plan --gpu-memory` is, and a bad value is refused naming the field."""
+    with pytest.raises(InvalidSetting, match="plan_memory must be a memory size .* got 'lots'") as caught:
+        PactTrainingArguments(output_dir="x", cache="c", plan_memory="lots")
+    assert caught.value.field == "plan_memory"
