@@ -91,10 +91,12 @@ def _choose_checkpointing(args: PactTrainingArguments, model_config, reader: Cac
     it (`pact.plan.plan_checkpointing`), unless the user asked for it already or switched the automatic choice off.
 
     Planned against `plan_memory` when set (on any device), else the GPU's
-    total memory; a CPU run without `plan_memory` is left as it is. When
-    neither fits, the run goes ahead as set and a warning suggests `pact plan`.
+    total memory; a CPU run without `plan_memory` is left as it is, and so is
+    an FSDP run (each device holds a shard of the model, which the plan does
+    not model). When neither fits, the run goes ahead as set and a warning
+    suggests `pact plan`.
     """
-    if args.gradient_checkpointing or not args.auto_gradient_checkpointing:
+    if args.gradient_checkpointing or not args.auto_gradient_checkpointing or args.fsdp:
         return
     if args.plan_memory is not None:
         memory = parse_bytes(args.plan_memory, "plan_memory")
