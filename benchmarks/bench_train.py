@@ -13,10 +13,13 @@ and peak memory as ratios to plain SFT:
 
 Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
 on CUDA. `--dtype` sets the weight dtype of every variant (`pact train --dtype`;
-float32 by default, bfloat16 is the usual choice on a GPU). Usage:
+float32 by default, bfloat16 is the usual choice on a GPU); a list runs each
+variant in each dtype, side by side. Ratios are to the first row (plain SFT in
+the first dtype when it runs). Usage:
 
     python benchmarks/bench_train.py --data ../shared/data/sst2_5k.jsonl --rows 32 --steps 6
     python benchmarks/bench_train.py --device cuda --dtype bfloat16
+    python benchmarks/bench_train.py --variants pact-train --dtype float32,bfloat16
 """
 
 from __future__ import annotations
@@ -124,10 +127,10 @@ def _worker(args) -> None:
     print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
 
 
-def _run_variant(variant: str, args, cache: Path) -> dict:
+def _run_variant(variant: str, dtype: str, args, cache: Path) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--cache", str(cache), "--rows", str(args.rows),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--dtype", args.dtype]
+               "--device", args.device, "--dtype", dtype]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{result.stderr[-4000:]}")
@@ -146,14 +149,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="weight dtype of every variant (default float32)")
+    parser.add_argument("--dtype", default="float32",
+                        help="weight dtype of every variant: float32 or bfloat16, or both comma-separated (default float32)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.variant = args.worker
         _worker(args)
         return
+    dtypes = [d for d in args.dtype.split(",") if d]
+    if not dtypes or not set(dtypes) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtype {args.dtype}: expected float32, bfloat16 or both, comma-separated")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
@@ -163,21 +169,21 @@ def main() -> None:
             if args.data:
                 build += ["--data", args.data]
             subprocess.run(build, check=True)
-        variants = [v for v in args.variants.split(",") if v]
-        results: dict[str, list[dict]] = {v: [] for v in variants}
+        runs = [(v, d) for v in args.variants.split(",") if v for d in dtypes]
+        results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for _ in range(args.repeats):
-            for variant in variants:
-                results[variant].append(_run_variant(variant, args, cache))
-                print(f"  {variant}: {results[variant][-1]}", file=sys.stderr)
-    summary = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)} for v, rs in results.items()}
-    base = summary.get("sft")
-    print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}, "
-          f"{args.dtype} weights")
-    print(f"{'variant':<16} {'step s':>8} {'peak MB':>9} {'time/SFT':>9} {'mem/SFT':>8}")
-    for variant, values in summary.items():
-        time_ratio = values["step_s"] / base["step_s"] if base else float("nan")
-        mem_ratio = values["peak_mb"] / base["peak_mb"] if base else float("nan")
-        print(f"{variant:<16} {values['step_s']:8.3f} {values['peak_mb']:9.0f} {time_ratio:9.3f} {mem_ratio:8.3f}")
+            for variant, dtype in runs:
+                results[variant, dtype].append(_run_variant(variant, dtype, args, cache))
+                print(f"  {variant} {dtype}: {results[variant, dtype][-1]}", file=sys.stderr)
+    summary = {run: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)}
+               for run, rs in results.items()}
+    base = next(iter(summary.values()))
+    print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}; "
+          f"ratios to {' '.join(next(iter(summary)))}")
+    print(f"{'variant':<16} {'dtype':<9} {'step s':>8} {'peak MB':>9} {'time/base':>9} {'mem/base':>8}")
+    for (variant, dtype), values in summary.items():
+        print(f"{variant:<16} {dtype:<9} {values['step_s']:8.3f} {values['peak_mb']:9.0f} {values['step_s'] / base['step_s']:9.3f} "
+              f"{values['peak_mb'] / base['peak_mb']:8.3f}")
 
 
 if __name__ == "__main__":

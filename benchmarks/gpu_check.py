@@ -459,8 +459,8 @@ def check_bench_train(setup: Setup, world: TinyWorld) -> Row:
         if setup.quick:
             arguments += ["--variants", "pact-train"]
     done = run_script("bench_train.py", arguments, timeout=240)
-    ratios = {parts[0]: parts[3] for parts in (line.split() for line in done.stdout.splitlines())
-              if len(parts) == 5 and parts[0] in ("sft", "online-separate", "online-adapter", "cached", "pact-train")}
+    ratios = {parts[0]: parts[4] for parts in (line.split() for line in done.stdout.splitlines())
+              if len(parts) == 6 and parts[0] in ("sft", "online-separate", "online-adapter", "cached", "pact-train")}
     ok = done.returncode == 0 and "pact-train" in ratios
     figure = "step time / SFT: " + ", ".join(f"{name} {ratio}" for name, ratio in ratios.items())
     return Row("bench_train" + (" (bf16)" if setup.on_gpu else ""), verdict(ok), figure, "runs",
