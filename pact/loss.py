@@ -24,7 +24,7 @@ from pact.errors import PactError
 from pact.objective import (PactConfig, chunked_target_logprob, float32_logits, mean_cross_entropy, pact_kl, pact_loss,
                             tokenwise_terms)
 from pact.projection import projected_forward
-from pact.reference import causal_attention_mask, causal_lm_parts
+from pact.reference import causal_attention_mask, head_device
 from pact.targets import check_columns
 
 
@@ -86,7 +86,7 @@ def student_outputs(
         safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
         return StudentProjections(logprob=logprob, safety_logits=safety_logits)
 
-    device = causal_lm_parts(model)[1].device
+    device = head_device(model)
     # The batch is right-padded: a plain causal mask gives the response positions their hidden states without the host
     # reads transformers makes to prepare a padding mask (see `causal_attention_mask`).
     mask = causal_attention_mask(model, batch.input_ids.shape[1], device)

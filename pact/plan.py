@@ -249,13 +249,13 @@ class DecoderScope:
     the gradient of a decoder's output is computed until `end_backward`). Everything else a step makes is the loss's."""
 
     def __init__(self, models):
-        from pact.reference import causal_lm_parts
+        from pact.reference import decoder_stack
 
         self.depth = 0
         self.in_backward = False
         self._handles = []
         for model in models:
-            decoder, _ = causal_lm_parts(model)
+            decoder = decoder_stack(model)
             self._handles.append(decoder.register_forward_pre_hook(self._enter))
             self._handles.append(decoder.register_forward_hook(self._leave))
 
@@ -319,7 +319,7 @@ def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chu
     code measures real tensors and, under `plan`, meta tensors.
     """
     from pact.loss import cached_pact_loss, pact_batch_loss, student_outputs
-    from pact.reference import causal_lm_parts
+    from pact.reference import head_device
     from pact.targets import OnlineReference
 
     if variant not in VARIANTS:
@@ -328,7 +328,7 @@ def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chu
     weights = torch.full((len(safety_ids),), 1.0 / len(safety_ids))
     cfg = PactConfig()
     models = [student] + ([reference] if variant == "online_pact" else [])
-    device = causal_lm_parts(student)[1].device
+    device = head_device(student)
     student.train()
     optimizer = trainer_optimizer(student)
     state = _optimizer_state(optimizer)

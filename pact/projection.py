@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from pact.reference import causal_lm_parts
+from pact.reference import causal_lm_parts, decoder_stack, head_device
 
 P = TypeVar("P", bound=ModelOutput)
 
@@ -40,8 +40,7 @@ def projected_forward(model: PreTrainedModel, input_ids: torch.Tensor, attention
     output), is what the forward returns. No logits are computed and no
     key/value cache is kept.
     """
-    decoder, head = causal_lm_parts(model)
-    device = head.device
+    decoder, device = decoder_stack(model), head_device(model)
     hidden: list[torch.Tensor] = []
 
     def keep_hidden(module, args, output):

@@ -71,7 +71,17 @@ def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tens
     the decoder). A head bitsandbytes quantised comes back dequantised
     (`pact.quantization.dense_weight`), so its rows are the head's rows.
     """
-    return _unwrapped(model).get_decoder(), dense_weight(_output_head(model))
+    return decoder_stack(model), dense_weight(_output_head(model))
+
+
+def decoder_stack(model: PreTrainedModel) -> torch.nn.Module:
+    """The decoder stack (tokens -> final hidden states) of a causal LM, PEFT- or DDP-wrapped or not."""
+    return _unwrapped(model).get_decoder()
+
+
+def head_device(model: PreTrainedModel) -> torch.device:
+    """The device of the LM head's weight, where the projections onto it run; a quantised head is not dequantised."""
+    return _output_head(model).weight.device
 
 
 def causal_attention_mask(model: PreTrainedModel, length: int, device: torch.device) -> torch.Tensor | None:
@@ -110,8 +120,8 @@ def hidden_states_at(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     wraps. The student, which a training loop may wrap (DDP, FSDP), goes
     through its own forward instead (`pact.projection.projected_forward`).
     """
-    device = _output_head(model).weight.device
-    hidden = _unwrapped(model).get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+    device = head_device(model)
+    hidden = decoder_stack(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
     return hidden[rows.to(device), positions.to(device)]
 
 
