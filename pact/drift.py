@@ -1,5 +1,8 @@
 """Safety-token drift: how far a model's safety-token distribution has moved
-from the reference, measured as the PACT KL term over a cache's tokens.
+from the reference, measured as the PACT KL term over a cache's tokens, and
+how much likelier or less likely the model finds the cached responses than the
+reference did, per response position (on a cache of refusals: whether a
+fine-tuned model lost the refusal at its first tokens or later).
 """
 
 from __future__ import annotations
@@ -24,17 +27,21 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 @dataclass
 class DriftResult:
-    """Mean KL_t over all response tokens, and its mean at each response position."""
+    """Mean KL_t over all response tokens and at each response position; likewise the log-prob shift of the cached
+    response tokens, log p_model(y_t) - log p_reference(y_t) (negative: the model finds the response less likely)."""
 
     kl_mean: float
     tokens: int
     by_position: list[float]
     tokens_by_position: list[int]
+    logprob_shift_mean: float
+    logprob_shift_by_position: list[float]
 
     def to_dict(self) -> dict:
         """JSON-ready form (what `pact eval drift --json` prints)."""
         return {"kl_mean": self.kl_mean, "tokens": self.tokens, "kl_by_position": self.by_position,
-                "tokens_by_position": self.tokens_by_position}
+                "tokens_by_position": self.tokens_by_position, "logprob_shift_mean": self.logprob_shift_mean,
+                "logprob_shift_by_position": self.logprob_shift_by_position}
 
 
 def full_model_weights(folder: Path) -> list[Path]:
@@ -158,14 +165,15 @@ def check_tokenizer(manifest: dict, tokenizer_fingerprint: str, model_source: st
 
 @torch.no_grad()
 def safety_drift(model: PreTrainedModel, reader, pad_id: int, cfg: PactConfig = PactConfig(), batch_size: int = 8, progress: bool = True) -> DriftResult:
-    """Mean of KL_t (default objective parameters) over every response token of the cache `reader`.
+    """Mean of KL_t (default objective parameters) over every response token of the cache `reader`, and the mean shift
+    of the response tokens' log-probs from the reference's (the cache's `target_logprob`), both also per position.
 
-    For the unmodified reference model this is not zero: the gate mixes in the
-    post-only context's logits.
+    For the unmodified reference model the KL is not zero (the gate mixes in the
+    post-only context's logits); the log-prob shift is, within the cache's precision.
     """
     safety_ids, weights = reader.safety_ids, reader.safety_weights
-    sums: list[float] = []
-    counts: list[int] = []
+    kl_sums = PositionSums()
+    shift_sums = PositionSums()
     was_training = model.training
     model.eval()
     indices = list(range(len(reader)))
@@ -173,27 +181,54 @@ def safety_drift(model: PreTrainedModel, reader, pad_id: int, cfg: PactConfig = 
         rows = [reader[i] for i in indices[start : start + batch_size]]
         batch = collate_rows(rows, pad_id)
         check_columns(batch, safety_ids)
-        student = student_outputs(model, batch, safety_ids, with_ce=False)
+        student = student_outputs(model, batch, safety_ids)
         device = student.safety_logits.device
         targets = batch.to(device)
         mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
         kl = pact_kl(student.safety_logits.float(), targets.full_logits, targets.post_logits, targets.post_count,
-                     student.steps, mask, weights.to(device), cfg, targets.columns).double().cpu()
+                     student.steps, mask, weights.to(device), cfg, targets.columns)
         steps = student.steps.cpu()
+        kl_sums.add(kl.double().cpu(), steps)
+        shift_sums.add((student.logprob.double() - targets.target_logprob.double()).cpu(), steps)
+    model.train(was_training)
+    return DriftResult(
+        kl_mean=kl_sums.mean(),
+        tokens=kl_sums.tokens,
+        by_position=kl_sums.by_position(),
+        tokens_by_position=kl_sums.counts,
+        logprob_shift_mean=shift_sums.mean(),
+        logprob_shift_by_position=shift_sums.by_position(),
+    )
+
+
+class PositionSums:
+    """Running float64 sums of a per-token value, by response position, over batches."""
+
+    def __init__(self) -> None:
+        self.sums: list[float] = []
+        self.counts: list[int] = []
+
+    def add(self, values: torch.Tensor, steps: torch.Tensor) -> None:
+        """Add `values` [N] of tokens at response positions `steps` [N]."""
         longest = int(steps.max()) + 1
-        if longest > len(sums):
-            sums.extend([0.0] * (longest - len(sums)))
-            counts.extend([0] * (longest - len(counts)))
-        by_step = torch.zeros(longest, dtype=torch.float64).index_add_(0, steps, kl)
+        if longest > len(self.sums):
+            self.sums.extend([0.0] * (longest - len(self.sums)))
+            self.counts.extend([0] * (longest - len(self.counts)))
+        by_step = torch.zeros(longest, dtype=torch.float64).index_add_(0, steps, values)
         n_by_step = torch.bincount(steps, minlength=longest)
         for t in range(longest):
-            sums[t] += float(by_step[t])
-            counts[t] += int(n_by_step[t])
-    model.train(was_training)
-    tokens = sum(counts)
-    return DriftResult(
-        kl_mean=sum(sums) / max(tokens, 1),
-        tokens=tokens,
-        by_position=[s / c if c else 0.0 for s, c in zip(sums, counts)],
-        tokens_by_position=counts,
-    )
+            self.sums[t] += float(by_step[t])
+            self.counts[t] += int(n_by_step[t])
+
+    @property
+    def tokens(self) -> int:
+        """Tokens added so far."""
+        return sum(self.counts)
+
+    def mean(self) -> float:
+        """Mean over every token."""
+        return sum(self.sums) / max(self.tokens, 1)
+
+    def by_position(self) -> list[float]:
+        """Mean at each response position (0 where no token)."""
+        return [s / c if c else 0.0 for s, c in zip(self.sums, self.counts)]

@@ -163,7 +163,9 @@ def register(subparsers) -> None:
         help="mean safety-token KL to the cached reference targets",
         description="Mean of the PACT KL term (default objective parameters) over every response token of a cache, "
         "and its mean by response position. For the reference model itself this is not zero: the gate mixes in "
-        "the post-only context.",
+        "the post-only context. Also the shift of the cached response tokens' log-probs from the reference's, "
+        "log p_model(y_t) - log p_reference(y_t), overall and by position: on a cache of refusals, a large negative "
+        "shift at the first steps says the model lost the refusal at its first tokens.",
     )
     drift.add_argument("--cache", required=True, help="cache directory built by `pact-cache build`")
     drift.add_argument("--model", help="model to measure (default: the cache's reference model)")
@@ -171,7 +173,7 @@ def register(subparsers) -> None:
     drift.add_argument("--batch-size", type=positive_int, default=8, help="cache rows per forward pass (default 8)")
     drift.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda (default auto)")
     _add_dtype_argument(drift)
-    _add_output_arguments(drift, "kl_mean, tokens, kl_by_position, ...")
+    _add_output_arguments(drift, "kl_mean, tokens, kl_by_position, logprob_shift_mean, ...")
     drift.set_defaults(func=run_drift)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -258,8 +260,10 @@ def run_drift(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"safety-token drift: mean KL {result.kl_mean:.6f} over {result.tokens} response tokens")
-        for t, (value, count) in enumerate(zip(result.by_position[:16], result.tokens_by_position[:16])):
-            print(f"  step {t:3d}: {value:.6f}  ({count} tokens)")
+        print(f"safety-token drift: mean KL {result.kl_mean:.6f} over {result.tokens} response tokens; "
+              f"mean log-prob shift of the cached response {result.logprob_shift_mean:+.6f}")
+        rows = zip(result.by_position[:16], result.logprob_shift_by_position, result.tokens_by_position)
+        for t, (value, shift, count) in enumerate(rows):
+            print(f"  step {t:3d}: KL {value:.6f}  log-prob shift {shift:+.6f}  ({count} tokens)")
     _save(args, "drift", {**result.to_dict(), "cache": str(args.cache), "model": loaded.source, "adapter": args.adapter})
     return 0
