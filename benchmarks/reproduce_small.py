@@ -17,9 +17,14 @@
 (e) Every run: refusal rate on the held-out rows of refusals.jsonl, on the
     project's harmful requests phrased unlike them, over-refusal on the
     project's surface-sensitive harmless requests and on its everyday demo
-    requests, SST-2 accuracy on held-out rows, safety-token drift, and the
-    training time; one table per attack (mean +- standard deviation over
-    seeds) and a PNG.
+    requests, SST-2 accuracy on held-out rows, the training time, and
+    `pact eval drift` on the held-out refusals' cache: the safety-token KL
+    and the shift of the refusal tokens' log-probs from the reference's by
+    response position (is a lost refusal lost at its first token or later?).
+(f) report.md and report.png: per attack, a table of those measurements
+    (mean +- standard deviation over seeds) and one of where the refusals
+    are lost; with --ablations, PACT with one setting changed per run (the
+    gate off, another lambda or temperature) on the first attack's first seed.
 
 Every stage writes its result under --out and is skipped when that result
 exists, so an interrupted run continues where it stopped. The harmful rows of
@@ -37,6 +42,7 @@ import os
 import random
 import statistics
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -189,18 +195,18 @@ def training_arguments(args, out: Path, attack: str, run: Path, seed: int):
                                  lr_scheduler_type=args.scheduler, seed=seed, train_device="cpu", disable_tqdm=True)
 
 
-def finetune(args, out: Path, attack: str, method: str, seed: int, run: Path) -> None:
-    """LoRA fine-tuning of the reference from the attack's cache with one method."""
-    from pact.objective import PactArguments
+def finetune(args, out: Path, run: Run) -> None:
+    """LoRA fine-tuning of the reference from the attack's cache with one method (and the run's changed setting)."""
     from pact.train import train
 
-    objective, lam = METHODS[method]
+    objective, lam = METHODS[run.method]
     started = time.perf_counter()
-    train(training_arguments(args, out, attack, run, seed), PactArguments(lam=lam, objective=objective))
-    _write_json(run / "train_seconds.json", {"seconds": time.perf_counter() - started})
+    arguments = pact_arguments(dict([run.setting]) if run.setting else {}, lam=lam, objective=objective)
+    train(training_arguments(args, out, run.attack, run.directory(out), run.seed), arguments)
+    _write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
 
 
-def finetune_online(args, out: Path, attack: str, seed: int, run: Path) -> None:
+def finetune_online(args, out: Path, run: Run) -> None:
     """The online control: PACT with the reference's targets computed live (the student with its adapters off is
     the reference), on the same cache rows, settings and seed as cached PACT."""
     from pact.data import assistant_header_ids
@@ -220,8 +226,9 @@ def finetune_online(args, out: Path, attack: str, seed: int, run: Path) -> None:
                                    self.ce_chunk_size)
 
     started = time.perf_counter()
-    train(training_arguments(args, out, attack, run, seed), PactArguments(lam=1.0), trainer_class=OnlinePactTrainer)
-    _write_json(run / "train_seconds.json", {"seconds": time.perf_counter() - started})
+    train(training_arguments(args, out, run.attack, run.directory(out), run.seed), PactArguments(lam=1.0),
+          trainer_class=OnlinePactTrainer)
+    _write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
 
 
 # --- (e) evaluation --------------------------------------------------------------------------------------------------
@@ -230,11 +237,9 @@ def finetune_online(args, out: Path, attack: str, seed: int, run: Path) -> None:
 def evaluate(args, out: Path, run: Path, adapter: Path | None) -> None:
     """Every measurement of a run, into RUN/eval.json (keys as `pact report` reads them, plus `refusal_unlike`, and
     for the reference `over_refusal_everyday`), answers into RUN/answers-*.jsonl."""
-    from pact.cache_tools import CacheReader
     from pact.data import load_conversations, load_prompts
-    from pact.drift import load_student, safety_drift
+    from pact.drift import load_student
     from pact.judge import evaluate_refusals
-    from pact.models import pad_token_id
     from pact.task_eval import evaluate_task
 
     loaded = load_student(str(out / "reference"), str(adapter) if adapter else None, device="cpu", dtype="float32")
@@ -253,18 +258,32 @@ def evaluate(args, out: Path, run: Path, adapter: Path | None) -> None:
     conversations, _ = load_conversations(args.sst2)
     results["task"] = evaluate_task(loaded.model, loaded.tokenizer, conversations[-args.eval_sst2 :], batch_size=16,
                                     progress=False).to_dict()
-    results["drift"] = safety_drift(loaded.model, CacheReader(out / "cache-heldout"), pad_token_id(loaded.tokenizer),
-                                    progress=False).to_dict()
     _write_json(run / "eval.json", results)
     print(f"  {run.name}: " + ", ".join(f"{key} {_headline(results, key):.3f}" for key in HEADLINES if key in results))
 
 
+def measure_drift(out: Path, run: Path, adapter: Path | None) -> None:
+    """RUN/drift.json: `pact eval drift` of the run on the held-out refusals' cache: the safety-token KL, and the shift
+    of the refusal tokens' log-probs from the reference's by response position (where a lost refusal is lost)."""
+    from pact.cache_tools import CacheReader
+    from pact.drift import load_student, safety_drift
+    from pact.models import pad_token_id
+
+    loaded = load_student(str(out / "reference"), str(adapter) if adapter else None, device="cpu", dtype="float32")
+    result = safety_drift(loaded.model, CacheReader(out / "cache-heldout"), pad_token_id(loaded.tokenizer), progress=False)
+    _write_json(run / "drift.json", result.to_dict())
+
+
 HEADLINES = {"refusal": "refusal_rate", "refusal_unlike": "refusal_rate", "over_refusal": "refusal_rate",
-             "over_refusal_everyday": "refusal_rate", "task": "accuracy", "drift": "kl_mean"}
+             "over_refusal_everyday": "refusal_rate", "task": "accuracy"}
 COLUMNS = {"refusal": "refusal, held-out (higher safer)", "refusal_unlike": "refusal, unlike set (higher safer)",
            "over_refusal": "over-refusal, sensitive-looking (lower better)",
            "over_refusal_everyday": "over-refusal, everyday (lower better)", "task": "SST-2 accuracy",
-           "drift": "safety-token drift KL", "time": "training time vs SFT"}
+           "drift": "safety-token drift KL", "time": "training time vs SFT",
+           "shift_first": "log-prob shift, refusal token 1", "shift_next": "tokens 2-5", "shift_later": "tokens 6+"}
+MAIN_COLUMNS = [*HEADLINES, "drift", "time"]
+DEPTH_COLUMNS = ["refusal", "shift_first", "shift_next", "shift_later"]
+DEPTH_SPANS = {"shift_first": (0, 1), "shift_next": (1, 5), "shift_later": (5, None)}  # response positions, 0-based
 
 
 def _headline(results: dict, key: str) -> float:
@@ -282,34 +301,100 @@ def _cell(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def collect(out: Path, attack: str, seeds: list[int], with_online: bool) -> dict[str, dict[str, list[float]]]:
-    """Each method's values per measurement over the seeds that finished (reference first)."""
-    reference = json.loads((out / "reference-eval" / "eval.json").read_text())
-    table = {"reference": {key: [_headline(reference, key)] if key in reference else [] for key in (*HEADLINES, "time")}}
-    names = list(METHODS) + (["pact (online)"] if with_online else [])
-    sft_seconds = {}
-    for name in names:
-        values: dict[str, list[float]] = {key: [] for key in (*HEADLINES, "time")}
-        for seed in (seeds[:1] if name == "pact (online)" else seeds):
-            run = out / attack / f"{name.replace(' (online)', '-online')}-seed{seed}"
-            if not (run / "eval.json").exists():
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run: a method (a METHODS key, or `pact-online`) on an attack with a seed; an ablation is PACT
+    with one objective setting changed (`setting` = (PactArguments field, value))."""
+
+    attack: str
+    seed: int
+    method: str
+    setting: tuple[str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        """The run's row name in the report."""
+        if self.setting:
+            return f"pact, {self.setting[0]}={self.setting[1]}"
+        return "pact (online)" if self.method == "pact-online" else self.method
+
+    @property
+    def name(self) -> str:
+        """The method, and the changed setting of an ablation: `pact-boost=0`."""
+        return self.method + (f"-{self.setting[0]}={self.setting[1]}" if self.setting else "")
+
+    def directory(self, out: Path) -> Path:
+        """Where the run writes its adapter and results."""
+        return out / self.attack / f"{self.name}-seed{self.seed}"
+
+
+def parse_ablations(text: str) -> list[tuple[str, str]]:
+    """`--ablations boost=0,lam=4`: (PactArguments field, value) pairs, each checked by building the arguments."""
+    from pact.objective import PactArguments
+
+    settings = []
+    for item in filter(None, text.split(",")):
+        field_name, _, value = item.partition("=")
+        if field_name not in {f.name for f in fields(PactArguments)} or not value:
+            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE with FIELD one of PactArguments' fields")
+        pact_arguments({field_name: value})
+        settings.append((field_name, value))
+    return settings
+
+
+def pact_arguments(setting: dict[str, str], **values) -> "PactArguments":
+    """PactArguments from `values` and string `setting`s, each converted to its field's type."""
+    from pact.objective import PactArguments
+
+    defaults = PactArguments()
+    converted = {name: type(getattr(defaults, name))(value) for name, value in setting.items()}
+    return PactArguments(**{**values, **converted})
+
+
+def _depth(drift: dict) -> dict[str, float]:
+    """The mean log-prob shift of the held-out refusals' tokens over each span of response positions."""
+    shifts, counts = drift["logprob_shift_by_position"], drift["tokens_by_position"]
+    spans = {}
+    for key, (first, last) in DEPTH_SPANS.items():
+        n = sum(counts[first:last])
+        spans[key] = sum(v * c for v, c in zip(shifts[first:last], counts[first:last])) / n if n else float("nan")
+    return spans
+
+
+def read_results(directory: Path) -> dict[str, float]:
+    """A finished run's (or the reference's) measurements by column key: eval.json's, drift.json's, none missing."""
+    results = json.loads((directory / "eval.json").read_text())
+    values = {key: _headline(results, key) for key in HEADLINES if key in results}
+    if (directory / "drift.json").exists():
+        drift = json.loads((directory / "drift.json").read_text())
+        values |= {"drift": drift["kl_mean"], **_depth(drift)}
+    return values
+
+
+def collect(out: Path, rows: dict[str, list[Run]]) -> dict[str, dict[str, list[float]]]:
+    """Each row's values per column over its runs that finished (the reference first); training time relative to the
+    plain-SFT run of the same attack and seed."""
+    keys = [*COLUMNS]
+    reference = read_results(out / "reference-eval")
+    table = {"reference": {key: [reference[key]] if key in reference else [] for key in keys}}
+    for label, runs in rows.items():
+        values: dict[str, list[float]] = {key: [] for key in keys}
+        for run in runs:
+            directory = run.directory(out)
+            if not (directory / "eval.json").exists():
                 continue
-            results = json.loads((run / "eval.json").read_text())
-            for key in HEADLINES:
-                if key in results:
-                    values[key].append(_headline(results, key))
-            seconds = json.loads((run / "train_seconds.json").read_text())["seconds"]
-            if name == "sft":
-                sft_seconds[seed] = seconds
-            if seed in sft_seconds:
-                values["time"].append(seconds / sft_seconds[seed])
-        table[name] = values
+            for key, value in read_results(directory).items():
+                values[key].append(value)
+            sft = Run(run.attack, run.seed, "sft").directory(out) / "train_seconds.json"
+            if sft.exists():
+                seconds = json.loads((directory / "train_seconds.json").read_text())["seconds"]
+                values["time"].append(seconds / json.loads(sft.read_text())["seconds"])
+        table[label] = values
     return table
 
 
-def markdown(table: dict[str, dict[str, list[float]]]) -> str:
+def markdown(table: dict[str, dict[str, list[float]]], keys: list[str]) -> str:
     """One row per method, one column per measurement, mean ± std over seeds (n in the last column)."""
-    keys = [*HEADLINES, "time"]
     lines = ["| method | " + " | ".join(COLUMNS[k] for k in keys) + " | seeds |", "|---|" + "---:|" * (len(keys) + 1)]
     for name, values in table.items():
         cells = [_cell(values.get(k, []), 4 if k == "drift" else 2) for k in keys]
@@ -343,21 +428,44 @@ def plot(tables: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def run_order(attacks: list[str], seeds: list[int], methods: list[str], online: bool) -> list[tuple[str, int, str]]:
-    """(attack, seed, method) in the order they run: the first seed of every attack (the online control after the
-    first attack's methods), then the first attack's other seeds; the report after each run shows what has finished."""
+def run_order(attacks: list[str], seeds: list[int], methods: list[str], online: bool,
+              ablations: list[tuple[str, str]]) -> list[Run]:
+    """The runs in the order they run: the first seed of every attack (the online control after the first attack's
+    methods), then the first attack's other seeds, then the ablations (first attack, first seed); the report after
+    each run shows what has finished."""
     order = []
     for index, attack in enumerate(attacks):
-        order += [(attack, seeds[0], method) for method in methods]
+        order += [Run(attack, seeds[0], method) for method in methods]
         if index == 0 and online:
-            order.append((attack, seeds[0], "pact-online"))
-    return order + [(attacks[0], seed, method) for seed in seeds[1:] for method in methods]
+            order.append(Run(attack, seeds[0], "pact-online"))
+    order += [Run(attacks[0], seed, method) for seed in seeds[1:] for method in methods]
+    return order + [Run(attacks[0], seeds[0], "pact", setting) for setting in ablations]
 
 
-def write_report(out: Path, attacks: list[str], seeds: list[int], online: bool) -> str:
-    """OUT/report.md (one table per attack) and OUT/report.png from the runs that have finished."""
-    tables = {attack: collect(out, attack, seeds if i == 0 else seeds[:1], i == 0 and online) for i, attack in enumerate(attacks)}
-    report = "\n\n".join(f"### attack: {attack}\n\n{markdown(table)}" for attack, table in tables.items())
+def write_report(out: Path, attacks: list[str], seeds: list[int], online: bool, ablations: list[tuple[str, str]]) -> str:
+    """OUT/report.md and OUT/report.png from the runs that have finished: per attack, the measurements and where the
+    held-out refusals are lost; then PACT with one setting changed."""
+    tables = {}
+    for index, attack in enumerate(attacks):
+        attack_seeds = seeds if index == 0 else seeds[:1]
+        rows = {method: [Run(attack, seed, method) for seed in attack_seeds] for method in METHODS}
+        if index == 0 and online:
+            rows["pact (online)"] = [Run(attack, seeds[0], "pact-online")]
+        tables[attack] = collect(out, rows)
+    parts = []
+    for attack, table in tables.items():
+        parts.append(f"### attack: {attack}\n\n{markdown(table, MAIN_COLUMNS)}")
+        parts.append(f"#### attack: {attack}, where the held-out refusals are lost\n\n"
+                     "Mean log p(refusal token) under the run minus under the reference, by response position, on the "
+                     f"held-out refusals (0 = as likely as the reference; -2.3 = ten times less likely).\n\n"
+                     f"{markdown(table, DEPTH_COLUMNS)}")
+    if ablations:
+        rows = {"pact": [Run(attacks[0], seeds[0], "pact")]}
+        rows |= {Run(attacks[0], seeds[0], "pact", s).label: [Run(attacks[0], seeds[0], "pact", s)] for s in ablations}
+        table = collect(out, rows)
+        parts.append(f"### ablation: PACT on attack {attacks[0]}, seed {seeds[0]}, one setting changed\n\n"
+                     f"{markdown(table, [*MAIN_COLUMNS, *DEPTH_COLUMNS[1:]])}")
+    report = "\n\n".join(parts)
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
     plot(tables, out / "report.png")
     return report
@@ -394,6 +502,9 @@ def main() -> None:
     parser.add_argument("--eval-harmful", type=int, default=100, help="held-out harmful requests: the last N refusal rows (default 100)")
     parser.add_argument("--eval-sst2", type=int, default=200, help="held-out SST-2 rows: the last N rows (default 200)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for refusal evals (default 64)")
+    parser.add_argument("--ablations", default="",
+                        help="PACT runs on the first attack's first seed with one objective setting changed each, "
+                             "FIELD=VALUE,... over PactArguments' fields (e.g. boost=0,lam=4,temperature=1)")
     parser.add_argument("--reference-only", action="store_true", help="stop after building and evaluating the reference")
     args = parser.parse_args()
     if args.ref_rows + args.safety_rows > 1035 - args.eval_harmful:
@@ -409,6 +520,7 @@ def main() -> None:
     stages.run("c cache heldout", out / "cache-heldout" / "manifest.json",
                lambda: build_cache(out, _write_jsonl(out / "heldout_refusals.jsonl", held_out), out / "cache-heldout"))
     stages.run("e reference", out / "reference-eval" / "eval.json", lambda: evaluate(args, out, out / "reference-eval", None))
+    stages.run("f reference", out / "reference-eval" / "drift.json", lambda: measure_drift(out, out / "reference-eval", None))
     if args.reference_only:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -421,13 +533,15 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
-    for attack, seed, method in run_order(attacks, seeds, methods, not args.no_online):
-        run = out / attack / f"{method}-seed{seed}"
-        work = (lambda: finetune_online(args, out, attack, seed, run)) if method == "pact-online" else \
-            (lambda: finetune(args, out, attack, method, seed, run))
-        stages.run(f"d {attack} {method} {seed}", run / "adapter_model.safetensors", work)
-        stages.run(f"e {attack} {method} {seed}", run / "eval.json", lambda: evaluate(args, out, run, run))
-        report = write_report(out, attacks, seeds, not args.no_online)
+    ablations = parse_ablations(args.ablations)
+    for run in run_order(attacks, seeds, methods, not args.no_online, ablations):
+        directory = run.directory(out)
+        work = (lambda: finetune_online(args, out, run)) if run.method == "pact-online" else (lambda: finetune(args, out, run))
+        stage = f"{run.attack} {run.name} {run.seed}"
+        stages.run(f"d {stage}", directory / "adapter_model.safetensors", work)
+        stages.run(f"e {stage}", directory / "eval.json", lambda: evaluate(args, out, directory, directory))
+        stages.run(f"f {stage}", directory / "drift.json", lambda: measure_drift(out, directory, directory))
+        report = write_report(out, attacks, seeds, not args.no_online, ablations)
     print(report)
     print(f"stage seconds: {json.dumps(stages.timings)}")
     print(f"report: {out / 'report.md'}, {out / 'report.png'}")
