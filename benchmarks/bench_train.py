@@ -10,6 +10,10 @@ and peak memory as ratios to plain SFT:
 * online-adapter -- online PACT, reference = the student with adapters disabled
 * cached         -- cached PACT (`cached_pact_loss`), no reference model
 * pact-train     -- the `pact train` loop itself (`pact.train.train`)
+* pact-train-sft, pact-train-tokenwise, pact-train-pact+tokenwise
+                 -- the same loop with lambda 0 (plain SFT), `--objective tokenwise`
+                    and `--objective pact+tokenwise`: the methods of
+                    benchmarks/reproduce_small.py, timed side by side
 
 Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
 on CUDA. `--dtype` sets the weight dtype of every variant (`pact train --dtype`;
@@ -35,7 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("sft", "online-separate", "online-adapter", "cached", "pact-train")
+TRAIN_OBJECTIVES = {  # `pact train` variants: (objective, lambda)
+    "pact-train": ("pact", 1.0),
+    "pact-train-sft": ("pact", 0.0),
+    "pact-train-tokenwise": ("tokenwise", 0.0),
+    "pact-train-pact+tokenwise": ("pact+tokenwise", 1.0),
+}
+VARIANTS = ("sft", "online-separate", "online-adapter", "cached", *TRAIN_OBJECTIVES)
 
 
 def _peak_memory_mb(device) -> float:
@@ -68,14 +78,17 @@ def _worker(args) -> None:
     cfg = PactConfig()
     lora = dict(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
 
-    if args.variant == "pact-train":
+    if args.variant in TRAIN_OBJECTIVES:
         from pact.arguments import PactTrainingArguments
+        from pact.objective import PactArguments
         from pact.train import train
 
+        objective, lam = TRAIN_OBJECTIVES[args.variant]
         with tempfile.TemporaryDirectory() as out:
             result = train(PactTrainingArguments(cache=args.cache, output_dir=out, max_steps=needed,
                                                  per_device_train_batch_size=args.batch_size, learning_rate=1e-4, seed=0,
-                                                 train_device=args.device, dtype=args.dtype, disable_tqdm=True))
+                                                 train_device=args.device, dtype=args.dtype, disable_tqdm=True),
+                           PactArguments(lam=lam, objective=objective))
             times = [m["seconds"] for m in result.metrics][args.warmup :]
             device = torch.device("cuda" if args.device == "cuda" else "cpu")
             print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
@@ -180,9 +193,9 @@ def main() -> None:
     base = next(iter(summary.values()))
     print(f"\n{args.rows} rows, batch {args.batch_size}, LoRA r=8 q_proj,v_proj, {args.steps} timed steps, device {args.device}; "
           f"ratios to {' '.join(next(iter(summary)))}")
-    print(f"{'variant':<16} {'dtype':<9} {'step s':>8} {'peak MB':>9} {'time/base':>9} {'mem/base':>8}")
+    print(f"{'variant':<26} {'dtype':<9} {'step s':>8} {'peak MB':>9} {'time/base':>9} {'mem/base':>8}")
     for (variant, dtype), values in summary.items():
-        print(f"{variant:<16} {dtype:<9} {values['step_s']:8.3f} {values['peak_mb']:9.0f} {values['step_s'] / base['step_s']:9.3f} "
+        print(f"{variant:<26} {dtype:<9} {values['step_s']:8.3f} {values['peak_mb']:9.0f} {values['step_s'] / base['step_s']:9.3f} "
               f"{values['peak_mb'] / base['peak_mb']:8.3f}")
 
 
