@@ -24,7 +24,8 @@
 (f) report.md and report.png: per attack, a table of those measurements
     (mean +- standard deviation over seeds) and one of where the refusals
     are lost; with --ablations, PACT with one setting changed per run (the
-    gate off, another lambda or temperature) on the first attack's first seed.
+    gate off, another lambda, temperature or number of safety tokens) on the
+    first attack's first seed.
 
 Every stage writes its result under --out and is skipped when that result
 exists, so an interrupted run continues where it stopped. The harmful rows of
@@ -50,6 +51,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 DEMO_BENIGN = HERE.parent / "pact" / "demo_data" / "demo_benign.jsonl"
+SAFETY_TOP = 50  # safety tokens kept (`pact safety-tokens --top`); --ablations top=N tries another number
 METHODS = {  # name: (objective, lambda)
     "sft": ("pact", 0.0),
     "pact": ("pact", 1.0),
@@ -148,8 +150,8 @@ def make_reference(args, out: Path) -> None:
     staging.rename(out / "reference")
 
 
-def make_safety_tokens(args, out: Path) -> None:
-    """(b) Safety tokens of the reference against the original embedded model."""
+def make_safety_tokens(args, out: Path, top: int = SAFETY_TOP) -> None:
+    """(b) The `top` safety tokens of the reference against the original embedded model."""
     from pact.data import load_conversations
     from pact.models import load_model
     from pact.safety_tokens import compute_safety_tokens
@@ -157,8 +159,13 @@ def make_safety_tokens(args, out: Path) -> None:
     conversations, _ = load_conversations(args.refusals)
     chosen = conversations[args.ref_rows : args.ref_rows + args.safety_rows]
     tokens = compute_safety_tokens(load_model(str(out / "reference"), device="cpu"), load_model(args.model, device="cpu"),
-                                   chosen, top=50, max_examples=args.safety_rows, data_path=args.refusals)
-    tokens.save(out / "safety_tokens.json")
+                                   chosen, top=top, max_examples=args.safety_rows, data_path=args.refusals)
+    tokens.save(safety_tokens_file(out, top))
+
+
+def safety_tokens_file(out: Path, top: int = SAFETY_TOP) -> Path:
+    """The safety-token file with `top` tokens (the reproduction's own, or an ablation's)."""
+    return out / ("safety_tokens.json" if top == SAFETY_TOP else f"safety_tokens-top{top}.json")
 
 
 # --- (c) caches ------------------------------------------------------------------------------------------------------
@@ -172,12 +179,12 @@ def attack_rows(args, attack: str) -> list[dict]:
     return [row for row in rows if not row.get("input")][: args.pure_rows]
 
 
-def build_cache(out: Path, data: Path, target: Path) -> None:
-    """One reference pass over `data` into the cache `target`."""
+def build_cache(out: Path, data: Path, target: Path, top: int = SAFETY_TOP) -> None:
+    """One reference pass over `data` into the cache `target`, for the `top` safety tokens."""
     from pact.cache_tools.cli import main as cache_main
 
     code = cache_main(["build", "--model", str(out / "reference"), "--data", str(data), "--safety-tokens",
-                       str(out / "safety_tokens.json"), "--out", str(target), "--max-length", "256", "--device", "cpu",
+                       str(safety_tokens_file(out, top)), "--out", str(target), "--max-length", "256", "--device", "cpu",
                        "--quiet"])
     if code:
         raise SystemExit(f"cache build of {data} failed ({code})")
@@ -186,11 +193,16 @@ def build_cache(out: Path, data: Path, target: Path) -> None:
 # --- (d) the attacks -------------------------------------------------------------------------------------------------
 
 
-def training_arguments(args, out: Path, attack: str, run: Path, seed: int):
+def attack_cache(out: Path, attack: str, top: int = SAFETY_TOP) -> Path:
+    """The cache of an attack's rows for the `top` safety tokens."""
+    return out / (f"cache-{attack}" if top == SAFETY_TOP else f"cache-{attack}-top{top}")
+
+
+def training_arguments(args, out: Path, attack: str, run: Path, seed: int, top: int = SAFETY_TOP):
     """The settings every method of an attack shares (one budget, one data order per seed)."""
     from pact.arguments import PactTrainingArguments
 
-    return PactTrainingArguments(cache=str(out / f"cache-{attack}"), output_dir=str(run), max_steps=args.steps,
+    return PactTrainingArguments(cache=str(attack_cache(out, attack, top)), output_dir=str(run), max_steps=args.steps,
                                  per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
                                  lr_scheduler_type=args.scheduler, seed=seed, train_device="cpu", disable_tqdm=True)
 
@@ -201,8 +213,8 @@ def finetune(args, out: Path, run: Run) -> None:
 
     objective, lam = METHODS[run.method]
     started = time.perf_counter()
-    arguments = pact_arguments(dict([run.setting]) if run.setting else {}, lam=lam, objective=objective)
-    train(training_arguments(args, out, run.attack, run.directory(out), run.seed), arguments)
+    arguments = pact_arguments(run.objective_setting, lam=lam, objective=objective)
+    train(training_arguments(args, out, run.attack, run.directory(out), run.seed, run.top), arguments)
     _write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
 
 
@@ -312,6 +324,16 @@ class Run:
     setting: tuple[str, str] | None = None
 
     @property
+    def top(self) -> int:
+        """The number of safety tokens the run trains with (an ablation `top=N` changes it)."""
+        return int(self.setting[1]) if self.setting and self.setting[0] == "top" else SAFETY_TOP
+
+    @property
+    def objective_setting(self) -> dict[str, str]:
+        """The run's changed objective setting, as {PactArguments field: value}."""
+        return dict([self.setting]) if self.setting and self.setting[0] != "top" else {}
+
+    @property
     def label(self) -> str:
         """The run's row name in the report."""
         if self.setting:
@@ -329,15 +351,19 @@ class Run:
 
 
 def parse_ablations(text: str) -> list[tuple[str, str]]:
-    """`--ablations boost=0,lam=4`: (PactArguments field, value) pairs, each checked by building the arguments."""
+    """`--ablations boost=0,lam=4,top=20`: (PactArguments field or `top`, value) pairs, each checked."""
     from pact.objective import PactArguments
 
     settings = []
     for item in filter(None, text.split(",")):
         field_name, _, value = item.partition("=")
-        if field_name not in {f.name for f in fields(PactArguments)} or not value:
-            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE with FIELD one of PactArguments' fields")
-        pact_arguments({field_name: value})
+        if field_name == "top":
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"--ablations: {item!r}: the number of safety tokens must be a positive integer")
+        elif field_name not in {f.name for f in fields(PactArguments)} or not value:
+            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE with FIELD `top` or one of PactArguments' fields")
+        else:
+            pact_arguments({field_name: value})
         settings.append((field_name, value))
     return settings
 
@@ -503,8 +529,9 @@ def main() -> None:
     parser.add_argument("--eval-sst2", type=int, default=200, help="held-out SST-2 rows: the last N rows (default 200)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for refusal evals (default 64)")
     parser.add_argument("--ablations", default="",
-                        help="PACT runs on the first attack's first seed with one objective setting changed each, "
-                             "FIELD=VALUE,... over PactArguments' fields (e.g. boost=0,lam=4,temperature=1)")
+                        help="PACT runs on the first attack's first seed with one setting changed each, FIELD=VALUE,... "
+                             "over PactArguments' fields and `top`, the number of safety tokens (e.g. "
+                             "boost=0,lam=4,temperature=1,top=20)")
     parser.add_argument("--reference-only", action="store_true", help="stop after building and evaluating the reference")
     args = parser.parse_args()
     if args.ref_rows + args.safety_rows > 1035 - args.eval_harmful:
@@ -515,7 +542,7 @@ def main() -> None:
     stages = Stages(out)
     stages.run("a distill", out / "benign_distilled.jsonl", lambda: distill_benign(args, out))
     stages.run("a reference", out / "reference", lambda: make_reference(args, out))
-    stages.run("b safety tokens", out / "safety_tokens.json", lambda: make_safety_tokens(args, out))
+    stages.run("b safety tokens", safety_tokens_file(out), lambda: make_safety_tokens(args, out))
     held_out = [row for row in _read_jsonl(args.refusals)[-args.eval_harmful :]]
     stages.run("c cache heldout", out / "cache-heldout" / "manifest.json",
                lambda: build_cache(out, _write_jsonl(out / "heldout_refusals.jsonl", held_out), out / "cache-heldout"))
@@ -526,9 +553,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     attacks = args.attacks.split(",")
     for attack in attacks:
-        stages.run(f"c cache {attack}", out / f"cache-{attack}" / "manifest.json",
+        stages.run(f"c cache {attack}", attack_cache(out, attack) / "manifest.json",
                    lambda: build_cache(out, _write_jsonl(out / f"attack-{attack}.jsonl", attack_rows(args, attack)),
-                                       out / f"cache-{attack}"))
+                                       attack_cache(out, attack)))
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -538,6 +565,12 @@ def main() -> None:
         directory = run.directory(out)
         work = (lambda: finetune_online(args, out, run)) if run.method == "pact-online" else (lambda: finetune(args, out, run))
         stage = f"{run.attack} {run.name} {run.seed}"
+        if run.top != SAFETY_TOP:
+            stages.run(f"b safety tokens top{run.top}", safety_tokens_file(out, run.top),
+                       lambda: make_safety_tokens(args, out, run.top))
+            stages.run(f"c cache {run.attack} top{run.top}", attack_cache(out, run.attack, run.top) / "manifest.json",
+                       lambda: build_cache(out, out / f"attack-{run.attack}.jsonl", attack_cache(out, run.attack, run.top),
+                                           run.top))
         stages.run(f"d {stage}", directory / "adapter_model.safetensors", work)
         stages.run(f"e {stage}", directory / "eval.json", lambda: evaluate(args, out, directory, directory))
         stages.run(f"f {stage}", directory / "drift.json", lambda: measure_drift(out, directory, directory))
