@@ -486,8 +486,8 @@ def write_report(out: Path, attacks: list[str], seeds: list[int], online: bool, 
                      f"held-out refusals (0 = as likely as the reference; -2.3 = ten times less likely).\n\n"
                      f"{markdown(table, DEPTH_COLUMNS)}")
     if ablations:
-        rows = {"pact": [Run(attacks[0], seeds[0], "pact")]}
-        rows |= {Run(attacks[0], seeds[0], "pact", s).label: [Run(attacks[0], seeds[0], "pact", s)] for s in ablations}
+        runs = [Run(attacks[0], seeds[0], "pact", setting) for setting in (None, *ablations)]
+        rows = {run.label: [run] for run in runs}
         table = collect(out, rows)
         parts.append(f"### ablation: PACT on attack {attacks[0]}, seed {seeds[0]}, one setting changed\n\n"
                      f"{markdown(table, [*MAIN_COLUMNS, *DEPTH_COLUMNS[1:]])}")
