@@ -154,6 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="training data file (default: the project's demo benign data)")
     parser.add_argument("--cache", help="use this cache instead of building one")
+    parser.add_argument("--model", help="model the cache is built with, and every variant trains (default: the embedded "
+                                        "model); ignored with --cache, whose manifest names its model")
     parser.add_argument("--rows", type=int, default=32, help="rows to train on (default 32)")
     parser.add_argument("--max-length", type=int, default=256, help="cache --max-length (default 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step (default 4)")
@@ -181,6 +183,8 @@ def main() -> None:
                      "--limit", str(args.rows), "--dtype", "float32"]
             if args.data:
                 build += ["--data", args.data]
+            if args.model:
+                build += ["--model", args.model]
             subprocess.run(build, check=True)
         runs = [(v, d) for v in args.variants.split(",") if v for d in dtypes]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}

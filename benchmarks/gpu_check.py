@@ -14,10 +14,18 @@ Rows (check | result | figure | limit), each run by the project's own code:
                               ragged |S| (not a multiple of the column tile), float16, bfloat16, non-contiguous
                               inputs, masked rows holding NaN/inf, and N*|S| > 2^31 elements (GPU only);
 * ``pact plan vs peak``    -- `pact plan`'s estimate against `torch.cuda.max_memory_allocated` of the same step on the
-                              embedded model (on CPU: against the live tensor bytes of a real step of the tiny model,
-                              the proxy tests/test_plan.py checks);
+                              embedded model, or `--model` (on CPU: against the live tensor bytes of a real step of the
+                              tiny model, the proxy tests/test_plan.py checks), in the README table's three settings:
+                              as it is, with gradient checkpointing, and 4-bit weights with checkpointing (this one
+                              needs bitsandbytes);
 * ``bench_masked_kl``      -- `benchmarks/bench_masked_kl.py` (many calls per timed measurement), masked_kl vs eager;
-* ``bench_train``          -- `benchmarks/bench_train.py`, bfloat16 on a GPU: `pact train` and cached PACT vs plain SFT.
+* ``bench_train``          -- `benchmarks/bench_train.py`, bfloat16 on a GPU: `pact train` and cached PACT vs plain SFT,
+                              on the embedded model or `--model`.
+
+The tiny model borrows the tokenizer of `--model`. `--random-weights` gives `--model`'s architecture random weights
+(drawn once, saved to the scratch folder): then the check needs only the model's `config.json` and tokenizer files,
+for a GPU machine where the model's weights (the embedded model's package, say) cannot be installed; memory and step
+time do not depend on the weights' values, and no row compares against the model's outputs.
 
 Without a GPU (or with ``--cpu``) it runs on the CPU with ``TRITON_INTERPRET=1`` (set before Triton is imported, so
 the kernel rows run the real kernel in Triton's interpreter) and small sizes, so the script keeps working; rows that
@@ -26,6 +34,7 @@ Exit status 1 when any check fails.
 
     python benchmarks/gpu_check.py            # on a GPU machine
     python benchmarks/gpu_check.py --cpu --quick
+    python benchmarks/gpu_check.py --model path/to/config-and-tokenizer --random-weights
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ if not torch.cuda.is_available():
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -74,11 +84,13 @@ class Row:
 
 @dataclass
 class Setup:
-    """Where the checks run and how big: `device` ("cuda" or "cpu"), `quick` (smallest sizes), a scratch folder."""
+    """Where the checks run and how big: `device` ("cuda" or "cpu"), `quick` (smallest sizes), a scratch folder, and
+    `model`, the model argument (`load_model`'s) of the plan and training-benchmark rows and the tokenizer's source."""
 
     device: str
     quick: bool
     scratch: Path
+    model: str
 
     @property
     def on_gpu(self) -> bool:
@@ -95,14 +107,14 @@ def verdict(ok: bool) -> str:
 
 @dataclass
 class TinyWorld:
-    """A tiny random Llama with the embedded model's tokenizer, saved to `model_dir`, and a float32 cache of demo rows."""
+    """A tiny random Llama with the tokenizer of `Setup.model`, saved to `model_dir`, and a float32 cache of demo rows."""
 
     model_dir: Path
     cache: Path
 
 
 def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: int = 50) -> TinyWorld:
-    """Save a 2-layer random Llama (hidden 64) with the embedded tokenizer and build a float32 cache of `rows` demo rows
+    """Save a 2-layer random Llama (hidden 64) with the tokenizer of `setup.model` and build a float32 cache of `rows` demo rows
     with `num_safety` random safety tokens (about a third of the weights 0), as `pact-cache build` would."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -112,7 +124,7 @@ def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: in
     from pact.safety_tokens import SafetyTokens
 
     model_dir, cache = setup.scratch / "tiny-model", setup.scratch / "tiny-cache"
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(setup.model)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -130,6 +142,21 @@ def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: in
                            "tokenizer": loaded.tokenizer_fingerprint})
     build_cache(loaded, examples, safety, cache, dtype="float32", rows_per_shard=4, progress=False)
     return TinyWorld(model_dir, cache)
+
+
+def random_weights_copy(model: str, target: Path) -> Path:
+    """Save `model`'s architecture with random weights (seeded, float32) and its tokenizer to `target`: reads only
+    the config and tokenizer, so a folder holding just those serves."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact.models import load_tokenizer, resolve_model_path
+
+    _, location = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(location)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(target)
+    load_tokenizer(model).save_pretrained(target)
+    return target
 
 
 # --- CUDA-only tests ----------------------------------------------------------------------------------------------
@@ -383,43 +410,74 @@ def check_kernel_large(setup: Setup, s: int = 64, edge_rows: int = 1024) -> Row:
 
 # --- pact plan against a measured step ----------------------------------------------------------------------------
 
-def check_plan(setup: Setup, world: TinyWorld) -> Row:
-    """`pact plan`'s peak of each variant against the same step measured: on a GPU the embedded model in bfloat16
-    (LoRA r=8, batch 4 x 256) against `torch.cuda.max_memory_allocated`; on CPU the tiny model in float32 against
-    the live tensor bytes of the real step."""
+@dataclass(frozen=True)
+class PlanSetting:
+    """A setting of the plan check: gradient checkpointing, and the weights quantised by bitsandbytes or not."""
+
+    label: str
+    gradient_checkpointing: bool = False
+    quantization: str | None = None
+
+    @property
+    def check(self) -> str:
+        """The row's name."""
+        return "pact plan vs peak" + (f", {self.label}" if self.label else "")
+
+
+PLAN_SETTINGS = (PlanSetting(""), PlanSetting("checkpointing", True), PlanSetting("4-bit + checkpointing", True, "4bit"))
+
+
+def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
+    """`pact plan`'s peak of each variant against the same step measured, in one setting: on a GPU `setup.model` in
+    bfloat16 (LoRA r=8, batch 4 x 256) against `torch.cuda.max_memory_allocated`; on CPU the tiny model in float32
+    against the live tensor bytes of the real step. 4-bit weights need bitsandbytes (skipped without it)."""
     from pact.arguments import PactTrainingArguments
-    from pact.models import EMBEDDED_MODEL, load_model
+    from pact.models import load_model
     from pact.plan import VARIANTS, PlanArguments, frozen_reference, measure_step, plan, synthetic_rows
     from pact.train import _student
 
-    model = EMBEDDED_MODEL if setup.on_gpu else str(world.model_dir)
+    model = setup.model if setup.on_gpu else str(world.model_dir)
+    name = setting.check + (f" ({Path(model).name})" if setup.on_gpu else " (tiny)")
+    limit = "0.9 .. 1.1"
+    if setting.quantization and importlib.util.find_spec("bitsandbytes") is None:
+        return Row(name, "skipped: no bitsandbytes (pip install 'pact-cache[qlora]')", "", limit)
     dtype = "bfloat16" if setup.on_gpu else "float32"
     batch, length = (4, 256) if setup.on_gpu else (2, 64)
+    quantized = {"load_in_4bit": setting.quantization == "4bit", "load_in_8bit": setting.quantization == "8bit"}
     args = PlanArguments(model=model, dtype=dtype, per_device_train_batch_size=batch, max_length=length,
-                         prompt_length=16, gpu_memory="1TiB")
-    planned = {name: variant.peak_bytes for name, variant in plan(args).variants.items()}
-    training = PactTrainingArguments(output_dir=str(setup.scratch / "plan-run"), train_device=setup.device, dtype=dtype)
-    student = _student(load_model(model, device=setup.device, dtype=dtype), training)
+                         prompt_length=16, gpu_memory="1TiB", gradient_checkpointing=setting.gradient_checkpointing,
+                         **quantized)
+    planned = {variant: value.peak_bytes for variant, value in plan(args).variants.items()}
+    training = PactTrainingArguments(output_dir=str(setup.scratch / "plan-run"), train_device=setup.device, dtype=dtype,
+                                     gradient_checkpointing=setting.gradient_checkpointing, **quantized)
+
+    def loaded():
+        return load_model(model, device=setup.device, dtype=dtype, quantization=setting.quantization)
+
+    student = _student(loaded(), training)
     rows = synthetic_rows(batch, length, args.prompt_length, student.config.vocab_size, args.safety_tokens)
     measured, reference = {}, None
-    for name in VARIANTS:
-        if name == "online_pact":  # the reference is on the device only for the variant that uses it
-            reference = frozen_reference(load_model(model, device=setup.device, dtype=dtype).model)
+    for variant in VARIANTS:
+        if variant == "online_pact":  # the reference is on the device only for the variant that uses it
+            reference = frozen_reference(loaded().model)
         if setup.on_gpu:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            measure_step(student, rows, name, reference, args.ce_chunk_size)
+            measure_step(student, rows, variant, reference, args.ce_chunk_size)
             torch.cuda.synchronize()
-            measured[name] = torch.cuda.max_memory_allocated()
+            measured[variant] = torch.cuda.max_memory_allocated()
         else:
-            measured[name] = measure_step(student, rows, name, reference, args.ce_chunk_size).total
-    ratios = {name: planned[name] / measured[name] for name in VARIANTS}
+            measured[variant] = measure_step(student, rows, variant, reference, args.ce_chunk_size).total
+    del student, reference
+    if setup.on_gpu:
+        torch.cuda.empty_cache()
+    ratios = {variant: planned[variant] / measured[variant] for variant in VARIANTS}
     ok = all(0.9 <= ratio <= 1.1 for ratio in ratios.values())
     against = "max_memory_allocated" if setup.on_gpu else "live bytes, cpu proxy"
-    figure = f"plan / {against}: " + ", ".join(f"{name} {ratio:.3f} ({measured[name] / 2**20:.0f} MiB)"
-                                                 for name, ratio in ratios.items())
-    return Row("pact plan vs peak" + (" (embedded)" if setup.on_gpu else " (tiny)"), verdict(ok), figure, "0.9 .. 1.1")
+    figure = f"plan / {against}: " + ", ".join(f"{variant} {ratio:.3f} ({measured[variant] / 2**20:.0f} MiB)"
+                                                 for variant, ratio in ratios.items())
+    return Row(name, verdict(ok), figure, limit)
 
 
 # --- the benchmarks -----------------------------------------------------------------------------------------------
@@ -450,10 +508,11 @@ def check_bench_masked_kl(setup: Setup) -> Row:
 
 
 def check_bench_train(setup: Setup, world: TinyWorld) -> Row:
-    """`bench_train.py`: on a GPU the embedded model in bfloat16 on a cache it builds; on CPU the tiny model's cache in
+    """`bench_train.py`: on a GPU `setup.model` in bfloat16 on a cache it builds; on CPU the tiny model's cache in
     float32 (with `--quick`, only `pact train`, the variant most likely to break). The figure is step time / plain SFT."""
     if setup.on_gpu:
-        arguments = ["--device", "cuda", "--dtype", "bfloat16", "--rows", "32", "--batch-size", "4", "--steps", "6"]
+        arguments = ["--device", "cuda", "--dtype", "bfloat16", "--rows", "32", "--batch-size", "4", "--steps", "6",
+                     "--model", setup.model]
     else:
         arguments = ["--cache", str(world.cache), "--rows", "8", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
         if setup.quick:
@@ -496,12 +555,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is (Triton interpreter)")
     parser.add_argument("--quick", action="store_true", help="the smallest benchmark settings (what the tests run)")
+    parser.add_argument("--model", default=None,
+                        help="model of the plan and training-benchmark rows, and the tiny model's tokenizer: a model "
+                             "directory, a hub id or the embedded model's name (default: the embedded model)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use --model's architecture with random weights: only its config.json and tokenizer "
+                             "files are read (memory and step time do not depend on the weights)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     """Run every check, print the table (and the details of failed rows), return the exit status."""
     from transformers.utils import logging
+
+    from pact.models import EMBEDDED_MODEL
 
     args = parse_args(argv)
     logging.disable_progress_bar()  # model loading's bars; the checks print their own progress
@@ -510,7 +577,12 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads, TRITON_INTERPRET=1)"
     print(f"gpu_check on {name}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
-        setup = Setup(device, args.quick, Path(scratch))
+        setup = Setup(device, args.quick, Path(scratch), args.model or EMBEDDED_MODEL)
+        if args.random_weights:
+            copy_to = setup.scratch / f"{Path(setup.model).name}-random-weights"
+            setup.model = str(random_weights_copy(setup.model, copy_to))
+            print(f"  {args.model or EMBEDDED_MODEL} with random weights: saved ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
         world = tiny_world(setup)
         print(f"  tiny model and its cache: built ({time.perf_counter() - started:.0f} s)", flush=True)
         rows = [
@@ -523,7 +595,7 @@ def main(argv=None) -> int:
             guarded("kernel: non-contiguous", check_kernel_noncontiguous, setup),
             guarded("kernel: masked NaN/inf rows", check_kernel_masked_garbage, setup),
             guarded("kernel: N*S > 2^31", check_kernel_large, setup),
-            guarded("pact plan vs peak", check_plan, setup, world),
+            *(guarded(setting.check, check_plan, setup, world, setting) for setting in PLAN_SETTINGS),
             guarded("bench_masked_kl", check_bench_masked_kl, setup),
             guarded("bench_train", check_bench_train, setup, world),
         ]
