@@ -1,8 +1,11 @@
-"""The installed import names: pact, pact.kernels, pact.cache_tools, and nothing top-level that shadows `kernels`."""
+"""The installed import names: pact (with pact.commands), pact.kernels, pact.cache_tools, and nothing top-level that
+shadows `kernels`."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +40,19 @@ def test_console_scripts_are_installed():
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in ("pact", "pact-cache")}
     assert scripts == {"pact": "pact.cli:main", "pact-cache": "pact.cache_tools.cli:main"}
+
+
+def test_every_package_folder_is_declared_for_the_wheel():
+    """A wheel holds only the packages `[tool.setuptools] packages` names (an editable install, as CI's, sees every
+    folder, so it cannot tell): each folder with an `__init__.py` under pact/, kernels/ and cache_tools/ must be named,
+    as its import name through `package-dir`, and each name must be such a folder."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder: name for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for top, name in folders.items():
+        for init in sorted((ROOT / top).rglob("__init__.py")):
+            relative = init.parent.relative_to(ROOT / top).parts
+            if "__pycache__" not in relative:
+                found.add(".".join((name, *relative)))
+    assert found == set(setuptools["packages"])
