@@ -162,9 +162,12 @@ def random_weights_copy(model: str, target: Path) -> Path:
 # --- CUDA-only tests ----------------------------------------------------------------------------------------------
 
 def check_cuda_tests(setup: Setup) -> Row:
-    """Run the tests marked `cuda` in a subprocess; without CUDA they all skip, and the row says how many there are."""
+    """Run the tests marked `cuda` in a subprocess; without CUDA they all skip, and the row says how many there are.
+    The tests import the installed pact, never the checkout's `pact/` folder that `python -m` in the root would put
+    first (it lacks `pact.kernels` and `pact.cache_tools` where pact is installed from a wheel): PYTHONSAFEPATH."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs", str(ROOT / "tests")]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
     ran = sum(counts.get(k, 0) for k in ("passed", "failed", "skipped", "error", "errors"))
