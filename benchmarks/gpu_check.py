@@ -437,13 +437,14 @@ def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
     from pact.arguments import PactTrainingArguments
     from pact.models import load_model
     from pact.plan import VARIANTS, PlanArguments, frozen_reference, measure_step, plan, synthetic_rows
+    from pact.quantization import INSTALL
     from pact.train import _student
 
     model = setup.model if setup.on_gpu else str(world.model_dir)
     name = setting.check + (f" ({Path(model).name})" if setup.on_gpu else " (tiny)")
     limit = "0.9 .. 1.1"
     if setting.quantization and importlib.util.find_spec("bitsandbytes") is None:
-        return Row(name, "skipped: no bitsandbytes (pip install 'pact-cache[qlora]')", "", limit)
+        return Row(name, f"skipped: no bitsandbytes ({INSTALL})", "", limit)
     dtype = "bfloat16" if setup.on_gpu else "float32"
     batch, length = (4, 256) if setup.on_gpu else (2, 64)
     quantized = {"load_in_4bit": setting.quantization == "4bit", "load_in_8bit": setting.quantization == "8bit"}

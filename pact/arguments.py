@@ -70,7 +70,7 @@ class PactTrainingArguments(TrainingArguments):
     load_in_4bit: bool = field(default=False, metadata={
         "help": "QLoRA: load the student's linear layers quantised to 4-bit NF4 (double quantisation, computing in --dtype, "
                 "bfloat16 under auto) by bitsandbytes and train LoRA adapters on them; the LM head and embeddings stay "
-                "unquantised. LoRA only; needs bitsandbytes (pip install 'pact-cache[qlora]') on a CUDA GPU or its CPU backend"})
+                "unquantised. LoRA only; needs bitsandbytes (the qlora extra) on a CUDA GPU or its CPU backend"})
     load_in_8bit: bool = field(default=False, metadata={
         "help": "like --load_in_4bit with LLM.int8() 8-bit linear layers"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})

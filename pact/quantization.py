@@ -13,7 +13,7 @@ from pact.errors import InvalidSetting, PactError
 
 QUANTIZATIONS = ("4bit", "8bit")
 MIN_BITSANDBYTES = "0.50.2"  # the release verified with this project (keep in step with the `qlora` extra in pyproject.toml)
-INSTALL = "pip install 'pact-cache[qlora]'"
+INSTALL = f"pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"  # what the extra installs; pact-cache is on no index
 # Bounds of a round trip of values in [-1, 1]: NF4 is off by up to half its widest gap, (1 - 0.723) / 2 = 0.139, plus the
 # error of the double-quantised block scale (0.147 measured); LLM.int8() by half a step of the row absmax / 127.
 NF4_TOLERANCE = 0.2

@@ -56,3 +56,13 @@ def test_every_package_folder_is_declared_for_the_wheel():
             if "__pycache__" not in relative:
                 found.add(".".join((name, *relative)))
     assert found == set(setuptools["packages"])
+
+
+def test_the_bitsandbytes_floor_is_the_qlora_extra():
+    """The version `pact train --load-in-4bit` requires (and its install hint names) is the `qlora` extra's floor."""
+    from pact.quantization import INSTALL, MIN_BITSANDBYTES
+
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["qlora"]
+    assert extra == [f"bitsandbytes>={MIN_BITSANDBYTES}"]
+    assert INSTALL == f"pip install '{extra[0]}'"

@@ -1,7 +1,7 @@
 """QLoRA: `pact train --load-in-4bit / --load-in-8bit` (bitsandbytes + peft's k-bit preparation, LoRA only), the plain
 refusals when bitsandbytes is missing or cannot run, and the LM-head rows the objective reads for a quantised head.
 
-The tests that quantise need bitsandbytes (`pip install 'pact-cache[qlora]'`) and a backend for this machine (CUDA or
+The tests that quantise need bitsandbytes (the `qlora` extra) and a backend for this machine (CUDA or
 its CPU one); their model is the tiny Llama widened to hidden size 64, since bitsandbytes' CPU backend dequantises
 rows that are not whole 64-value blocks wrongly (see `pact.quantization.guard_cpu_layers`).
 """
@@ -30,7 +30,7 @@ from pact.train import train
 from test_cache_support import TINY_MAX_LENGTH, make_safety_tokens, one_thread, single_thread  # noqa: F401  (one_thread: autouse)
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                        reason="bitsandbytes is not installed (pip install 'pact-cache[qlora]')")
+                                        reason="bitsandbytes is not installed (the qlora extra)")
 CPU = torch.device("cpu")
 SAFETY_IDS = torch.tensor([0, 2, 17, 100, 250, 383])
 WIDE = {"hidden_size": 64, "intermediate_size": 128}  # every linear layer's rows a whole number of 64-value blocks
@@ -142,7 +142,7 @@ def test_missing_old_or_unusable_bitsandbytes_is_named_before_anything_loads(tmp
     common = {"output_dir": str(tmp_path), "train_device": "cpu", "load_in_4bit": True}
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import` sees when the package is not installed
     with pytest.raises(InvalidSetting, match=rf"^load_in_4bit needs bitsandbytes>={MIN_BITSANDBYTES}, which is not installed; "
-                                             r"install it with: pip install 'pact-cache\[qlora\]'$"):
+                                             rf"install it with: pip install 'bitsandbytes>={MIN_BITSANDBYTES}'$"):
         PactTrainingArguments(**common)
     _fake_bitsandbytes(monkeypatch, "0.45.0")
     with pytest.raises(InvalidSetting, match=rf"^load_in_4bit needs bitsandbytes>={MIN_BITSANDBYTES}, but 0.45.0 is installed"):
@@ -167,7 +167,7 @@ def test_cli_names_the_missing_bitsandbytes(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert pact_main(["train", "--cache", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu", "--load-in-4bit"]) == 2
     assert (f"error: --load-in-4bit: load_in_4bit needs bitsandbytes>={MIN_BITSANDBYTES}, which is not installed; "
-            "install it with: pip install 'pact-cache[qlora]'") in capsys.readouterr().err
+            f"install it with: pip install 'bitsandbytes>={MIN_BITSANDBYTES}'") in capsys.readouterr().err
 
 
 # --- The LM-head rows the objective reads --------------------------------------------------------
