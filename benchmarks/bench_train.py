@@ -185,7 +185,8 @@ def main() -> None:
                 build += ["--data", args.data]
             if args.model:
                 build += ["--model", args.model]
-            subprocess.run(build, check=True)
+            # PYTHONSAFEPATH: `-m` started in a checkout's root would import its pact/ folder, not an installed wheel.
+            subprocess.run(build, check=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
         runs = [(v, d) for v in args.variants.split(",") if v for d in dtypes]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for _ in range(args.repeats):
