@@ -107,15 +107,16 @@ def verdict(ok: bool) -> str:
 
 @dataclass
 class TinyWorld:
-    """A tiny random Llama with the tokenizer of `Setup.model`, saved to `model_dir`, and a float32 cache of demo rows."""
+    """A tiny random Llama with the tokenizer of `Setup.model`, saved to `model_dir`, and a float32 cache of demo
+    rows."""
 
     model_dir: Path
     cache: Path
 
 
 def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: int = 50) -> TinyWorld:
-    """Save a 2-layer random Llama (hidden 64) with the tokenizer of `setup.model` and build a float32 cache of `rows` demo rows
-    with `num_safety` random safety tokens (about a third of the weights 0), as `pact-cache build` would."""
+    """Save a 2-layer random Llama (hidden 64) with the tokenizer of `setup.model` and build a float32 cache of `rows`
+    demo rows with `num_safety` random safety tokens (about a third of the weights 0), as `pact-cache build` would."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pact.cache_tools import build_cache
@@ -427,7 +428,8 @@ class PlanSetting:
         return "pact plan vs peak" + (f", {self.label}" if self.label else "")
 
 
-PLAN_SETTINGS = (PlanSetting(""), PlanSetting("checkpointing", True), PlanSetting("4-bit + checkpointing", True, "4bit"))
+PLAN_SETTINGS = (PlanSetting(""), PlanSetting("checkpointing", True),
+                 PlanSetting("4-bit + checkpointing", True, "4bit"))
 
 
 def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
