@@ -148,14 +148,13 @@ def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: in
 def random_weights_copy(model: str, target: Path) -> Path:
     """Save `model`'s architecture with random weights (seeded, float32) and its tokenizer to `target`: reads only
     the config and tokenizer, so a folder holding just those serves."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from pact.models import load_tokenizer, resolve_model_path
+    from pact.models import load_tokenizer
+    from pact.plan import load_architecture
 
-    _, location = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(location)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(target)
+    AutoModelForCausalLM.from_config(load_architecture(model), dtype=torch.float32).save_pretrained(target)
     load_tokenizer(model).save_pretrained(target)
     return target
 
