@@ -35,18 +35,20 @@ from pact.cache_tools.builder import encode_reference, length_batches, pad_token
 from pact.cache_tools.quality import objective_error
 from pact.cache_tools.schema import ShardRows, build_table
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, serialize_table
-from pact.data import DEMO_BENIGN, DEMO_REFUSALS, assistant_header_ids, demo_data_path, load_conversations, load_examples
-from pact.models import load_model
-from pact.objective import PactConfig
-from pact.reference import reference_targets
-from pact.safety_tokens import SafetyTokens, compute_safety_tokens
+from pact.data.sources import DEMO_BENIGN, DEMO_REFUSALS, demo_data_path
+from pact.data.chat import assistant_header_ids, load_examples
+from pact.data.rows import load_conversations
+from pact.models.loading import load_model
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.reference import reference_targets
+from pact.objective.safety_tokens import SafetyTokens, compute_safety_tokens
 
 TRAINING_ROWS_PER_SECOND = 2.0  # CPU training consumption (one 8-row step in about 4 s on 2 CPU cores)
 
 
 def _reference_pass(loaded, examples, safety, batch_size):
     """The bare reference pass over the builder's batches; returns per-example targets in example order."""
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     ids, header, pad = safety.id_tensor(), assistant_header_ids(loaded.tokenizer), pad_token_id(loaded.tokenizer)
     refs = [None] * len(examples)
     for chosen in length_batches(examples, batch_size):
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     print(f"{'layout':16s} {'file':>7s} {'steps':>7s} {'arrow-raw':>9s} {'ratio':>6s} {'meanKL err':>10s} {'token err':>10s}")
     results["layouts"] = {}
     vocab = loaded.model.config.vocab_size
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     for dtype, top_k in [(dtype, top_k) for dtype in DTYPES for top_k in (None, 8)]:
         layout = Layout.create(dtype, safety.ids, safety.weights, vocab, top_k)
         table = build_table(examples, encode_reference(exact, safety, layout, cfg.temperature), layout)

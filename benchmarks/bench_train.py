@@ -9,7 +9,7 @@ and peak memory as ratios to plain SFT:
                     forward passes per step (as the paper's released code)
 * online-adapter -- online PACT, reference = the student with adapters disabled
 * cached         -- cached PACT (`cached_pact_loss`), no reference model
-* pact-train     -- the `pact train` loop itself (`pact.train.train`)
+* pact-train     -- the `pact train` loop itself (`pact.training.train.train`)
 * pact-train-sft, pact-train-tokenwise, pact-train-pact+tokenwise
                  -- the same loop with lambda 0 (plain SFT), `--objective tokenwise`
                     and `--objective pact+tokenwise`: the methods of
@@ -62,12 +62,12 @@ def _worker(args) -> None:
     from peft import LoraConfig, get_peft_model
 
     from pact.cache_tools import CacheReader
-    from pact.data import assistant_header_ids
-    from pact.cache_tools.batch import collate_rows
-    from pact.loss import cached_pact_loss, pact_batch_loss
-    from pact.models import load_model
-    from pact.objective import PactConfig
-    from pact.targets import OnlineReference
+    from pact.data.chat import assistant_header_ids
+    from pact.data.batch import collate_rows
+    from pact.objective.loss import cached_pact_loss, pact_batch_loss
+    from pact.models.loading import load_model
+    from pact.objective.settings import ObjectiveArguments
+    from pact.objective.targets import OnlineTargets
 
     torch.manual_seed(0)
     reader = CacheReader(args.cache)
@@ -75,20 +75,20 @@ def _worker(args) -> None:
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     needed = args.warmup + args.steps
     batches = (batches * (needed // len(batches) + 1))[:needed]
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     lora = dict(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
 
     if args.variant in TRAIN_OBJECTIVES:
-        from pact.arguments import PactTrainingArguments
-        from pact.objective import PactArguments
-        from pact.train import train
+        from pact.training.arguments import PactTrainingArguments
+        from pact.objective.settings import ObjectiveArguments
+        from pact.training.train import train
 
         objective, lam = TRAIN_OBJECTIVES[args.variant]
         with tempfile.TemporaryDirectory() as out:
             result = train(PactTrainingArguments(cache=args.cache, output_dir=out, max_steps=needed,
                                                  per_device_train_batch_size=args.batch_size, learning_rate=1e-4, seed=0,
                                                  train_device=args.device, dtype=args.dtype, disable_tqdm=True),
-                           PactArguments(lam=lam, objective=objective))
+                           ObjectiveArguments(lam=lam, objective=objective))
             times = [m["seconds"] for m in result.metrics][args.warmup :]
             device = torch.device("cuda" if args.device == "cuda" else "cpu")
             print(json.dumps({"variant": args.variant, "step_s": statistics.median(times), "peak_mb": _peak_memory_mb(device)}))
@@ -106,7 +106,7 @@ def _worker(args) -> None:
     weights = torch.tensor(safety["weights"])
     pad = tok.pad_token_id
     if args.variant.startswith("online"):
-        online = OnlineReference(reference_model if reference_model is not None else model, safety_ids,
+        online = OnlineTargets(reference_model if reference_model is not None else model, safety_ids,
                                  assistant_header_ids(tok), cfg, pad)
 
     times = []
@@ -179,7 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
         if not args.cache:
-            build = [sys.executable, "-m", "pact.cache_tools.cli", "build", "--out", str(cache), "--max-length", str(args.max_length),
+            build = [sys.executable, "-m", "pact.cli.cache", "build", "--out", str(cache), "--max-length", str(args.max_length),
                      "--limit", str(args.rows), "--dtype", "float32"]
             if args.data:
                 build += ["--data", args.data]

@@ -1,4 +1,4 @@
-"""Check `pact.safety_tokens` against the independent implementation on real data.
+"""Check `pact.objective.safety_tokens` against the independent implementation on real data.
 
 Runs both on the embedded model (SmolLM2-135M-Instruct, base = itself) with
 the first rows of a refusal data set and prints whether the safety-token ids
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from independent_safety_tokens import independent_safety_tokens  # noqa: E402
 
-from pact.data import load_conversations  # noqa: E402
-from pact.models import load_model  # noqa: E402
-from pact.safety_tokens import compute_safety_tokens  # noqa: E402
+from pact.data.rows import load_conversations
+from pact.models.loading import load_model
+from pact.objective.safety_tokens import compute_safety_tokens
 
 TOLERANCE = 2e-3
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"params: {params}")
     print(f"|S| = {len(result)} ({sum(w > 0 for w in result.weights)} positive)  ids equal: {same_ids}")
     print(f"max |weight difference|: {max_diff:.3e}  (tolerance {TOLERANCE:g})")
-    print(f"time: pact.safety_tokens {api_seconds:.1f}s, independent {independent_seconds:.1f}s")
+    print(f"time: pact.objective.safety_tokens {api_seconds:.1f}s, independent {independent_seconds:.1f}s")
     heaviest = sorted(zip(result.weights, result.tokens), reverse=True)[:10]
     print("heaviest: " + ", ".join(f"{token!r} {weight:.3f}" for weight, token in heaviest))
     ok = same_ids and max_diff <= TOLERANCE

@@ -1,4 +1,4 @@
-"""One-shot GPU check (issue 12 point 8): what only a GPU can show, in one table; sized for at most 5 minutes on one
+"""One-shot GPU check: what only a GPU can show, in one table; sized for at most 5 minutes on one
 GPU (not yet timed on one: no GPU was available when it was written).
 
 Rows (check | result | figure | limit), each run by the project's own code:
@@ -15,7 +15,7 @@ Rows (check | result | figure | limit), each run by the project's own code:
                               inputs, masked rows holding NaN/inf, and N*|S| > 2^31 elements (GPU only);
 * ``pact plan vs peak``    -- `pact plan`'s estimate against `torch.cuda.max_memory_allocated` of the same step on the
                               embedded model, or `--model` (on CPU: against the live tensor bytes of a real step of the
-                              tiny model, the proxy tests/test_plan.py checks), in the README table's three settings:
+                              tiny model, the proxy tests/test_plan.py checks), in docs/memory.md's three settings:
                               as it is, with gradient checkpointing, and 4-bit weights with checkpointing (this one
                               needs bitsandbytes);
 * ``bench_masked_kl``      -- `benchmarks/bench_masked_kl.py` (many calls per timed measurement), masked_kl vs eager;
@@ -120,9 +120,10 @@ def tiny_world(setup: Setup, rows: int = 8, max_length: int = 96, num_safety: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pact.cache_tools import build_cache
-    from pact.data import demo_data_path, load_examples
-    from pact.models import load_model, load_tokenizer
-    from pact.safety_tokens import SafetyTokens
+    from pact.data.sources import demo_data_path
+    from pact.data.chat import load_examples
+    from pact.models.loading import load_model, load_tokenizer
+    from pact.objective.safety_tokens import SafetyTokens
 
     model_dir, cache = setup.scratch / "tiny-model", setup.scratch / "tiny-cache"
     tokenizer = load_tokenizer(setup.model)
@@ -150,8 +151,8 @@ def random_weights_copy(model: str, target: Path) -> Path:
     the config and tokenizer, so a folder holding just those serves."""
     from transformers import AutoModelForCausalLM
 
-    from pact.models import load_tokenizer
-    from pact.plan import load_architecture
+    from pact.models.loading import load_tokenizer
+    from pact.planning.architecture import load_architecture
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(load_architecture(model), dtype=torch.float32).save_pretrained(target)
@@ -192,7 +193,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def objective_on(model, rows, safety, cfg, pad_id, device: str) -> dict[str, torch.Tensor]:
     """Cached PACT on `rows` with `model` moved to `device`: loss, CE, KL and the LoRA gradients (one flat vector)."""
-    from pact.loss import cached_pact_loss
+    from pact.objective.loss import cached_pact_loss
 
     model = model.to(device)
     model.zero_grad(set_to_none=True)
@@ -210,9 +211,9 @@ def check_objective_parity(setup: Setup, world: TinyWorld, rows_used: int = 4) -
     from peft import LoraConfig, get_peft_model
 
     from pact.cache_tools import CacheReader
-    from pact.models import load_model, pad_token_id
-    from pact.objective import PactConfig
-    from pact.safety_tokens import SafetyTokens
+    from pact.models.loading import load_model, pad_token_id
+    from pact.objective.settings import ObjectiveArguments
+    from pact.objective.safety_tokens import SafetyTokens
 
     reader = CacheReader(world.cache)
     rows = [reader[i] for i in range(rows_used)]
@@ -222,7 +223,7 @@ def check_objective_parity(setup: Setup, world: TinyWorld, rows_used: int = 4) -
     model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))
     model.train()
-    cfg, pad = PactConfig(), pad_token_id(loaded.tokenizer)
+    cfg, pad = ObjectiveArguments(), pad_token_id(loaded.tokenizer)
     cpu = objective_on(copy.deepcopy(model), rows, safety, cfg, pad, "cpu")
     gpu = objective_on(model, rows, safety, cfg, pad, setup.device)
     if not cpu["lora grad"].abs().max() > 0:
@@ -238,10 +239,12 @@ def check_objective_parity(setup: Setup, world: TinyWorld, rows_used: int = 4) -
 def check_host_syncs(setup: Setup, world: TinyWorld, steps: int = 4) -> Row:
     """`pact train` (LoRA, 2 micro-batches per step, a log every second step) inside a `SyncCounter` of the training
     device; on a GPU `set_sync_debug_mode("error")` within each step also stops on a sync no operator shows."""
-    from pact.arguments import PactTrainingArguments
-    from pact.sync_counter import StepSyncs, SyncCounter
-    from pact.train import train
-    from pact.trainer import PactTrainer
+    from pact.training.arguments import PactTrainingArguments
+    from pact.training.train import train
+    from pact.training.trainer import PactTrainer
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the sync counter is test tooling, kept out of the package
+    from sync_counter import StepSyncs, SyncCounter
 
     counter = SyncCounter(setup.device)
     recorder = StepSyncs(counter, cuda_sync_debug="error" if setup.on_gpu else None)
@@ -435,11 +438,14 @@ def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
     """`pact plan`'s peak of each variant against the same step measured, in one setting: on a GPU `setup.model` in
     bfloat16 (LoRA r=8, batch 4 x 256) against `torch.cuda.max_memory_allocated`; on CPU the tiny model in float32
     against the live tensor bytes of the real step. 4-bit weights need bitsandbytes (skipped without it)."""
-    from pact.arguments import PactTrainingArguments
-    from pact.models import load_model
-    from pact.plan import VARIANTS, PlanArguments, frozen_reference, measure_step, plan, synthetic_rows
-    from pact.quantization import INSTALL
-    from pact.train import _student
+    from pact.training.arguments import PactTrainingArguments
+    from pact.models.loading import load_model
+    from pact.planning.step import VARIANTS, measure_step, synthetic_rows
+    from pact.planning.arguments import PlanArguments
+    from pact.planning.architecture import frozen_reference
+    from pact.planning.plan import plan
+    from pact.models.quantization import INSTALL
+    from pact.training.train import _student
 
     model = setup.model if setup.on_gpu else str(world.model_dir)
     name = setting.check + (f" ({Path(model).name})" if setup.on_gpu else " (tiny)")
@@ -573,7 +579,7 @@ def main(argv=None) -> int:
     """Run every check, print the table (and the details of failed rows), return the exit status."""
     from transformers.utils import logging
 
-    from pact.models import EMBEDDED_MODEL
+    from pact.models.loading import EMBEDDED_MODEL
 
     args = parse_args(argv)
     logging.disable_progress_bar()  # model loading's bars; the checks print their own progress

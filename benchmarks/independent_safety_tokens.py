@@ -2,7 +2,7 @@
 
 One example at a time, full-model forward passes, float64 probabilities and
 Python loops over response steps. It shares no code with
-`pact.safety_tokens`, so the test suite and `check_safety_tokens.py` can
+`pact.objective.safety_tokens`, so the test suite and `check_safety_tokens.py` can
 check that module against it.
 """
 

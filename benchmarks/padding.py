@@ -21,12 +21,12 @@ import random
 import statistics
 from pathlib import Path
 
-from pact.arguments import DEFAULT_BUCKET_WINDOW
+from pact.training.arguments import DEFAULT_BUCKET_WINDOW
 from pact.cache_tools.builder import DEFAULT_ROWS_PER_SHARD
-from pact.cache_tools.cli import DEFAULT_MAX_LENGTH
+from pact.cache_tools.settings import DEFAULT_MAX_LENGTH
 from pact.cache_tools.reader import padding_fraction, shard_aware_order
-from pact.data import load_examples
-from pact.models import load_tokenizer
+from pact.data.chat import load_examples
+from pact.models.loading import load_tokenizer
 
 
 def row_lengths(path: str, tokenizer, limit: int, max_length: int) -> list[int]:

@@ -1,9 +1,10 @@
-"""The README's "Will it fit?" table: `pact plan`'s peak GPU memory of one optimizer step for plain SFT, cached PACT
+"""The "Will it fit?" table of docs/memory.md: `pact plan`'s peak GPU memory of one optimizer step for plain SFT, cached PACT
 and online PACT on the shipped 7B architectures, printed as a markdown table.
 
-Each row is `pact.plan.plan` (the real step on meta tensors; no GPU and no weights needed) for one model and one
+Each row is `pact.planning.plan.plan` (the real step on meta tensors; no GPU and no weights needed) for one model and one
 setting; the columns are the three variants' peaks in GiB (without the fit margin), cached PACT over SFT, and the
-checks of issue 12's targets: cached PACT <= 1.02x SFT, 7B LoRA bf16 with checkpointing under 20 GiB, 4-bit under 12 GiB.
+checks of the project's memory targets: cached PACT <= 1.02x SFT, 7B LoRA bf16 with checkpointing under 20 GiB, 4-bit
+under 12 GiB.
 
     python benchmarks/plan_table.py                       # batch 8 x 512, LoRA r=8 on q_proj,v_proj (about 2 minutes)
     python benchmarks/plan_table.py --batch-size 4 --max-length 1024
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from pact.plan import VARIANTS, PlanArguments, gib, plan
+from pact.planning.step import VARIANTS
+from pact.planning.arguments import PlanArguments
+from pact.planning.plan import gib, plan
 
 MODELS = ("llama-2-7b-chat", "qwen2.5-7b-instruct")
 SETTINGS = (("bf16", {}), ("bf16 + checkpointing", {"gradient_checkpointing": True}),
             ("4-bit + checkpointing", {"gradient_checkpointing": True, "load_in_4bit": True}))
-TARGETS = {"bf16 + checkpointing": 20.0, "4-bit + checkpointing": 12.0}  # GiB, every variant's peak (issue 12, point 7)
+TARGETS = {"bf16 + checkpointing": 20.0, "4-bit + checkpointing": 12.0}  # GiB, every variant's peak
 CACHED_OVER_SFT = 1.02
 
 

@@ -103,10 +103,10 @@ class Stages:
 
 def distill_benign(args, out: Path) -> None:
     """Answers of the original model to the benign alignment prompts (greedy); refusals and empty answers dropped."""
-    from pact.data import load_prompts
-    from pact.generation import generate_responses
-    from pact.judge import find_refusal_phrase
-    from pact.models import load_model
+    from pact.data.rows import load_prompts
+    from pact.evaluation.generation import generate_responses
+    from pact.evaluation.judge import find_refusal_phrase
+    from pact.models.loading import load_model
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     prompts, _ = load_prompts(args.benign)
@@ -120,10 +120,10 @@ def distill_benign(args, out: Path) -> None:
 
 def make_reference(args, out: Path) -> None:
     """Full fine-tuning on refusals + self-distilled benign answers + SST-2 rows, CE on the response tokens."""
-    from pact.data import load_examples
-    from pact.loss import student_outputs
-    from pact.models import load_model
-    from pact.reference import collate_examples
+    from pact.data.chat import load_examples
+    from pact.objective.student import student_outputs
+    from pact.models.loading import load_model
+    from pact.data.batch import collate_examples
 
     rows = (_read_jsonl(args.refusals)[: args.ref_rows] + _read_jsonl(out / "benign_distilled.jsonl")
             + _read_jsonl(args.sst2)[: args.ref_sst2])
@@ -152,9 +152,9 @@ def make_reference(args, out: Path) -> None:
 
 def make_safety_tokens(args, out: Path, top: int = SAFETY_TOP) -> None:
     """(b) The `top` safety tokens of the reference against the original embedded model."""
-    from pact.data import load_conversations
-    from pact.models import load_model
-    from pact.safety_tokens import compute_safety_tokens
+    from pact.data.rows import load_conversations
+    from pact.models.loading import load_model
+    from pact.objective.safety_tokens import compute_safety_tokens
 
     conversations, _ = load_conversations(args.refusals)
     chosen = conversations[args.ref_rows : args.ref_rows + args.safety_rows]
@@ -181,7 +181,7 @@ def attack_rows(args, attack: str) -> list[dict]:
 
 def build_cache(out: Path, data: Path, target: Path, top: int = SAFETY_TOP) -> None:
     """One reference pass over `data` into the cache `target`, for the `top` safety tokens."""
-    from pact.cache_tools.cli import main as cache_main
+    from pact.cli.cache import main as cache_main
 
     code = cache_main(["build", "--model", str(out / "reference"), "--data", str(data), "--safety-tokens",
                        str(safety_tokens_file(out, top)), "--out", str(target), "--max-length", "256", "--device", "cpu",
@@ -200,7 +200,7 @@ def attack_cache(out: Path, attack: str, top: int = SAFETY_TOP) -> Path:
 
 def training_arguments(args, out: Path, attack: str, run: Path, seed: int, top: int = SAFETY_TOP):
     """The settings every method of an attack shares (one budget, one data order per seed)."""
-    from pact.arguments import PactTrainingArguments
+    from pact.training.arguments import PactTrainingArguments
 
     return PactTrainingArguments(cache=str(attack_cache(out, attack, top)), output_dir=str(run), max_steps=args.steps,
                                  per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
@@ -209,7 +209,7 @@ def training_arguments(args, out: Path, attack: str, run: Path, seed: int, top: 
 
 def finetune(args, out: Path, run: Run) -> None:
     """LoRA fine-tuning of the reference from the attack's cache with one method (and the run's changed setting)."""
-    from pact.train import train
+    from pact.training.train import train
 
     objective, lam = METHODS[run.method]
     started = time.perf_counter()
@@ -221,25 +221,10 @@ def finetune(args, out: Path, run: Run) -> None:
 def finetune_online(args, out: Path, run: Run) -> None:
     """The online control: PACT with the reference's targets computed live (the student with its adapters off is
     the reference), on the same cache rows, settings and seed as cached PACT."""
-    from pact.data import assistant_header_ids
-    from pact.loss import pact_batch_loss
-    from pact.objective import PactArguments
-    from pact.targets import OnlineReference
-    from pact.train import train
-    from pact.trainer import PactTrainer
-
-    class OnlinePactTrainer(PactTrainer):
-        """`PactTrainer` whose targets come from the live reference instead of the cache."""
-
-        def batch_loss(self, model, batch):
-            online = OnlineReference(model, self.safety_ids, assistant_header_ids(self.processing_class), self.objective,
-                                     self.pad_id)
-            return pact_batch_loss(model, online.fill(batch), self.safety_ids, self.safety_weights, self.objective,
-                                   self.ce_chunk_size)
+    from pact import ObjectiveArguments, train
 
     started = time.perf_counter()
-    train(training_arguments(args, out, run.attack, run.directory(out), run.seed), PactArguments(lam=1.0),
-          trainer_class=OnlinePactTrainer)
+    train(training_arguments(args, out, run.attack, run.directory(out), run.seed), ObjectiveArguments(lam=1.0), online=True)
     _write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
 
 
@@ -249,10 +234,10 @@ def finetune_online(args, out: Path, run: Run) -> None:
 def evaluate(args, out: Path, run: Path, adapter: Path | None) -> None:
     """Every measurement of a run, into RUN/eval.json (keys as `pact report` reads them, plus `refusal_unlike`, and
     for the reference `over_refusal_everyday`), answers into RUN/answers-*.jsonl."""
-    from pact.data import load_conversations, load_prompts
-    from pact.drift import load_student
-    from pact.judge import evaluate_refusals
-    from pact.task_eval import evaluate_task
+    from pact.data.rows import load_conversations, load_prompts
+    from pact.models.adapters import load_student
+    from pact.evaluation.judge import evaluate_refusals
+    from pact.evaluation.task import evaluate_task
 
     loaded = load_student(str(out / "reference"), str(adapter) if adapter else None, device="cpu", dtype="float32")
     results = {}
@@ -278,8 +263,9 @@ def measure_drift(out: Path, run: Path, adapter: Path | None) -> None:
     """RUN/drift.json: `pact eval drift` of the run on the held-out refusals' cache: the safety-token KL, and the shift
     of the refusal tokens' log-probs from the reference's by response position (where a lost refusal is lost)."""
     from pact.cache_tools import CacheReader
-    from pact.drift import load_student, safety_drift
-    from pact.models import pad_token_id
+    from pact.models.adapters import load_student
+    from pact.evaluation.drift import safety_drift
+    from pact.models.loading import pad_token_id
 
     loaded = load_student(str(out / "reference"), str(adapter) if adapter else None, device="cpu", dtype="float32")
     result = safety_drift(loaded.model, CacheReader(out / "cache-heldout"), pad_token_id(loaded.tokenizer), progress=False)
@@ -316,7 +302,7 @@ def _cell(values: list[float], digits: int = 2) -> str:
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning run: a method (a METHODS key, or `pact-online`) on an attack with a seed; an ablation is PACT
-    with one objective setting changed (`setting` = (PactArguments field, value))."""
+    with one objective setting changed (`setting` = (ObjectiveArguments field, value))."""
 
     attack: str
     seed: int
@@ -330,7 +316,7 @@ class Run:
 
     @property
     def objective_setting(self) -> dict[str, str]:
-        """The run's changed objective setting, as {PactArguments field: value}."""
+        """The run's changed objective setting, as {ObjectiveArguments field: value}."""
         return dict([self.setting]) if self.setting and self.setting[0] != "top" else {}
 
     @property
@@ -351,8 +337,8 @@ class Run:
 
 
 def parse_ablations(text: str) -> list[tuple[str, str]]:
-    """`--ablations boost=0,lam=4,top=20`: (PactArguments field or `top`, value) pairs, each checked."""
-    from pact.objective import PactArguments
+    """`--ablations boost=0,lam=4,top=20`: (ObjectiveArguments field or `top`, value) pairs, each checked."""
+    from pact.objective.settings import ObjectiveArguments
 
     settings = []
     for item in filter(None, text.split(",")):
@@ -360,21 +346,21 @@ def parse_ablations(text: str) -> list[tuple[str, str]]:
         if field_name == "top":
             if not value.isdigit() or int(value) < 1:
                 raise SystemExit(f"--ablations: {item!r}: the number of safety tokens must be a positive integer")
-        elif field_name not in {f.name for f in fields(PactArguments)} or not value:
-            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE with FIELD `top` or one of PactArguments' fields")
+        elif field_name not in {f.name for f in fields(ObjectiveArguments)} or not value:
+            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE with FIELD `top` or one of ObjectiveArguments' fields")
         else:
             pact_arguments({field_name: value})
         settings.append((field_name, value))
     return settings
 
 
-def pact_arguments(setting: dict[str, str], **values) -> "PactArguments":
-    """PactArguments from `values` and string `setting`s, each converted to its field's type."""
-    from pact.objective import PactArguments
+def pact_arguments(setting: dict[str, str], **values):
+    """ObjectiveArguments from `values` and string `setting`s, each converted to its field's type."""
+    from pact.objective.settings import ObjectiveArguments
 
-    defaults = PactArguments()
+    defaults = ObjectiveArguments()
     converted = {name: type(getattr(defaults, name))(value) for name, value in setting.items()}
-    return PactArguments(**{**values, **converted})
+    return ObjectiveArguments(**{**values, **converted})
 
 
 def _depth(drift: dict) -> dict[str, float]:
@@ -530,7 +516,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for refusal evals (default 64)")
     parser.add_argument("--ablations", default="",
                         help="PACT runs on the first attack's first seed with one setting changed each, FIELD=VALUE,... "
-                             "over PactArguments' fields and `top`, the number of safety tokens (e.g. "
+                             "over ObjectiveArguments' fields and `top`, the number of safety tokens (e.g. "
                              "boost=0,lam=4,temperature=1,top=20)")
     parser.add_argument("--reference-only", action="store_true", help="stop after building and evaluating the reference")
     args = parser.parse_args()

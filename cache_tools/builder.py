@@ -3,7 +3,7 @@ directory, shard by shard, resumable after any crash.
 
 Each shard covers `rows_per_shard` consecutive examples. Within a shard the
 examples are sorted by length into batches (little padding), each batch runs
-`pact.reference.reference_targets` (full and post-only contexts in one
+`pact.objective.reference.reference_targets` (full and post-only contexts in one
 forward pass), its values are reduced to the stored columns and encoded at
 once, and the rows are written back in example order. The shard is written
 atomically, then the manifest is rewritten listing it, so `resume` rebuilds
@@ -20,12 +20,13 @@ equals a single-process build shard for shard.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +35,30 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-import pact
 from pact.cache_tools.codec import DEFAULT_DTYPE, check_dtype
 from pact.cache_tools.errors import CacheError, CacheWriteError
 from pact.cache_tools.layout import Layout, select_columns
 from pact.cache_tools.manifest import (
-    delete_files, differences, directory_entries, examples_fingerprint, is_integer, load_manifest, new_manifest, own_files,
+    delete_files, differences, directory_entries, examples_fingerprint, load_manifest, new_manifest, own_files,
     save_manifest, set_totals,
 )
 from pact.cache_tools.reader import read_shard_table
+from pact.cache_tools.settings import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD, check_build_numbers
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
 from pact.cache_tools.writer import (
-    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock, atomic_write,
-    make_directory, refuse_file_in_the_way, rank_manifest_name, shard_index, write_shard,
+    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock,
+    make_directory, rank_manifest_name, refuse_file_in_the_way, shard_index, write_shard,
 )
-from pact.data import EncodedExample, assistant_header_ids
+from pact.data.chat import EncodedExample, assistant_header_ids
+from pact.devices import dtype_name
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
-from pact.models import LoadedModel, dtype_name, pad_token_id
-from pact.objective import PactConfig
-from pact.reference import ReferenceTargets, causal_lm_parts, reference_targets
-from pact.safety_tokens import SafetyTokens
+from pact.files import atomic_write
+from pact.models.loading import LoadedModel, pad_token_id
+from pact.models.parts import causal_lm_parts
+from pact.objective.reference import ReferenceTargets, reference_targets
+from pact.objective.safety_tokens import SafetyTokens
+from pact.objective.settings import ObjectiveArguments
 
-DEFAULT_ROWS_PER_SHARD = 1024
-DEFAULT_BATCH_SIZE = 8
 # How long a multi-process build's ranks wait for the slowest one at the end (`distributed_session` timeout).
 RANK_WAIT = timedelta(hours=24)
 
@@ -108,20 +110,6 @@ class BuildResult:
 
 def _note(message: str) -> None:
     print(f"pact-cache: {message}", file=sys.stderr)
-
-
-def check_numbers(batch_size: int, rows_per_shard: int, threads: int | None, top_k: int | None, zstd_level: int) -> None:
-    """Refuse numbers no build can use (`CacheError` naming the parameter and its flag), before any work is done.
-
-    The objective's numbers (p0, the temperatures) are checked by `PactConfig` itself.
-    """
-    counts = {"batch_size (--batch-size)": batch_size, "rows_per_shard (--rows-per-shard)": rows_per_shard,
-              "threads (--threads)": threads, "top_k (--top-k)": top_k}
-    for name, value in counts.items():
-        if value is not None and not is_integer(value, 1):
-            raise CacheError(f"{name} must be an integer >= 1, got {value!r}")
-    if not (is_integer(zstd_level, 1) and zstd_level <= 22):
-        raise CacheError(f"zstd_level (--zstd-level) must be an integer in 1..22, got {zstd_level!r}")
 
 
 def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, vocab_size: int, part_index: int, part_count: int) -> None:
@@ -231,7 +219,7 @@ def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume
     created_at, finished = _prepare_directory(out, manifests[0], resume, overwrite)
     if not (out / MANIFEST_NAME).exists():
         save_manifest(out, {**manifests[0], "created_at": created_at})
-    atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode())
+    atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode(), CacheWriteError)
     return created_at, finished
 
 
@@ -250,7 +238,7 @@ def _still_valid(out: Path, finished: dict[int, dict], mine: range) -> dict[int,
 
 
 def _software() -> dict:
-    return {"pact": pact.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
+    return {"pact": importlib.metadata.version("pact-cache"), "torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
 def length_batches(examples: list[EncodedExample], batch_size: int) -> list[list[int]]:
@@ -273,7 +261,7 @@ def encode_reference(refs: list[ReferenceTargets], safety_tokens: SafetyTokens, 
 
 
 def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
-                        objective: PactConfig, header_ids: list[int], batch_size: int, progress: _ProgressBar) -> list[dict[str, np.ndarray]]:
+                        objective: ObjectiveArguments, header_ids: list[int], batch_size: int, progress: _ProgressBar) -> list[dict[str, np.ndarray]]:
     """Reference values of a shard's examples, encoded per example (in example order), batched by length."""
     ids = safety_tokens.id_tensor()
     pad_id = pad_token_id(model.tokenizer)
@@ -333,7 +321,7 @@ def _shard_examples(examples: list[EncodedExample], rows_per_shard: int, index: 
 
 
 def _write_shards(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
-                  objective: PactConfig, header_ids: list[int], batch_size: int, rows_per_shard: int, zstd_level: int,
+                  objective: ObjectiveArguments, header_ids: list[int], batch_size: int, rows_per_shard: int, zstd_level: int,
                   todo: list[int], record: _RankProgress, progress: _ProgressBar) -> None:
     """Build and write the shards `todo` (indices), recording each in this process's progress manifest.
 
@@ -377,7 +365,7 @@ def build_cache(
     data: dict | None = None,
     dtype: str = DEFAULT_DTYPE,
     top_k: int | None = None,
-    objective: PactConfig = PactConfig(),
+    objective: ObjectiveArguments = ObjectiveArguments(),
     batch_size: int = DEFAULT_BATCH_SIZE,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     zstd_level: int = DEFAULT_ZSTD_LEVEL,
@@ -423,7 +411,7 @@ def build_cache(
     """
     started = time.perf_counter()
     check_dtype(dtype)
-    check_numbers(batch_size, rows_per_shard, threads, top_k, zstd_level)
+    check_build_numbers(batch_size, rows_per_shard, threads, top_k, zstd_level)
     out = Path(out_dir).expanduser()
     vocab_size = int(causal_lm_parts(model.model)[1].shape[0])
     _check_arguments(examples, safety_tokens, model, vocab_size, part_index, part_count)

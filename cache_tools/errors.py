@@ -1,6 +1,6 @@
 """The cache's error type."""
 
-from pact.errors import PactError
+from pact.errors import PactError, WriteError
 
 
 class CacheError(PactError):
@@ -10,7 +10,7 @@ class CacheError(PactError):
     """
 
 
-class CacheWriteError(CacheError):
+class CacheWriteError(CacheError, WriteError):
     """Writing a cache file failed (disk full, permission denied, ...); nothing was half-written."""
 
 

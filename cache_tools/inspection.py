@@ -14,14 +14,13 @@ import torch
 
 from pact.cache_tools.reader import CacheReader
 from pact.errors import PactError
+from pact.models.loading import load_tokenizer
 
 TOP_SAFETY = 3
 
 
 def _tokenizer(model_source: str):
     """The cache's tokenizer for decoding response tokens, or None when it cannot be loaded here."""
-    from pact.models import load_tokenizer
-
     try:
         return load_tokenizer(model_source)
     except (PactError, OSError, ValueError):

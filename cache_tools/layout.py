@@ -17,7 +17,6 @@ import torch
 
 from pact.cache_tools.codec import check_dtype
 
-
 # Version 2 stores each row's response spans (multi-turn); version 1 (one response to the end) is still read.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

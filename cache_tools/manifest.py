@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from pact.cache_tools.codec import DTYPES
-from pact.cache_tools.errors import CacheError
+from pact.cache_tools.errors import CacheError, CacheWriteError
 from pact.cache_tools.layout import FORMAT_VERSION, READABLE_VERSIONS, Layout
 from pact.cache_tools.writer import (
-    LOCK_NAME, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, atomic_write, is_pact_shard_file,
-    is_shard_name,
+    LOCK_NAME, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, is_pact_shard_file, is_shard_name,
 )
-from pact.data import DEFAULT_SPLIT, EncodedExample
+from pact.data.chat import EncodedExample
+from pact.data.sources import DEFAULT_SPLIT
+from pact.files import atomic_write
 
 FORMAT_NAME = "pact-cache"
 CHECKSUMS = "checksums"
@@ -99,7 +100,7 @@ def describe_data(data, chat_template: str | None, max_length: int | None, skip_
                   dataset_fingerprint: str | None = None) -> dict:
     """The manifest's `data` entry: source, content hash and preprocessing parameters, plus their joint fingerprint.
 
-    `data` is what the rows were read from (see `pact.data.open_data`): a
+    `data` is what the rows were read from (see `pact.data.sources.open_data`): a
     local file or folder is hashed; a hub dataset id or a `datasets.Dataset` is
     identified by its name, config, split and `datasets` fingerprint. The
     fingerprint changes when the data, `max_length`, `skip_invalid`, `limit`,
@@ -248,7 +249,7 @@ def edited_fields(manifest: dict) -> list[str] | None:
 def save_manifest(directory: Path, manifest: dict, name: str = MANIFEST_NAME) -> None:
     """Record `manifest`'s checksums in it and write it as `manifest.json` (or the manifest file `name`) atomically."""
     manifest[CHECKSUMS] = manifest_checksums(manifest)
-    atomic_write(Path(directory) / name, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(Path(directory) / name, (json.dumps(manifest, indent=1) + "\n").encode(), CacheWriteError)
 
 
 def is_integer(value, low: int) -> bool:

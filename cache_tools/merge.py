@@ -34,15 +34,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pact.cache_tools.errors import CacheError
+from pact.cache_tools.errors import CacheError, CacheWriteError
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import (
     DATA_DEPENDENT, PART, delete_files, differences, directory_entries, load_manifest, own_files, save_manifest, set_totals,
 )
 from pact.cache_tools.reader import decode_shard, read_shard_bytes, read_shard_table
-from pact.cache_tools.writer import (
-    DEFAULT_ZSTD_LEVEL, SAFETY_TOKENS_NAME, DirectoryLock, atomic_write, make_directory, shard_name, write_shard,
-)
+from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, SAFETY_TOKENS_NAME, DirectoryLock, make_directory, shard_name, write_shard
+from pact.files import atomic_write
 
 
 def _combined(values: list) -> str:
@@ -134,7 +133,7 @@ def _copy_shard(out: Path, index: int, directory: Path, entry: dict, offset: int
     """
     if not offset:
         name = shard_name(index)
-        atomic_write(out / name, read_shard_bytes(directory, entry))
+        atomic_write(out / name, read_shard_bytes(directory, entry), CacheWriteError)
         return {**entry, "file": name}
     table = read_shard_table(directory, entry)
     column = table.schema.get_field_index("example_id")
@@ -194,7 +193,7 @@ def merge_caches(out_dir: str | Path, directories: list[str | Path], overwrite: 
             delete_files(out, own_files(out, "--overwrite"))
         merged = _merged_manifest(inputs, manifests, offsets, parts)
         save_manifest(out, merged)
-        atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(merged["safety_tokens"], indent=1) + "\n").encode())
+        atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(merged["safety_tokens"], indent=1) + "\n").encode(), CacheWriteError)
         for directory, manifest, offset in zip(inputs, manifests, offsets):
             level = manifest["params"].get("zstd_level", DEFAULT_ZSTD_LEVEL)
             for entry in manifest["shards"]:

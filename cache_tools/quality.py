@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from pact.objective import PactConfig, pact_kl
-from pact.reference import ReferenceTargets
-from pact.cache_tools.batch import collate_rows
-from pact.targets import check_columns
+from pact.data.batch import collate_rows
+from pact.objective.kl import pact_kl
+from pact.objective.reference import ReferenceTargets
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.targets import check_columns
 
 
 def objective_error(rows: list[dict], exact: list[ReferenceTargets], safety_ids: torch.Tensor, weights: torch.Tensor,
-                    cfg: PactConfig = PactConfig()) -> dict:
+                    cfg: ObjectiveArguments = ObjectiveArguments()) -> dict:
     """Compare the per-token KL_t from cache `rows` with the KL_t from `exact` reference values (same examples, same order).
 
     Returns the exact mean KL, the relative error of the mean KL

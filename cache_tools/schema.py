@@ -25,7 +25,7 @@ from pact.cache_tools import codec
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import FORMAT_VERSION, Layout
 from pact.cache_tools.writer import SCHEMA_VERSION_KEY
-from pact.data import EncodedExample
+from pact.data.chat import EncodedExample
 
 LOGIT_COLUMNS = ("full_logits", "post_logits")
 MATRIX_COLUMNS = (*LOGIT_COLUMNS, "safety_index")  # fixed_size_list fields: [n_resp, width] per row

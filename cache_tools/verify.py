@@ -29,7 +29,9 @@ from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
 from pact.cache_tools.reader import CacheReader
 from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
-from pact.data import EncodedExample
+from pact.data.chat import EncodedExample
+from pact.models.loading import load_model, pad_token_id
+from pact.objective.reference import reference_targets
 
 RECOMPUTE_ATOL = 2e-3
 RECOMPUTE_RTOL = 1e-3
@@ -125,10 +127,6 @@ def _check_shards(directory: Path, report: VerifyReport) -> CacheReader:
 
 def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
     """Re-run the reference on `count` random rows and compare with what is stored."""
-    from pact.models import pad_token_id
-    from pact.models import load_model
-    from pact.reference import reference_targets
-
     manifest = reader.manifest
     loaded = model or load_model(manifest["model_source"], device=device, dtype=manifest["params"]["model_dtype"])
     if loaded.fingerprint != manifest["fingerprints"]["model"]:

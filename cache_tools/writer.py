@@ -20,8 +20,8 @@ import pyarrow.ipc as ipc
 
 from pact.cache_tools.errors import CacheError, CacheWriteError
 from pact.errors import os_error_reason
+from pact.files import TEMP_PREFIX, atomic_write
 
-TEMP_PREFIX = ".tmp-"
 MANIFEST_NAME = "manifest.json"
 RANK_MANIFEST_PREFIX = "manifest.rank-"
 SAFETY_TOKENS_NAME = "safety_tokens.json"
@@ -56,40 +56,6 @@ def rank_manifest_name(rank: int, world_size: int) -> str:
     return f"{RANK_MANIFEST_PREFIX}{rank:05d}-of-{world_size:05d}.json"
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably (temp file, fsync, rename, fsync directory).
-
-    An `OSError` (disk full, permission denied, ...) removes the temporary
-    file, leaves any previous `path` untouched and raises `CacheWriteError`.
-    """
-    path = Path(path)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_directory(path.parent)
-    except OSError as err:
-        temp.unlink(missing_ok=True)
-        raise CacheWriteError(f"cannot write {path}: {os_error_reason(err)}; nothing was replaced") from err
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def serialize_table(table: pa.Table, zstd_level: int | None = DEFAULT_ZSTD_LEVEL) -> bytes:
     """An Arrow IPC file (one record batch) with every buffer zstd-compressed at `zstd_level` (None: uncompressed)."""
     codec = pa.Codec("zstd", compression_level=zstd_level) if zstd_level is not None else None
@@ -108,7 +74,7 @@ def write_shard(directory: Path, index: int, table: pa.Table, response_tokens: i
     """Write `table` as shard `index` of `directory`; returns its manifest entry (file, rows, response_tokens, bytes, sha256)."""
     data = serialize_table(table, zstd_level)
     name = shard_name(index)
-    atomic_write(Path(directory) / name, data)
+    atomic_write(Path(directory) / name, data, CacheWriteError)
     return {"file": name, "rows": table.num_rows, "response_tokens": int(response_tokens), "bytes": len(data), "sha256": sha256_hex(data)}
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from pact.models import resolve_device
+from pact.devices import resolve_device
 
 T = TypeVar("T")
 

@@ -22,6 +22,10 @@ class CheckFailed(PactError):
     exit_code = EXIT_FAILED_CHECK
 
 
+class WriteError(PactError):
+    """Writing a file failed (disk full, permission denied, ...); nothing was half-written."""
+
+
 class InvalidSetting(PactError):
     """A configuration field holds a value it cannot take; `field` names it, so a command line can name its flag."""
 

@@ -29,12 +29,12 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The embedded SmolLM2-135M-Instruct, loaded once per session with `pact.models.load_model()`.
+    """The embedded SmolLM2-135M-Instruct, loaded once per session with `pact.models.loading.load_model()`.
 
     The embedded model is part of the quickstart install, so a missing package fails the test
     (with the pip command to run) instead of skipping it.
     """
-    from pact.models import ModelNotFoundError, load_model
+    from pact.models.loading import ModelNotFoundError, load_model
 
     try:
         return load_model()

@@ -15,7 +15,7 @@ import sys
 import accelerate.state
 from accelerate.utils import DistributedType
 
-from pact.cli import main
+from pact.cli.main import main
 
 _accelerator_state_init = accelerate.state.AcceleratorState.__init__
 

@@ -46,7 +46,7 @@ def _tiny_backend_json(vocab_size: int) -> str:
     """Train (once per process) a byte-level BPE on the demo data; returns its `tokenizer.json` text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pact.data import DEMO_BENIGN, DEMO_REFUSALS, demo_data_path
+    from pact.data.sources import DEMO_BENIGN, DEMO_REFUSALS, demo_data_path
 
     corpus = list(_EXTRA_CORPUS)
     for name in (DEMO_BENIGN, DEMO_REFUSALS):
@@ -114,7 +114,7 @@ def make_tiny_model(tmp_dir, vocab_size: int | None = None, seed: int = 0, token
 
     `vocab_size` defaults to `len(tokenizer)`; `seed` fixes the weights (different seeds, different
     weights); `config` overrides `tiny_llama_config`'s settings. The directory loads with
-    `pact.models.load_model(str(dir))`.
+    `pact.models.loading.load_model(str(dir))`.
     """
     import torch
     from transformers import LlamaForCausalLM

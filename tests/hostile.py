@@ -107,9 +107,9 @@ NEEDS_NON_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into 
 
 def _entry_point(program: str) -> Callable[[list[str]], int]:
     if program == "pact":
-        from pact.cli import main
+        from pact.cli.main import main
     elif program == "pact-cache":
-        from pact.cache_tools.cli import main
+        from pact.cli.cache import main
     else:
         raise ValueError(f"unknown program {program!r}")
     return main
@@ -149,9 +149,9 @@ def check_case(case: Case, world: World, capsys) -> str:
 @pytest.fixture(scope="session")
 def hostile_fixtures(tiny, tiny_model_dir, tiny_safety_file, float32_cache, tmp_path_factory):
     """The shared originals a `World` copies: safety tokens, cache, data, a trained run (built once per session)."""
-    from pact.arguments import PactTrainingArguments
-    from pact.data import demo_data_path
-    from pact.train import train
+    from pact.training.arguments import PactTrainingArguments
+    from pact.data.sources import demo_data_path
+    from pact.training.train import train
 
     base = tmp_path_factory.mktemp("hostile-originals")
     rows = [line for line in demo_data_path("benign").read_text(encoding="utf-8").splitlines() if line.strip()][:12]

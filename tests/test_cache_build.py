@@ -7,15 +7,16 @@ import os
 
 import pytest
 import torch
+from test_cache_support import float32_cache, one_thread, tiny, tiny_examples, tiny_safety  # noqa: F401  (fixtures)
 from torch.utils.data import DataLoader
 
 from pact.cache_tools import CacheError, CacheReader, CacheWriteError, ShardShuffleSampler, build_cache, load_manifest
 from pact.cache_tools.manifest import save_manifest
 from pact.cache_tools.quality import objective_error
-from pact.data import assistant_header_ids
-from pact.objective import PactConfig
-from pact.reference import reference_targets
-from test_cache_support import float32_cache, one_thread, tiny, tiny_examples, tiny_safety  # noqa: F401  (fixtures)
+from pact.data.chat import assistant_header_ids
+from pact.errors import InvalidSetting
+from pact.objective.reference import reference_targets
+from pact.objective.settings import ObjectiveArguments
 
 
 def _build(tiny, examples, safety, out, **kwargs):
@@ -44,7 +45,7 @@ def test_float32_cache_equals_an_unpadded_forward_pass(tiny, tiny_examples, tiny
     ids = torch.tensor(tiny_safety.ids)
     plus = torch.tensor([i for i, w in zip(tiny_safety.ids, tiny_safety.weights) if w > 0])
     header = assistant_header_ids(tiny.tokenizer)
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     with torch.no_grad():
         for example, row in zip(tiny_examples, reader):
             start, tokens = example.response_start, example.input_ids
@@ -154,15 +155,18 @@ def test_non_empty_directory_needs_resume_or_overwrite(tiny, tiny_examples, tiny
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"batch_size": 0}, r"batch_size \(--batch-size\) must be an integer >= 1, got 0"),
-    ({"rows_per_shard": 0}, r"rows_per_shard \(--rows-per-shard\) must be an integer >= 1, got 0"),
-    ({"threads": 0}, r"threads \(--threads\) must be an integer >= 1, got 0"),
-    ({"top_k": 0}, r"top_k \(--top-k\) must be an integer >= 1, got 0"),
-    ({"zstd_level": 23}, r"zstd_level \(--zstd-level\) must be an integer in 1..22, got 23"),
+    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"rows_per_shard": 0}, r"rows_per_shard must be an integer >= 1, got 0"),
+    ({"threads": 0}, r"threads must be an integer >= 1, got 0"),
+    ({"top_k": 0}, r"top_k must be an integer >= 1, got 0"),
+    ({"zstd_level": 23}, r"zstd_level must be an integer >= 1 and <= 22, got 23"),
 ])
 def test_build_refuses_invalid_counts_naming_the_parameter(tiny, tiny_examples, tiny_safety, tmp_path, kwargs, message):
-    with pytest.raises(CacheError, match=message):
+    """`build_cache` called from Python refuses a count it cannot use, as an `InvalidSetting` naming the parameter
+    (the command line adds its flag), before anything is written."""
+    with pytest.raises(InvalidSetting, match=message) as refused:
         _build(tiny, tiny_examples, tiny_safety, tmp_path / "out", **kwargs)
+    assert refused.value.field == next(iter(kwargs))
     assert not (tmp_path / "out").exists()
 
 
@@ -217,8 +221,10 @@ def test_disk_full_keeps_a_valid_manifest(tiny, tiny_examples, tiny_safety, floa
 @pytest.mark.embedded
 def test_embedded_model_layouts_stay_within_their_documented_error(embedded, tmp_path):
     from pact.cache_tools.quality import objective_error
-    from pact.data import demo_data_path, load_conversations, load_examples
-    from pact.safety_tokens import compute_safety_tokens
+    from pact.data.chat import load_examples
+    from pact.data.rows import load_conversations
+    from pact.data.sources import demo_data_path
+    from pact.objective.safety_tokens import compute_safety_tokens
 
     refusals, _ = load_conversations(demo_data_path("refusals"), limit=8)
     safety = compute_safety_tokens(embedded, None, refusals, max_examples=8, max_resp_len=24, progress=False)

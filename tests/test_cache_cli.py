@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pact.cache_tools import CacheReader, build_cache, load_manifest
-from pact.cache_tools.cli import main
-from test_cache_support import (  # noqa: F401  (fixtures)
+from pact.cli.cache import main
+from test_cache_support import (
     TINY_MAX_LENGTH, float32_cache, one_thread, subprocess_env, tiny, tiny_examples, tiny_safety, tiny_safety_file,
 )
 
@@ -107,7 +107,7 @@ def test_merge_joins_disjoint_caches_and_refuses_mismatches(tiny, tiny_examples,
 def test_merge_renumbers_caches_of_different_data_files(tiny_model_dir, tiny_safety_file, tmp_path, capsys):
     """Two data files both number their rows from 0: merged, every row is there once, the second cache's ids follow the
     first's, and every value is unchanged."""
-    from pact.data import demo_data_path
+    from pact.data.sources import demo_data_path
 
     rows = [line for line in demo_data_path("benign").read_text(encoding="utf-8").splitlines() if line.strip()][:12]
     caches = []
@@ -146,7 +146,7 @@ def test_kill_9_then_resume_equals_a_clean_build(tiny_model_dir, tiny_safety_fil
         "    time.sleep(1.0)\n"
         "    return entry\n"
         "b.write_shard = slow\n"
-        "from pact.cache_tools.cli import main\n"
+        "from pact.cli.cache import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script, *_build_args(tiny_model_dir, tiny_safety_file, out)],

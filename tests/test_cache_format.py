@@ -12,7 +12,7 @@ from pact.cache_tools import CacheError, Layout
 from pact.cache_tools import codec
 from pact.cache_tools.layout import select_columns
 from pact.cache_tools.schema import ShardRows, StepValues, arrow_schema, build_table, encode_steps
-from pact.data import EncodedExample
+from pact.data.chat import EncodedExample
 
 IDS = [3, 7, 11, 20, 31]
 WEIGHTS = [0.5, 0.0, 1.0, 0.25, 0.0]  # S+ = 3, 11, 20

@@ -44,14 +44,14 @@ def subprocess_env() -> dict:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """The tiny random model, loaded on CPU in float32."""
-    from pact.models import load_model
+    from pact.models.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 def make_safety_tokens(loaded, count: int = 12, seed: int = 0):
     """A safety-token set of `count` random ids with about half the weights positive, made for `loaded`."""
-    from pact.safety_tokens import SafetyTokens
+    from pact.objective.safety_tokens import SafetyTokens
 
     generator = torch.Generator().manual_seed(seed)
     ids = sorted(torch.randperm(loaded.model.config.vocab_size, generator=generator)[:count].tolist())
@@ -76,7 +76,8 @@ def tiny_safety_file(tiny_safety, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_examples(tiny):
     """The first TINY_ROWS demo examples encoded with the tiny tokenizer."""
-    from pact.data import demo_data_path, load_examples
+    from pact.data.sources import demo_data_path
+    from pact.data.chat import load_examples
 
     examples, _ = load_examples(demo_data_path("benign"), tiny.tokenizer, max_length=TINY_MAX_LENGTH, limit=TINY_ROWS)
     return examples

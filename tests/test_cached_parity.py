@@ -7,14 +7,14 @@ import pytest
 
 from helpers import random_lora_student, write_jsonl
 from pact.cache_tools import CacheReader
-from pact.cache_tools.batch import collate_rows
-from pact.cache_tools.cli import main as cache_main
-from pact.cli import main as pact_main
-from pact.data import assistant_header_ids
-from pact.loss import cached_pact_loss, pact_batch_loss
-from pact.models import load_model
-from pact.objective import PactConfig
-from pact.targets import OnlineReference
+from pact.data.batch import collate_rows
+from pact.cli.cache import main as cache_main
+from pact.cli.main import main as pact_main
+from pact.data.chat import assistant_header_ids
+from pact.objective.loss import cached_pact_loss, pact_batch_loss
+from pact.models.loading import load_model
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.targets import OnlineTargets
 
 from test_online_objective import independent_terms
 
@@ -50,11 +50,11 @@ def _relative(a, b):
 def _online_and_cached(loaded, reader, seed):
     """Loss and LoRA gradients of the same student, with online (adapter-disabled) and cached targets."""
     tok = loaded.tokenizer
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     rows = [reader[i] for i in range(len(reader))]
     safety_ids, weights = reader.safety_ids, reader.safety_weights
     student = random_lora_student(loaded.model, seed=seed, scale=0.02)
-    online = OnlineReference(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
+    online = OnlineTargets(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     online_out = pact_batch_loss(student, online.fill(collate_rows(rows, tok.pad_token_id)), safety_ids, weights, cfg)
     online_grads = _backward(student, online_out)
     cached_out = cached_pact_loss(student, rows, safety_ids, weights, cfg, tok.pad_token_id)
@@ -120,7 +120,7 @@ def _drift_cli(capsys, reader, model_arg, adapter=None):
 
 
 def _check_drift(capsys, loaded, reader, model_arg, tmp_path):
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     reference_value, tokens, _ = _independent_drift(loaded.model, loaded.model, reader, cfg)
     result = _drift_cli(capsys, reader, model_arg)
     assert result["tokens"] == tokens

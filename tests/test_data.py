@@ -8,31 +8,10 @@ import json
 
 import pytest
 
-from helpers import (
-    make_tiny_tokenizer,
-    write_csv,
-    write_dataset_dir,
-    write_json,
-    write_jsonl,
-    write_parquet,
-)
-from pact.data import (
-    DEMO_BENIGN,
-    DEMO_REFUSALS,
-    PLAIN_HEADER_FALLBACK,
-    Conversation,
-    DataError,
-    assistant_header,
-    assistant_header_ids,
-    demo_data_path,
-    encode_conversation,
-    encode_conversations,
-    load_conversations,
-    load_examples,
-    prompt_token_ids,
-    render_prompt,
-    row_to_messages,
-)
+from helpers import make_tiny_tokenizer, write_csv, write_dataset_dir, write_json, write_jsonl, write_parquet
+from pact.data.sources import DEMO_BENIGN, DEMO_REFUSALS, DataError, demo_data_path
+from pact.data.chat import PLAIN_HEADER_FALLBACK, assistant_header, assistant_header_ids, encode_conversation, encode_conversations, load_examples, prompt_token_ids, render_prompt
+from pact.data.rows import Conversation, load_conversations, row_to_messages
 
 ALPACA_ROWS = [
     {"instruction": "Say hello.", "output": "Hello there!"},

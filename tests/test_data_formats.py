@@ -12,16 +12,9 @@ import time
 import pytest
 
 from helpers import make_tiny_tokenizer, write_csv, write_jsonl
-from pact.data import (
-    FORMATS,
-    DataError,
-    load_conversations,
-    load_examples,
-    load_prompts,
-    row_format,
-    row_to_messages,
-    row_to_prompt_messages,
-)
+from pact.data.rows import FORMATS, load_conversations, load_prompts, row_format, row_to_messages, row_to_prompt_messages
+from pact.data.sources import DataError
+from pact.data.chat import load_examples
 from pact.errors import InvalidSetting
 
 SYSTEM, USER_1, ANSWER_1, USER_2, ANSWER_2 = "Be brief.", "Hi.", "Hello.", "Name a colour.", "Red."
@@ -338,7 +331,7 @@ def test_cache_build_from_a_hub_dataset(stand_in_hub, tiny_model_dir, tiny_safet
     from datasets import Dataset
 
     from pact.cache_tools import CacheReader, load_manifest
-    from pact.cache_tools.cli import main
+    from pact.cli.cache import main
 
     rows = [_sharegpt(MULTI_TURN), _sharegpt(SINGLE_TURN), _sharegpt(MULTI_TURN[1:])]
     stand_in_hub["owner/chat"] = {("short", "validation"): rows}
@@ -364,7 +357,7 @@ def test_pact_commands_pass_the_data_settings_through(argv, stand_in_hub, tiny_m
     """`pact safety-tokens --data`, `pact eval refusal --prompts` and `pact eval task --data` take --dataset_split,
     --dataset_config and --format: the rows of that split are read in that format and a bad one is named, before any
     model is loaded."""
-    from pact.cli import main
+    from pact.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     stand_in_hub["owner/chat"] = {("short", "test"): [{"instruction": "Hi.", "output": "Hello."}]}

@@ -25,14 +25,14 @@ import torch
 from safetensors.torch import load_file
 
 from pact.cache_tools import CacheReader, load_manifest
-from pact.cache_tools.cli import main as cache_main
+from pact.cli.cache import main as cache_main
 from pact.cache_tools.manifest import differences, save_manifest
 from pact.cache_tools.writer import rank_manifest_name
 from pact.distributed import contiguous_part
 from pact.errors import PactError
-from pact.arguments import PactTrainingArguments
-from pact.train import train
-from test_cache_support import (  # noqa: F401  (fixtures)
+from pact.training.arguments import PactTrainingArguments
+from pact.training.train import train
+from test_cache_support import (
     TINY_MAX_LENGTH, make_safety_tokens, one_thread, subprocess_env, tiny, tiny_safety, tiny_safety_file,
 )
 
@@ -56,7 +56,7 @@ def _torchrun(*command) -> str:
 def _pact_cache_script() -> list[str]:
     """The `pact-cache` console script as `$(which pact-cache)` finds it in this environment (else its module)."""
     script = Path(sys.executable).parent / "pact-cache"
-    return [str(script)] if script.is_file() else ["-m", "pact.cache_tools.cli"]
+    return [str(script)] if script.is_file() else ["-m", "pact.cli.cache"]
 
 
 def _assert_same_rows(got_dir, want_dir) -> None:
@@ -224,9 +224,9 @@ def test_the_loss_runs_the_forward_of_a_ddp_wrapped_model(single_cache, tiny_mod
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
-    from pact.loss import cached_pact_loss
-    from pact.models import load_model
-    from pact.objective import PactConfig
+    from pact.objective.loss import cached_pact_loss
+    from pact.models.loading import load_model
+    from pact.objective.settings import ObjectiveArguments
 
     reader = CacheReader(single_cache)
     rows = [reader[i] for i in range(3)]
@@ -236,11 +236,11 @@ def test_the_loss_runs_the_forward_of_a_ddp_wrapped_model(single_cache, tiny_mod
         wrapped = DistributedDataParallel(model)
         calls = []
         wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
-        through_ddp = cached_pact_loss(wrapped, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+        through_ddp = cached_pact_loss(wrapped, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 2)
         through_ddp.loss.backward()
     finally:
         dist.destroy_process_group()
-    direct = cached_pact_loss(model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+    direct = cached_pact_loss(model, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 2)
     assert calls == [1]
     assert through_ddp.loss.item() == pytest.approx(direct.loss.item(), rel=1e-6)
 
@@ -264,10 +264,11 @@ def test_the_loss_projects_inside_the_forward_of_an_fsdp2_sharded_model(single_c
     from peft import LoraConfig, get_peft_model
     from torch.distributed.tensor import DTensor
 
-    from pact.cache_tools.batch import collate_rows
-    from pact.loss import cached_pact_loss, student_outputs
-    from pact.models import load_model
-    from pact.objective import PactConfig
+    from pact.data.batch import collate_rows
+    from pact.objective.loss import cached_pact_loss
+    from pact.objective.student import student_outputs
+    from pact.models.loading import load_model
+    from pact.objective.settings import ObjectiveArguments
 
     reader = CacheReader(single_cache)
     rows = [reader[i] for i in range(3)]
@@ -278,7 +279,7 @@ def test_the_loss_projects_inside_the_forward_of_an_fsdp2_sharded_model(single_c
         return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)) if lora else model
 
     direct = student()
-    want = cached_pact_loss(direct, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+    want = cached_pact_loss(direct, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 2)
     want.loss.backward()
     with torch.no_grad():
         want_logits = student_outputs(direct, collate_rows(rows, 2), reader.safety_ids, with_ce=False).safety_logits
@@ -286,7 +287,7 @@ def test_the_loss_projects_inside_the_forward_of_an_fsdp2_sharded_model(single_c
     try:
         sharded = _fsdp2_sharded(student())
         assert isinstance(sharded.get_output_embeddings().weight, DTensor)
-        got = cached_pact_loss(sharded, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 2)
+        got = cached_pact_loss(sharded, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 2)
         got.loss.backward()
         grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters() if p.grad is not None}
         with torch.no_grad():
@@ -307,7 +308,7 @@ def test_fsdp_training_equals_one_process_on_the_same_global_batch(single_cache,
     AutoModelForCausalLM loads, and FSDP checkpoints that `--resume` accepts."""
     from transformers import AutoModelForCausalLM
 
-    from pact.train import check_resume_settings, prepare_output
+    from pact.training.run_folder import check_resume_settings, prepare_output
 
     one, two = tmp_path / "one", tmp_path / "two"
     single = _one_process(single_cache, one, full=True)
@@ -330,7 +331,7 @@ def test_fsdp_training_equals_one_process_on_the_same_global_batch(single_cache,
 def test_fsdp_that_accelerate_does_not_set_up_is_refused(single_cache, tmp_path, monkeypatch, capsys):
     """`accelerate launch` with an FSDP config on CPU: accelerate drops the FSDP plugin and would train unsharded, without a
     word; `pact train` refuses (exit 2) before training. (`--fsdp` on CPU processes is refused by the same check.)"""
-    from pact.cli import main as pact_main
+    from pact.cli.main import main as pact_main
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file FSDP.yaml` sets
     assert pact_main(_train_args(single_cache, tmp_path / "run", 5, "--full")) == 2

@@ -9,15 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pact.arguments import PactTrainingArguments
+from pact.training.arguments import PactTrainingArguments
 from pact.cache_tools import CacheReader, build_cache, load_manifest
-from pact.cache_tools.batch import collate_rows
+from pact.data.batch import collate_rows
 from pact.errors import InvalidSetting
-from pact.loss import cached_pact_loss, student_outputs
-from pact.models import load_model, resolve_dtype
-from pact.objective import PactConfig, chunked_target_logprob, float32_logits
-from pact.reference import causal_lm_parts, hidden_states_at
-from pact.train import train
+from pact.objective.loss import cached_pact_loss
+from pact.objective.student import student_outputs
+from pact.models.loading import load_model
+from pact.devices import resolve_dtype
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.student import chunked_target_logprob
+from pact.models.parts import float32_logits
+from pact.models.parts import causal_lm_parts, hidden_states_at
+from pact.training.train import train
 from test_cache_support import float32_cache, one_thread, tiny, tiny_examples, tiny_safety  # noqa: F401  (fixtures)
 
 BF16 = {"rtol": 1.6e-2, "atol": 1e-2}  # bfloat16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
@@ -89,8 +93,8 @@ def test_student_logits_and_loss_are_float32_under_bf16_weights(tiny, tiny_bf16,
     with torch.no_grad():
         hidden = hidden_states_at(tiny_bf16.model, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
     torch.testing.assert_close(student.safety_logits.detach(), hidden.float() @ head[reader.safety_ids].float().T)
-    exact = cached_pact_loss(tiny.model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 0)
-    half = cached_pact_loss(tiny_bf16.model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), 0)
+    exact = cached_pact_loss(tiny.model, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 0)
+    half = cached_pact_loss(tiny_bf16.model, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), 0)
     assert half.loss.dtype == torch.float32
     for part in ("loss", "ce", "kl"):
         torch.testing.assert_close(getattr(half, part).detach(), getattr(exact, part).detach(), **BF16)

@@ -1,4 +1,4 @@
-"""Prompt loading (`pact.data.load_prompts`) and chat inference (`pact.generation`): batched generation and
+"""Prompt loading (`pact.data.rows.load_prompts`) and chat inference (`pact.evaluation.generation`): batched generation and
 scoring must equal one-sequence-at-a-time computation."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ import pytest
 import torch
 from helpers import make_tiny_tokenizer, tiny_llama_config, write_jsonl
 
-from pact.data import Conversation, DataError, encode_conversation, load_prompts, prompt_token_ids
-from pact.generation import generate_ids, generate_responses, score_responses, stop_token_ids
+from pact.data.rows import Conversation, load_prompts
+from pact.data.sources import DataError
+from pact.data.chat import encode_conversation, prompt_token_ids
+from pact.evaluation.generation import generate_ids, generate_responses, score_responses, stop_token_ids
 
 PROMPTS = [
     "Say hello.",

@@ -1,10 +1,10 @@
-"""The refusal judges (`pact.judge`): the keyword judge on hand-written answers, the guard-model judge as a smoke test."""
+"""The refusal judges (`pact.evaluation.judge`): the keyword judge on hand-written answers, the guard-model judge as a smoke test."""
 
 from __future__ import annotations
 
 import pytest
 
-from pact.judge import REFUSAL_PHRASES, GuardJudge, find_refusal_phrase, is_refusal
+from pact.evaluation.judge import REFUSAL_PHRASES, GuardJudge, find_refusal_phrase, is_refusal
 
 REFUSALS = [
     "I'm sorry, but I can't help with getting into someone else's home.",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pact.data import demo_data_path, load_prompts
+from pact.data.sources import demo_data_path
+from pact.data.rows import load_prompts
 
 SETS = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
 

@@ -1,4 +1,4 @@
-"""Task accuracy (`pact.task_eval`): the label set, the bookkeeping on a hand-made set, and predictions that match
+"""Task accuracy (`pact.evaluation.task`): the label set, the bookkeeping on a hand-made set, and predictions that match
 an independent unbatched computation."""
 
 from __future__ import annotations
@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pact.data import Conversation, DataError, encode_conversation
-from pact.models import load_model
-from pact.task_eval import MAX_LABELS, TaskResult, evaluate_task, label_set
+from pact.data.rows import Conversation
+from pact.data.sources import DataError
+from pact.data.chat import encode_conversation
+from pact.models.loading import load_model
+from pact.evaluation.task import MAX_LABELS, TaskResult, evaluate_task, label_set
 
 
 def _row(index: int, text: str, label: str) -> Conversation:
@@ -49,7 +51,7 @@ def test_prediction_is_the_best_scoring_label(monkeypatch):
         assert list(candidates) == ["negative", "positive"] and len(prompts) == len(HAND_MADE)
         return scores
 
-    monkeypatch.setattr("pact.task_eval.score_responses", fake_scores)
+    monkeypatch.setattr("pact.evaluation.task.score_responses", fake_scores)
     result = evaluate_task(None, None, HAND_MADE, progress=False)
     assert result.predicted == ["positive", "negative", "positive", "negative", "negative"]  # a tie goes to the first label
     assert result.gold == ["positive", "positive", "negative", "negative", "negative"]

@@ -25,7 +25,7 @@ HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 def config_and_tokenizer_only(folder: Path) -> Path:
     """A model folder with no weights: a small Llama config and the embedded model's tokenizer files."""
-    from pact.models import EMBEDDED_MODEL, load_tokenizer
+    from pact.models.loading import EMBEDDED_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     tokenizer.save_pretrained(folder)

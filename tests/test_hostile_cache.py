@@ -20,7 +20,7 @@ import pytest
 
 from hostile import NEEDS_NON_ROOT, Case, check_case, read_only_folder
 from pact.cache_tools import CacheReader, load_manifest
-from pact.cache_tools.cli import main
+from pact.cli.cache import main
 from pact.cache_tools.manifest import save_manifest
 from pact.cache_tools.writer import DirectoryLock
 from test_cache_support import TINY_MAX_LENGTH, downgrade_to_v1, rewrite_response_spans, subprocess_env
@@ -122,9 +122,9 @@ def _zero_safety_file_weights(w):
 
 
 def _flag(flag: str, value: str, message: str) -> Case:
-    """A build refused for one bad number, before any model is loaded."""
+    """A build refused for one bad number, before any model is loaded: the message names the flag, then the setting."""
     return Case(f"build-{flag.strip('-')}-{value}", f"`{flag} {value}`", "pact-cache",
-                lambda w: _build(w, w.path("out"), flag, value), 2, f"argument {flag}: {message}")
+                lambda w: _build(w, w.path("out"), flag, value), 2, f"{flag}: {message}")
 
 
 P0 = ("gate", "p0")
@@ -160,24 +160,25 @@ CASES = [
          lambda w: _build(w, w.data), 2, "data.jsonl is a file, not a directory"),
     Case("build-out-under-a-file", "`--out` is a path under a file", "pact-cache",
          lambda w: _build(w, w.path("data.jsonl/cache")), 2, "data.jsonl is a file, not a directory"),
-    # numbers, refused by argparse before anything is loaded
-    _flag("--p0", "nan", "must be a finite number in (0, 1], got nan"),
-    _flag("--p0", "0", "must be a finite number in (0, 1], got 0"),
-    _flag("--p0", "1.5", "must be a finite number in (0, 1]"),
-    _flag("--gate-temperature", "0", "must be a finite number > 0, got 0"),
-    _flag("--gate-temperature", "-1", "must be a finite number > 0, got -1"),
-    _flag("--gate-temperature", "nan", "must be a finite number > 0, got nan"),
-    _flag("--temperature", "0", "must be a finite number > 0, got 0"),
-    _flag("--temperature", "inf", "must be a finite number > 0, got inf"),
-    _flag("--top-k", "0", "must be at least 1, got 0"),
-    _flag("--batch-size", "0", "must be at least 1, got 0"),
-    _flag("--rows-per-shard", "0", "must be at least 1, got 0"),
-    _flag("--zstd-level", "0", "must be in 1..22, got 0"),
-    _flag("--zstd-level", "23", "must be in 1..22, got 23"),
-    _flag("--threads", "0", "must be at least 1, got 0"),
-    _flag("--max-length", "0", "must be at least 1, got 0"),
-    _flag("--limit", "0", "must be at least 1, got 0"),
-    _flag("--batch-size", "two", "'two' is not an integer"),
+    # numbers, refused by their settings class before anything is loaded
+    _flag("--p0", "nan", "p0 must be a finite number > 0 and <= 1, got nan"),
+    _flag("--p0", "0", "p0 must be a finite number > 0 and <= 1, got 0"),
+    _flag("--p0", "1.5", "p0 must be a finite number > 0 and <= 1, got 1.5"),
+    _flag("--gate-temperature", "0", "gate_temperature must be a finite number > 0, got 0"),
+    _flag("--gate-temperature", "-1", "gate_temperature must be a finite number > 0, got -1"),
+    _flag("--gate-temperature", "nan", "gate_temperature must be a finite number > 0, got nan"),
+    _flag("--temperature", "0", "temperature must be a finite number > 0, got 0"),
+    _flag("--temperature", "inf", "temperature must be a finite number > 0, got inf"),
+    _flag("--top-k", "0", "top_k must be an integer >= 1, got 0"),
+    _flag("--batch-size", "0", "batch_size must be an integer >= 1, got 0"),
+    _flag("--rows-per-shard", "0", "rows_per_shard must be an integer >= 1, got 0"),
+    _flag("--zstd-level", "0", "zstd_level must be an integer >= 1 and <= 22, got 0"),
+    _flag("--zstd-level", "23", "zstd_level must be an integer >= 1 and <= 22, got 23"),
+    _flag("--threads", "0", "threads must be an integer >= 1, got 0"),
+    _flag("--max-length", "0", "max_length must be an integer >= 1, got 0"),
+    _flag("--limit", "0", "limit must be an integer >= 1, got 0"),
+    Case("build-batch-size-two", "`--batch-size two`", "pact-cache", lambda w: _build(w, w.path("out"), "--batch-size", "two"), 2,
+         "argument --batch_size/--batch-size: invalid int value: 'two'"),
     # a manifest edited by hand: every field the trainer reads is under the checksums
     *[Case(f"verify-edited-{name}", f"manifest `{field}` edited by hand", "pact-cache", lambda w: ["verify", str(w.cache)], 1,
            f"field(s) {field} do not match its checksums", prepare=_edit(_set(*keys, value)))
@@ -294,7 +295,7 @@ CASES = [
          "row 0 (example_id 0), response span 1: not an ascending, disjoint token range",
          prepare=lambda w: rewrite_response_spans(w.cache, 0, lambda rows: [rows[0] * 2, *rows[1:]])),
     Case("build-train-on-unknown", "`--train-on first`", "pact-cache",
-         lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "argument --train-on: invalid choice: 'first'"),
+         lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "--train-on: train_on must be one of all, last, got 'first'"),
 ]
 
 

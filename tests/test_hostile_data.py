@@ -17,7 +17,8 @@ from helpers import make_tiny_tokenizer, write_csv, write_jsonl, write_parquet
 
 from hostile import Case, check_case
 from pact.cache_tools import CacheReader
-from pact.data import Conversation, encode_conversation, load_conversations, load_examples, load_prompts
+from pact.data.rows import Conversation, load_conversations, load_prompts
+from pact.data.chat import encode_conversation, load_examples
 
 FAMILY = "data files (every command that reads training or prompt data)"
 
@@ -162,7 +163,7 @@ CASES = [
                     "--out", str(w.path("st.json"))], 2,
          "pact-tests/no-such-dataset (split train): no such local file or folder, and no hub dataset that can be loaded"),
     Case("unknown-format", "`--format xml`", "pact-cache", lambda w: build(w, "data.jsonl", "--format", "xml"), 2,
-         "argument --format: invalid choice: 'xml'"),
+         "--format: data_format 'xml' is not a row format; choose one of alpaca, messages, prompt_completion, sharegpt"),
     Case("mixed-formats", "Alpaca rows with a ShareGPT row on line 2", "pact",
          lambda w: task(w, "mixed.jsonl"), 2,
          "mixed.jsonl, line 2: a row in the sharegpt format (field(s) 'conversations') among rows in the alpaca format",
@@ -193,15 +194,15 @@ CASES = [
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Make loading a model an error, so a case that passes was decided on the data (and the tokenizer) alone."""
-    import pact.commands.safety_tokens
-    import pact.drift
-    import pact.models
+    import pact.cli.safety_tokens
+    import pact.models.adapters
+    import pact.models.loading
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    for module, name in ((pact.models, "load_model"), (pact.commands.safety_tokens, "load_model"), (pact.drift, "load_student")):
-        monkeypatch.setattr(module, name, no_model)
+    for module in (pact.models.loading, pact.models.adapters, pact.cli.safety_tokens):
+        monkeypatch.setattr(module, "load_model", no_model)
 
 
 @pytest.fixture
@@ -240,8 +241,8 @@ def test_byte_order_mark_is_not_part_of_the_first_field(tmp_path, name, text):
 
 def test_byte_order_mark_csv_builds_the_same_cache(world, capsys):
     """`pact-cache build` reads a BOM CSV into the same token ids as the plain JSONL of the same rows."""
-    from pact.cache_tools.cli import main
-    from pact.models import load_tokenizer
+    from pact.cli.cache import main
+    from pact.models.loading import load_tokenizer
 
     rows = [ROW, {"instruction": "Translate to French: good morning.", "output": "Bonjour."}]
     world.write("rows.csv", "\ufeff" + "instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in rows))
@@ -252,7 +253,7 @@ def test_byte_order_mark_csv_builds_the_same_cache(world, capsys):
 
 def test_one_megabyte_answer_is_cut_by_max_length(world, capsys):
     """A 1 MB answer neither hangs nor blows memory: `--max-length 64` keeps the prompt and cuts the answer to fit."""
-    from pact.cache_tools.cli import main
+    from pact.cli.cache import main
 
     words = random.Random(0).choices(["hello", "there", "friend", "four", "Bonjour", "good", "morning"], k=200_000)
     answer = " ".join(words)[:1_000_000]
@@ -292,7 +293,7 @@ def test_chat_rows_without_an_answer_are_fine_as_prompts(tmp_path):
 def test_special_token_text_in_an_answer_is_cached_whole(world, capsys):
     """An answer quoting `<|im_end|>` reaches the cache whole: its response tokens decode back to the full answer,
     and the real end-of-turn id comes once, at the end."""
-    from pact.cache_tools.cli import main
+    from pact.cli.cache import main
 
     answer = "End a turn with <|im_end|> and start one with <|im_start|>; <|endoftext|> ends the text."
     write_jsonl(world.path("special.jsonl"), [{"instruction": "How does <|im_start|> ChatML work?", "output": answer}])

@@ -119,14 +119,14 @@ REFUSAL_CASES = [
          prepare=lambda w: w.write("empty.jsonl", "")),
     Case("refusal-missing-prompts", "a `--prompts` file that does not exist", "pact",
          lambda w: refusal(w, prompts=w.path("nowhere.jsonl")), 2, "nowhere.jsonl"),
-    Case("refusal-limit-zero", "`--limit 0`", "pact", lambda w: refusal(w, "--limit", "0"), 2, "argument --limit"),
+    Case("refusal-limit-zero", "`--limit 0`", "pact", lambda w: refusal(w, "--limit", "0"), 2, "--limit: limit must be an integer >= 1, got 0"),
     Case("refusal-batch-size-negative", "`--batch-size -2`", "pact",
-         lambda w: refusal(w, "--batch-size", "-2"), 2, "argument --batch-size"),
+         lambda w: refusal(w, "--batch-size", "-2"), 2, "--batch-size: batch_size must be an integer >= 1, got -2"),
     Case("refusal-max-new-tokens-zero", "`--max-new-tokens 0`", "pact",
-         lambda w: refusal(w, "--max-new-tokens", "0"), 2, "argument --max-new-tokens"),
-    Case("refusal-limit-not-a-number", "`--limit ten`", "pact", lambda w: refusal(w, "--limit", "ten"), 2, "argument --limit"),
+         lambda w: refusal(w, "--max-new-tokens", "0"), 2, "--max-new-tokens: max_new_tokens must be an integer >= 1, got 0"),
+    Case("refusal-limit-not-a-number", "`--limit ten`", "pact", lambda w: refusal(w, "--limit", "ten"), 2, "argument --limit: invalid int value: 'ten'"),
     Case("refusal-device-unknown", "`--device gpu` (not a torch device)", "pact",
-         lambda w: refusal(w, "--device", "gpu"), 2, "argument --device"),
+         lambda w: refusal(w, "--device", "gpu"), 2, "--device: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     Case("refusal-judge-missing", "`--judge` names a model directory that does not exist", "pact",
          lambda w: refusal(w, "--judge", str(w.path("no-judge"))), 2, "no-judge: no such model directory"),
     Case("refusal-model-missing", "`--model` names a directory that does not exist", "pact",
@@ -172,11 +172,11 @@ TASK_CASES = [
          prepare=lambda w: labelled(w, "free-text.jsonl", [f"answer {i}" for i in range(21)])),
     Case("task-empty-data", "an empty `--data` file", "pact",
          lambda w: task(w, w.path("empty.jsonl")), 2, "empty.jsonl", prepare=lambda w: w.write("empty.jsonl", "")),
-    Case("task-limit-negative", "`--limit -3`", "pact", lambda w: task(w, w.data, "--limit", "-3"), 2, "argument --limit"),
+    Case("task-limit-negative", "`--limit -3`", "pact", lambda w: task(w, w.data, "--limit", "-3"), 2, "--limit: limit must be an integer >= 1, got -3"),
     Case("task-batch-size-zero", "`--batch-size 0`", "pact",
-         lambda w: task(w, w.data, "--batch-size", "0"), 2, "argument --batch-size"),
+         lambda w: task(w, w.data, "--batch-size", "0"), 2, "--batch-size: batch_size must be an integer >= 1, got 0"),
     Case("task-dtype-unknown", "`--dtype float64`", "pact",
-         lambda w: task(w, w.data, "--dtype", "float64"), 2, "argument --dtype: invalid choice: 'float64'"),
+         lambda w: task(w, w.data, "--dtype", "float64"), 2, "--dtype: dtype must be one of auto, bfloat16, float16, float32, got 'float64'"),
     Case("task-save-to-eval-json-is-data", "`--data` is RUN_DIR/eval.json of `--save-to RUN_DIR`", "pact",
          lambda w: task(w, w.path("res/eval.json"), "--save-to", str(w.path("res"))), 2, "is the same file as --data",
          prepare=lambda w: w.write("res/eval.json", json.dumps([{"instruction": "Rate it.", "output": v} for v in "ab"]))),
@@ -208,9 +208,9 @@ DRIFT_CASES = [
          lambda w: drift(w, "--save-to", str(w.path("res"))), 2, "is the same file as --cache",
          prepare=lambda w: (w.path("res").mkdir(), os.symlink(w.cache / "manifest.json", w.path("res/eval.json")))),
     Case("drift-batch-size-zero", "`--batch-size 0`", "pact",
-         lambda w: drift(w, "--batch-size", "0"), 2, "argument --batch-size"),
+         lambda w: drift(w, "--batch-size", "0"), 2, "--batch-size: batch_size must be an integer >= 1, got 0"),
     Case("drift-dtype-unknown", "`--dtype int8` (a storage dtype of `pact-cache build`, not a weight dtype)", "pact",
-         lambda w: drift(w, "--dtype", "int8"), 2, "argument --dtype: invalid choice: 'int8'"),
+         lambda w: drift(w, "--dtype", "int8"), 2, "--dtype: dtype must be one of auto, bfloat16, float16, float32, got 'int8'"),
 ]
 
 REPORT_CASES = [
@@ -274,7 +274,7 @@ def _refusal_out_argv(w, out) -> list[str]:
 def test_refusal_out_replaces_an_existing_file_atomically(world, capsys, monkeypatch):
     """An existing --out file is replaced whole; if the process dies at the rename, the old file is intact and no
     temporary file is left behind."""
-    from pact import cli
+    from pact.cli import main as cli
 
     out = world.write("answers.jsonl", "old answers\n")
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -292,7 +292,7 @@ def test_refusal_out_replaces_an_existing_file_atomically(world, capsys, monkeyp
 
 def test_report_replaces_outputs_atomically(world, capsys, monkeypatch):
     """`pact report` writes PREFIX.md and PREFIX.png through a rename: a crash keeps the previous files whole."""
-    from pact import cli
+    from pact.cli import main as cli
 
     save_eval(world, "eval.json", {"refusal": {"refusal_rate": 0.25}, "task": {"accuracy": 0.75}})
     old_md, old_png = world.write("cmp.md", "old table\n"), world.write("cmp.png", b"old png")
@@ -309,7 +309,7 @@ def test_report_replaces_outputs_atomically(world, capsys, monkeypatch):
 def test_drift_with_the_run_adapter_saves_to_the_run(world, capsys):
     """The checks let the normal flow through: drift of a trained run's adapter on its own cache, saved into the run
     folder (whose eval.json is not an input even though the folder is the adapter's)."""
-    from pact import cli
+    from pact.cli import main as cli
 
     argv = drift(world, "--adapter", str(world.run), "--save-to", str(world.run), "--json")
     for _ in range(2):

@@ -108,23 +108,23 @@ CASES = [
          prepare=edit(lambda d: d["fingerprints"].__setitem__("tokenizer", "sha256:0000"), "cache/safety_tokens.json")),
     Case("show-missing", "`show` of a file that does not exist", "pact",
          lambda w: show(w, "nowhere.json"), 2, "safety-token file not found"),
-    Case("top-zero", "`--top 0`", "pact", lambda w: compute(w, "--top", "0"), 2, "argument --top: must be at least 1, got 0"),
+    Case("top-zero", "`--top 0`", "pact", lambda w: compute(w, "--top", "0"), 2, "--top: top must be an integer >= 1, got 0"),
     Case("max-examples-zero", "`--max-examples 0`", "pact",
-         lambda w: compute(w, "--max-examples", "0"), 2, "argument --max-examples: must be at least 1, got 0"),
+         lambda w: compute(w, "--max-examples", "0"), 2, "--max-examples: max_examples must be an integer >= 1, got 0"),
     Case("max-resp-len-zero", "`--max-resp-len 0`", "pact",
-         lambda w: compute(w, "--max-resp-len", "0"), 2, "argument --max-resp-len: must be at least 1, got 0"),
+         lambda w: compute(w, "--max-resp-len", "0"), 2, "--max-resp-len: max_resp_len must be an integer >= 1, got 0"),
     Case("batch-size-zero", "`--batch-size 0`", "pact",
-         lambda w: compute(w, "--batch-size", "0"), 2, "argument --batch-size: must be at least 1, got 0"),
+         lambda w: compute(w, "--batch-size", "0"), 2, "--batch-size: batch_size must be an integer >= 1, got 0"),
     Case("temperature-zero", "`--temperature 0`", "pact",
-         lambda w: compute(w, "--temperature", "0"), 2, "--temperature must be a positive finite number, got 0.0"),
+         lambda w: compute(w, "--temperature", "0"), 2, "--temperature: temperature must be a finite number > 0, got 0.0"),
     Case("temperature-negative", "`--temperature -1`", "pact",
-         lambda w: compute(w, "--temperature", "-1"), 2, "--temperature must be a positive finite number, got -1.0"),
+         lambda w: compute(w, "--temperature", "-1"), 2, "--temperature: temperature must be a finite number > 0, got -1.0"),
     Case("temperature-nan", "`--temperature nan`", "pact",
-         lambda w: compute(w, "--temperature", "nan"), 2, "--temperature must be a positive finite number, got nan"),
+         lambda w: compute(w, "--temperature", "nan"), 2, "--temperature: temperature must be a finite number > 0, got nan"),
     Case("temperature-inf", "`--temperature inf`", "pact",
-         lambda w: compute(w, "--temperature", "inf"), 2, "--temperature must be a positive finite number, got inf"),
-    Case("top-not-a-number", "`--top many`", "pact", lambda w: compute(w, "--top", "many"), 2, "argument --top: 'many' is not an integer"),
-    Case("device-unknown", "`--device gpu0`", "pact", lambda w: compute(w, "--device", "gpu0"), 2, "argument --device: expected auto, cpu"),
+         lambda w: compute(w, "--temperature", "inf"), 2, "--temperature: temperature must be a finite number > 0, got inf"),
+    Case("top-not-a-number", "`--top many`", "pact", lambda w: compute(w, "--top", "many"), 2, "argument --top: invalid int value: 'many'"),
+    Case("device-unknown", "`--device gpu0`", "pact", lambda w: compute(w, "--device", "gpu0"), 2, "--device: device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
     Case("aligned-missing", "`--aligned` a `.gguf` file that does not exist", "pact",
          lambda w: compute(w, "--aligned", str(w.path("none.gguf"))), 2, "none.gguf: no such model directory or .gguf file"),
     Case("base-is-a-data-file", "`--base` a data file, not a model", "pact",
@@ -141,14 +141,14 @@ CASES = [
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Make loading a model an error, so a case that passes was decided before any model was loaded."""
-    import pact.commands.safety_tokens
-    import pact.models
+    import pact.cli.safety_tokens
+    import pact.models.loading
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(pact.models, "load_model", no_model)
-    monkeypatch.setattr(pact.commands.safety_tokens, "load_model", no_model)
+    monkeypatch.setattr(pact.models.loading, "load_model", no_model)
+    monkeypatch.setattr(pact.cli.safety_tokens, "load_model", no_model)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -168,9 +168,9 @@ def test_out_in_a_read_only_folder(world, capsys):
 
 def test_computed_file_is_accepted_by_its_tokenizer(world, capsys):
     """The file `pact safety-tokens` writes passes the same checks (`show`, and `check_tokenizer` with its tokenizer)."""
-    from pact.cli import main
-    from pact.models import load_tokenizer
-    from pact.safety_tokens import SafetyTokens
+    from pact.cli.main import main
+    from pact.models.loading import load_tokenizer
+    from pact.objective.safety_tokens import SafetyTokens
 
     assert main(compute(world, "--top", "8", "--max-examples", "4")) == 0, capsys.readouterr().err
     tokens = SafetyTokens.load(world.path("st.json"))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from helpers import make_tiny_model
 from hostile import Case, check_case
 from pact.cache_tools.manifest import save_manifest, set_totals
-from pact.cli import main as pact_main
+from pact.cli.main import main as pact_main
 from test_cache_support import single_thread, subprocess_env
 
 FAMILY = "pact train and pact export"
@@ -244,10 +244,10 @@ def _steps_logged(out) -> int:
 def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_update(poison, world, capsys, monkeypatch):
     """Step 2 of 3 goes non-finite: exit 1 naming the step, no adapter written, checkpoint-1 intact; resuming from it
     without the fault finishes the run."""
-    import pact.trainer
+    import pact.training.trainer
 
     if poison == "loss":
-        _fail_call(monkeypatch, pact.trainer, "pact_batch_loss", 2, _nan_loss)
+        _fail_call(monkeypatch, pact.training.trainer, "pact_batch_loss", 2, _nan_loss)
         message = "step 2: the loss is nan"
     else:
         import accelerate  # every Trainer version clips through it (torch's own function is not always called)
@@ -285,7 +285,7 @@ def test_a_read_only_parent_of_out_is_named(world, capsys, monkeypatch):
 def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_and_checkpoint_intact(world, capsys, monkeypatch):
     """Resuming the finished run fails to write its adapter (ENOSPC after a torn file): exit 2 naming the folder, the
     adapter and checkpoint already there keep their bytes, no staging folder is left; with space back it completes."""
-    from pact.trainer import PactTrainer
+    from pact.training.trainer import PactTrainer
 
     adapter = world.run / "adapter_model.safetensors"
     before = adapter.read_bytes()

@@ -1,4 +1,4 @@
-"""The training hot path: host syncs and device copies per optimizer step (counted by `pact.sync_counter`), the
+"""The training hot path: host syncs and device copies per optimizer step (counted by `tests/sync_counter.py`), the
 non-finite guard that needs no sync, worker-collated batches, the causal mask that spares transformers' host reads, and
 gradient checkpointing with LoRA (same loss and gradients, less activation memory)."""
 
@@ -12,14 +12,14 @@ import torch
 from transformers import TrainerCallback
 
 from helpers import tiny_llama_config
-from pact.arguments import PactTrainingArguments
+from pact.training.arguments import PactTrainingArguments
 from pact.cache_tools import CacheError, CacheReader
-from pact.cache_tools.batch import collate_rows
+from pact.data.batch import collate_rows
 from pact.errors import CheckFailed
-from pact.loss import pact_batch_loss
-from pact.objective import PactConfig
-from pact.reference import causal_attention_mask, hidden_states_at
-from pact.sync_counter import StepSyncs, SyncCounter
+from pact.objective.loss import pact_batch_loss
+from pact.objective.settings import ObjectiveArguments
+from pact.models.parts import causal_attention_mask, hidden_states_at
+from sync_counter import StepSyncs, SyncCounter
 from test_qlora import bitsandbytes_on_cpu, needs_bitsandbytes, wide_cache, wide_model_dir  # noqa: F401  (fixtures)
 
 
@@ -44,10 +44,10 @@ class _Checkpointing(TrainerCallback):
 
 
 def _train_counted(args):
-    """`pact.train.train(args)` as `pact train` runs it, inside a CPU `SyncCounter`; the `StepSyncs` of its steps and
+    """`pact.training.train.train(args)` as `pact train` runs it, inside a CPU `SyncCounter`; the `StepSyncs` of its steps and
     whether checkpointing was on."""
-    from pact.train import train
-    from pact.trainer import PactTrainer
+    from pact.training.train import train
+    from pact.training.trainer import PactTrainer
 
     counter = SyncCounter("cpu")
     steps, checkpointing = StepSyncs(counter), _Checkpointing()
@@ -133,8 +133,8 @@ def _lora_trainer(cache, model_dir, out, optim: str, steps: int):
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from pact.models import load_model
-    from pact.trainer import PactTrainer
+    from pact.models.loading import load_model
+    from pact.training.trainer import PactTrainer
 
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     set_seed(0)
@@ -145,9 +145,9 @@ def _lora_trainer(cache, model_dir, out, optim: str, steps: int):
 
 def _poisoned_run(cache, model_dir, out, monkeypatch, optim: str, failing_step: int):
     """`_lora_trainer` for 4 steps whose loss is NaN at `failing_step`; returns it and the error it stops with."""
-    import pact.trainer
+    import pact.training.trainer
 
-    real = pact.trainer.pact_batch_loss
+    real = pact.training.trainer.pact_batch_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -157,7 +157,7 @@ def _poisoned_run(cache, model_dir, out, monkeypatch, optim: str, failing_step: 
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(pact.trainer, "pact_batch_loss", poisoned)
+    monkeypatch.setattr(pact.training.trainer, "pact_batch_loss", poisoned)
     trainer = _lora_trainer(cache, model_dir, out, optim, 4)
     with pytest.raises(CheckFailed) as caught:
         trainer.train()
@@ -192,7 +192,7 @@ def test_a_damaged_shard_met_in_a_worker_is_raised_with_its_own_message(float32_
     `CacheError` itself, naming the shard, not the DataLoader's wrapped copy with the worker's traceback."""
     import shutil
 
-    from pact.train import train
+    from pact.training.train import train
 
     cache = tmp_path / "cache"
     shutil.copytree(float32_cache, cache)
@@ -318,7 +318,7 @@ def test_gradient_checkpointing_with_lora_keeps_loss_and_gradients_and_saves_mem
         out = {}
 
         def step():
-            result = pact_batch_loss(model, batch, reader.safety_ids, reader.safety_weights, PactConfig())
+            result = pact_batch_loss(model, batch, reader.safety_ids, reader.safety_weights, ObjectiveArguments())
             result.loss.backward()
             out["loss"] = result.loss.detach()
 

@@ -14,22 +14,10 @@ import pytest
 import torch
 
 from helpers import chatml_template, make_tiny_model, make_tiny_tokenizer, write_tiny_gguf
-from pact import models
+from pact.models import loading as models
 from pact.errors import PactError
-from pact.models import (
-    EMBEDDED_INSTALL,
-    EMBEDDED_MODEL,
-    ModelNotFoundError,
-    convert_gguf,
-    embedded_gguf_path,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    pact_home,
-    resolve_device,
-    resolve_dtype,
-    tokenizer_fingerprint,
-)
+from pact.models.loading import EMBEDDED_INSTALL, EMBEDDED_MODEL, ModelNotFoundError, convert_gguf, embedded_gguf_path, load_model, load_tokenizer, model_fingerprint, pact_home, tokenizer_fingerprint
+from pact.devices import resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +126,7 @@ def test_gguf_file_is_converted_once_under_pact_home(tiny_gguf, tiny_model_dir, 
 
 def test_another_transformers_version_converts_anew(tiny_gguf, home, monkeypatch):
     """A conversion made by one transformers version is not reused by another (its GGUF reader may differ)."""
-    from pact import models
+    from pact.models import loading as models
 
     first = models.convert_gguf(tiny_gguf)
     monkeypatch.setattr(models.transformers, "__version__", models.transformers.__version__ + ".post-test")
@@ -160,7 +148,7 @@ def _convert_in_process(gguf_file, home, barrier, results):
     import os
 
     os.environ["PACT_HOME"] = home
-    from pact.models import convert_gguf as convert
+    from pact.models.loading import convert_gguf as convert
 
     barrier.wait(timeout=120)
     results.put(str(convert(Path(gguf_file))))

@@ -10,18 +10,20 @@ import torch
 
 from helpers import make_tiny_tokenizer, random_lora_student, write_jsonl
 from pact.cache_tools import CacheError, CacheReader
-from pact.cache_tools.batch import collate_rows, collate_spans
-from pact.cache_tools.cli import main as cache_main
+from pact.data.batch import collate_rows, collate_spans
+from pact.cli.cache import main as cache_main
 from pact.cache_tools.layout import FORMAT_VERSION, Layout
 from pact.cache_tools.merge import merge_caches
 from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.schema import build_table
-from pact.data import Conversation, DataError, EncodedExample, assistant_header_ids, encode_conversation, load_examples
+from pact.data.rows import Conversation
+from pact.data.sources import DataError
+from pact.data.chat import EncodedExample, assistant_header_ids, encode_conversation, load_examples
 from pact.errors import InvalidSetting
-from pact.loss import cached_pact_loss, pact_batch_loss
-from pact.models import load_model
-from pact.objective import PactConfig
-from pact.targets import OnlineReference
+from pact.objective.loss import cached_pact_loss, pact_batch_loss
+from pact.models.loading import load_model
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.targets import OnlineTargets
 from test_cache_support import downgrade_to_v1, one_thread, tiny_safety_file, tiny, tiny_safety  # noqa: F401  (fixtures)
 from test_online_objective import independent_terms
 
@@ -182,11 +184,11 @@ def test_cached_equals_online_on_multi_turn_rows(caches, tiny_model_dir):
     _, built = caches
     reader, _ = built["all"]
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    tok, cfg = loaded.tokenizer, PactConfig(n_free=1, tau=2.0)
+    tok, cfg = loaded.tokenizer, ObjectiveArguments(n_free=1, tau=2.0)
     rows = list(reader)
     safety_ids, weights = reader.safety_ids, reader.safety_weights
     student = random_lora_student(loaded.model, seed=3, scale=0.3)
-    online = OnlineReference(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
+    online = OnlineTargets(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     results = []
     for compute in (lambda: pact_batch_loss(student, online.fill(collate_rows(rows, tok.pad_token_id)), safety_ids, weights, cfg),
                     lambda: cached_pact_loss(student, rows, safety_ids, weights, cfg, tok.pad_token_id)):
@@ -228,7 +230,7 @@ def test_batch_columns_come_from_the_layout_without_a_search(caches, tiny_model_
 
     monkeypatch.setattr(torch, "searchsorted", no_search)
     monkeypatch.setattr(torch.Tensor, "searchsorted", no_search, raising=False)
-    out = cached_pact_loss(loaded.model, rows, reader.safety_ids, reader.safety_weights, PactConfig(), loaded.tokenizer.pad_token_id)
+    out = cached_pact_loss(loaded.model, rows, reader.safety_ids, reader.safety_weights, ObjectiveArguments(), loaded.tokenizer.pad_token_id)
     assert out.tokens == sum(len(r["post_count"]) for r in rows)
 
 
@@ -239,7 +241,7 @@ def test_cached_loss_refuses_rows_of_other_safety_tokens(caches, tiny_model_dir)
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     other = reader.safety_ids.flip(0)
     with pytest.raises(Exception, match=r"cache rows \(example_id \[0\]\): their stored columns are not the safety tokens"):
-        cached_pact_loss(loaded.model, [reader[0]], other, reader.safety_weights, PactConfig(), loaded.tokenizer.pad_token_id)
+        cached_pact_loss(loaded.model, [reader[0]], other, reader.safety_weights, ObjectiveArguments(), loaded.tokenizer.pad_token_id)
 
 
 # --- format version 1 ---------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_version_1_cache_reads_and_trains_as_before(v1_and_v2, tiny_model_dir):
         for key, value in old.items():
             assert torch.equal(value, new[key]) if isinstance(value, torch.Tensor) else value == new[key], key
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    losses = [cached_pact_loss(loaded.model, list(reader), reader.safety_ids, reader.safety_weights, PactConfig(),
+    losses = [cached_pact_loss(loaded.model, list(reader), reader.safety_ids, reader.safety_weights, ObjectiveArguments(),
                                loaded.tokenizer.pad_token_id).loss.item() for reader in (v1, v2)]
     assert losses[0] == losses[1]
     assert cache_main(["verify", str(v1.directory)]) == 0

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from pact.objective import PactConfig, gate, pact_kl, pact_loss, topp_count
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.kl import gate, pact_kl, topp_count
+from pact.objective.loss import pact_loss
 
 
 def _count(probs, p0):
@@ -50,7 +52,7 @@ def _random_case(n, size, seed):
     return z, f, p, w, steps
 
 
-@pytest.mark.parametrize("cfg", [PactConfig(), PactConfig(temperature=1.0, alpha=5.0, b=0.1, gate_temperature=0.7, n_free=2, tau=3.0, boost=0.8, p0=0.5)])
+@pytest.mark.parametrize("cfg", [ObjectiveArguments(), ObjectiveArguments(temperature=1.0, alpha=5.0, b=0.1, gate_temperature=0.7, n_free=2, tau=3.0, boost=0.8, p0=0.5)])
 def test_pact_kl_matches_design_transcription(cfg):
     """Gate, logit-space mixing, weighted target and T^2-scaled KL equal the float64 transcription."""
     z, f, p, w, steps = _random_case(13, 11, seed=0)
@@ -63,7 +65,7 @@ def test_pact_kl_matches_design_transcription(cfg):
 
 def test_pact_kl_on_positive_columns_equals_all_columns():
     """Targets stored only on positive-weight columns give the same KL (the cache's exact layout)."""
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     z, f, p, w, steps = _random_case(9, 10, seed=1)
     post_count = topp_count(p, cfg.p0, cfg.gate_temperature)
     mask = torch.ones(9, dtype=torch.bool)
@@ -75,7 +77,7 @@ def test_pact_kl_on_positive_columns_equals_all_columns():
 
 def test_gradient_flows_only_through_student_logits():
     """The gate and target carry no gradient: d KL / d z equals T (softmax(z/T) - q) per row."""
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     z, f, p, w, steps = _random_case(5, 7, seed=2)
     z = z.float().requires_grad_()
     post_count = topp_count(p, cfg.p0, cfg.gate_temperature)
@@ -100,6 +102,6 @@ def test_pact_loss_is_ce_plus_lambda_mean_kl():
     """L = CE + lambda * mean over response tokens, ignoring masked positions."""
     kl = torch.tensor([1.0, 2.0, 3.0, 100.0])
     mask = torch.tensor([True, True, True, False])
-    loss, mean_kl = pact_loss(torch.tensor(0.5), kl * mask, mask, PactConfig(lam=2.0))
+    loss, mean_kl = pact_loss(torch.tensor(0.5), kl * mask, mask, ObjectiveArguments(lam=2.0))
     assert mean_kl.item() == pytest.approx(2.0)
     assert loss.item() == pytest.approx(4.5)

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from helpers import random_lora_student
-from pact.data import assistant_header_ids, demo_data_path, load_examples
-from pact.loss import pact_batch_loss
-from pact.models import load_model
-from pact.objective import PactConfig
-from pact.targets import OnlineReference
+from pact.data.chat import assistant_header_ids, load_examples
+from pact.data.sources import demo_data_path
+from pact.objective.loss import pact_batch_loss
+from pact.models.loading import load_model
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.targets import OnlineTargets
 
 from test_objective import _kl_reference
 
@@ -42,7 +43,7 @@ def independent_terms(student, reference, ids, spans, header, safety_ids, weight
 
 
 def _loss_and_grads(student, reference_model, examples, safety_ids, weights, tok, cfg):
-    reference = OnlineReference(reference_model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
+    reference = OnlineTargets(reference_model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     out = pact_batch_loss(student, reference.batch(examples), safety_ids, weights, cfg)
     student.zero_grad()
     out.loss.backward()
@@ -53,7 +54,7 @@ def _loss_and_grads(student, reference_model, examples, safety_ids, weights, tok
 def test_adapter_disabled_reference_equals_separate_reference(setup):
     """Online PACT with the student's own adapters disabled matches a separate copy of the reference."""
     loaded, examples, safety_ids, weights = setup
-    cfg = PactConfig()
+    cfg = ObjectiveArguments()
     student = random_lora_student(loaded.model, seed=0, scale=0.5)
     shared, g_shared = _loss_and_grads(student, student, examples, safety_ids, weights, loaded.tokenizer, cfg)
     separate, g_separate = _loss_and_grads(student, loaded.model, examples, safety_ids, weights, loaded.tokenizer, cfg)
@@ -67,9 +68,9 @@ def test_online_loss_equals_independent_transcription(setup):
     """CE and KL of the batch equal unpadded per-example forward passes and the float64 section-1.2 transcription."""
     loaded, examples, safety_ids, weights = setup
     tok = loaded.tokenizer
-    cfg = PactConfig(n_free=1, tau=2.0)
+    cfg = ObjectiveArguments(n_free=1, tau=2.0)
     student = random_lora_student(loaded.model, seed=1, scale=0.5)
-    reference = OnlineReference(loaded.model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
+    reference = OnlineTargets(loaded.model, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     out = pact_batch_loss(student, reference.batch(examples), safety_ids, weights, cfg)
     header = assistant_header_ids(tok)
     ce_terms, kl_terms = [], []

@@ -1,4 +1,4 @@
-"""The installed import names: pact (with pact.commands), pact.kernels, pact.cache_tools, and nothing top-level that
+"""The installed import names: pact (with pact.cli), pact.kernels, pact.cache_tools, and nothing top-level that
 shadows `kernels`."""
 
 import subprocess
@@ -39,7 +39,7 @@ def test_console_scripts_are_installed():
     from importlib.metadata import entry_points
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in ("pact", "pact-cache")}
-    assert scripts == {"pact": "pact.cli:main", "pact-cache": "pact.cache_tools.cli:main"}
+    assert scripts == {"pact": "pact.cli.main:main", "pact-cache": "pact.cli.cache:main"}
 
 
 def test_every_package_folder_is_declared_for_the_wheel():
@@ -60,7 +60,7 @@ def test_every_package_folder_is_declared_for_the_wheel():
 
 def test_the_bitsandbytes_floor_is_the_qlora_extra():
     """The version `pact train --load-in-4bit` requires (and its install hint names) is the `qlora` extra's floor."""
-    from pact.quantization import INSTALL, MIN_BITSANDBYTES
+    from pact.models.quantization import INSTALL, MIN_BITSANDBYTES
 
     tomllib = pytest.importorskip("tomllib")
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["qlora"]

@@ -1,4 +1,4 @@
-"""`pact plan` (`pact.plan`, `pact.memory`, `pact.meta_run`, `pact.packed_weights`): the live-bytes counter, running the
+"""`pact plan` (`pact.planning`, `pact.planning.memory`, `pact.planning.meta_run`, `pact.planning.packed_weights`): the live-bytes counter, running the
 real training code on meta tensors, bitsandbytes' packed sizes, the plan against a real step of the same settings on
 CPU (tiny models and the embedded one), the suggestions, the command, and the shipped 7B architectures."""
 
@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_llama_config
-from pact.cli import main as pact_main
-from pact.memory import CATEGORIES, CUDA_BLOCK, LiveTensorBytes
-from pact.meta_run import HostShadows, UnknowableValue, _flash_attention, fused_attention
-from pact.packed_weights import PackedLinear, packed_sizes
-from pact.plan import (MARGIN_BYTES, MARGIN_FRACTION, MODEL_CONFIGS, VARIANTS, PlanArguments, candidate_changes,
-                       frozen_reference, load_architecture, measure_step, measure_variants, plan,
-                       synthetic_rows, trainable_model)
+from pact.cli.main import main as pact_main
+from pact.planning.memory import CATEGORIES, CUDA_BLOCK, LiveTensorBytes
+from pact.planning.meta_run import HostShadows, UnknowableValue, _flash_attention, fused_attention
+from pact.planning.packed_weights import PackedLinear, packed_sizes
+from pact.planning.plan import MARGIN_BYTES, MARGIN_FRACTION, candidate_changes, measure_variants, plan
+from pact.planning.architecture import MODEL_CONFIGS, frozen_reference, load_architecture, trainable_model
+from pact.planning.step import VARIANTS, measure_step, synthetic_rows
+from pact.planning.arguments import PlanArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(per_device_train_batch_size=4, max_length=64, prompt_length=8, safety_tokens=20, ce_chunk_size=64)
@@ -38,11 +39,11 @@ def _config_file(tmp_path, **overrides) -> Path:
 
 def _real_peaks(config_file: Path, args: PlanArguments, variants=tuple(VARIANTS)) -> dict:
     """Each variant's peak measured on real CPU tensors: a randomly initialised model of the config, made a student as
-    `pact train` makes it (`pact.train._student`), checkpointing enabled as the Trainer enables it."""
+    `pact train` makes it (`pact.training.train._student`), checkpointing enabled as the Trainer enables it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pact.arguments import PactTrainingArguments
-    from pact.train import _student
+    from pact.training.arguments import PactTrainingArguments
+    from pact.training.train import _student
 
     config = AutoConfig.from_pretrained(config_file.parent)
     torch.manual_seed(0)
@@ -150,7 +151,7 @@ def test_nf4_with_double_quantisation_takes_the_qlora_papers_bits_per_weight():
 
 def test_quantised_students_are_packed_prepared_and_adapted_as_qlora(tmp_path):
     args = PlanArguments(model=str(_config_file(tmp_path)), load_in_4bit=True, gradient_checkpointing=True, **SMALL)
-    from pact.plan import meta_model
+    from pact.planning.architecture import meta_model
 
     student = trainable_model(meta_model(load_architecture(args.model), args), args)
     base = student.get_base_model()
@@ -215,9 +216,9 @@ def test_depth_and_width_move_the_plan_as_they_move_a_real_step(tmp_path):
 def test_the_plan_of_the_embedded_model_is_within_10_percent_of_a_real_step(embedded, tmp_path):
     """SmolLM2-135M-Instruct, its real weights on CPU (float32, LoRA r=8 on q_proj,v_proj, 2 rows of 64 tokens): planned
     from its architecture alone against a real step; every variant, and cached PACT with gradient checkpointing."""
-    from pact.arguments import PactTrainingArguments
-    from pact.models import EMBEDDED_MODEL, load_model
-    from pact.train import _student
+    from pact.training.arguments import PactTrainingArguments
+    from pact.models.loading import EMBEDDED_MODEL, load_model
+    from pact.training.train import _student
 
     reference = frozen_reference(load_model(device="cpu", dtype="float32").model)
     for checkpointing, variants in ((False, tuple(VARIANTS)), (True, ("cached_pact",))):
@@ -302,7 +303,7 @@ def test_plan_prints_a_table_with_a_line_of_advice(tmp_path, capsys):
 
 def test_the_shipped_architectures_are_the_published_models():
     """Llama-2-7b-chat has 6,738,415,616 parameters and Qwen2.5-7B-Instruct 7,615,616,512 (their model cards)."""
-    from pact.plan import architecture_summary
+    from pact.planning.architecture import architecture_summary
 
     llama, qwen = load_architecture("llama-2-7b-chat"), load_architecture("qwen2.5-7b-instruct")
     assert (llama.vocab_size, llama.hidden_size, llama.num_hidden_layers, llama.num_attention_heads, llama.intermediate_size,
@@ -316,7 +317,7 @@ def test_the_shipped_architectures_are_the_published_models():
 
 
 def test_the_shipped_architectures_are_package_data():
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pact"]
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pact.planning"]
     shipped = sorted(MODEL_CONFIGS.glob("*.json"))
     assert [p.stem for p in shipped] == ["llama-2-7b-chat", "qwen2.5-7b-instruct"]
     assert all(any(p.relative_to(MODEL_CONFIGS.parent).match(pattern) for pattern in patterns) for p in shipped)

@@ -3,7 +3,7 @@ refusals when bitsandbytes is missing or cannot run, and the LM-head rows the ob
 
 The tests that quantise need bitsandbytes (the `qlora` extra) and a backend for this machine (CUDA or
 its CPU one); their model is the tiny Llama widened to hidden size 64, since bitsandbytes' CPU backend dequantises
-rows that are not whole 64-value blocks wrongly (see `pact.quantization.guard_cpu_layers`).
+rows that are not whole 64-value blocks wrongly (see `pact.models.quantization.guard_cpu_layers`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_tiny_model
-from pact.arguments import PactTrainingArguments
-from pact.cli import main as pact_main
-from pact.data import demo_data_path, load_examples
+from pact.training.arguments import PactTrainingArguments
+from pact.cli.main import main as pact_main
+from pact.data.sources import demo_data_path
+from pact.data.chat import load_examples
 from pact.errors import InvalidSetting, PactError
-from pact.loss import student_outputs
-from pact.models import load_model
-from pact.quantization import MIN_BITSANDBYTES, NF4_TOLERANCE, guard_cpu_layers, quantization_config, require_bitsandbytes
-from pact.reference import causal_lm_parts, collate_examples, hidden_states_at
-from pact.train import train
+from pact.objective.student import student_outputs
+from pact.models.loading import load_model
+from pact.models.quantization import MIN_BITSANDBYTES, NF4_TOLERANCE, guard_cpu_layers, quantization_config, require_bitsandbytes
+from pact.models.parts import causal_lm_parts, hidden_states_at
+from pact.data.batch import collate_examples
+from pact.training.train import train
 from test_cache_support import TINY_MAX_LENGTH, make_safety_tokens, one_thread, single_thread  # noqa: F401  (one_thread: autouse)
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -137,7 +139,7 @@ def _fake_bitsandbytes(monkeypatch, version: str) -> None:
 
 
 def test_missing_old_or_unusable_bitsandbytes_is_named_before_anything_loads(tmp_path, monkeypatch):
-    import pact.quantization
+    import pact.models.quantization
 
     common = {"output_dir": str(tmp_path), "train_device": "cpu", "load_in_4bit": True}
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import` sees when the package is not installed
@@ -152,12 +154,12 @@ def test_missing_old_or_unusable_bitsandbytes_is_named_before_anything_loads(tmp
         raise NotImplementedError(f"Could not run 'bitsandbytes::quantize_{quantization}' with arguments from the 'CPU' backend")
 
     _fake_bitsandbytes(monkeypatch, MIN_BITSANDBYTES)
-    monkeypatch.setattr(pact.quantization, "_round_trip_error", no_kernel)
+    monkeypatch.setattr(pact.models.quantization, "_round_trip_error", no_kernel)
     with pytest.raises(InvalidSetting, match=rf"^load_in_8bit cannot run here: bitsandbytes {MIN_BITSANDBYTES} is installed but "
                                              r"has no backend for this machine: no CUDA GPU and no CPU support "
                                              r"\(NotImplementedError: Could not run 'bitsandbytes::quantize_8bit'"):
         PactTrainingArguments(**{**common, "load_in_4bit": False, "load_in_8bit": True})
-    monkeypatch.setattr(pact.quantization, "_round_trip_error", lambda quantization, device: 1.6)
+    monkeypatch.setattr(pact.models.quantization, "_round_trip_error", lambda quantization, device: 1.6)
     with pytest.raises(InvalidSetting, match=r"^load_in_4bit cannot run here: .* quantises wrongly on cpu \(a test round trip is "
                                              r"off by 1.6, more than 0.2\)"):
         PactTrainingArguments(**common)

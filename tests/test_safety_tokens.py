@@ -1,4 +1,4 @@
-"""Tests of `pact.safety_tokens` and `pact safety-tokens` against an independent implementation."""
+"""Tests of `pact.objective.safety_tokens` and `pact safety-tokens` against an independent implementation."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from helpers import make_tiny_tokenizer, tiny_llama_config
-from pact.cli import main
-from pact.data import Conversation, DataError, demo_data_path, load_conversations, prompt_token_ids
+from pact.cli.main import main
+from pact.data.rows import Conversation, load_conversations
+from pact.data.sources import DataError, demo_data_path
+from pact.data.chat import prompt_token_ids
 from pact.errors import PactError
-from pact.models import load_model
-from pact.safety_tokens import PLAIN_TEMPLATE, SafetyTokens, compute_safety_tokens, encode_refusals
+from pact.models.loading import load_model
+from pact.objective.safety_tokens import PLAIN_TEMPLATE, SafetyTokens, compute_safety_tokens, encode_refusals
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from independent_safety_tokens import independent_safety_tokens  # noqa: E402
@@ -148,7 +150,7 @@ def test_empty_responses_inside_the_first_k_are_skipped(_loaded, _conversations)
 
 
 def test_bad_arguments_are_rejected(_loaded, _conversations):
-    with pytest.raises(PactError, match="diff mode"):
+    with pytest.raises(PactError, match="diff_mode must be one of p_diff, pref_logratio, got 'kl'"):
         compute_safety_tokens(_loaded["aligned"], None, _conversations, diff_mode="kl", progress=False)
     with pytest.raises(PactError, match="temperature"):
         compute_safety_tokens(_loaded["aligned"], None, _conversations, temperature=0, progress=False)

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from helpers import random_lora_student, write_jsonl
-from pact.cache_tools.batch import collate_rows
-from pact.cli import main as pact_main
-from pact.data import assistant_header_ids
-from pact.loss import cached_pact_loss, pact_batch_loss
-from pact.models import load_model
-from pact.objective import PactConfig, betas_at, chunked_target_logprob, mean_cross_entropy, tokenwise_terms
-from pact.targets import OnlineReference
+from pact.data.batch import collate_rows
+from pact.cli.main import main as pact_main
+from pact.data.chat import assistant_header_ids
+from pact.objective.loss import cached_pact_loss, pact_batch_loss
+from pact.models.loading import load_model
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.tokenwise import betas_at, tokenwise_terms
+from pact.objective.student import chunked_target_logprob, mean_cross_entropy
+from pact.objective.targets import OnlineTargets
 from test_multi_turn import ROWS as MULTI_TURN_ROWS, _build
 
 PAPER = (0.5, 2.0, 2.0, 2.0, 2.0, 0.1)
@@ -189,11 +191,11 @@ def test_cached_equals_online_for_the_tokenwise_objectives(multi_turn, objective
         """Loss and gradients with cached or online (adapter-disabled) targets."""
         if cached:
             return _loss_and_grads(student, lambda: cached_pact_loss(student, rows, safety_ids, weights, cfg, tok.pad_token_id))
-        online = OnlineReference(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
+        online = OnlineTargets(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
         batch = online.fill(collate_rows(rows, tok.pad_token_id))
         return _loss_and_grads(student, lambda: pact_batch_loss(student, batch, safety_ids, weights, cfg))
 
-    cfg = PactConfig(objective=objective, lam=2.0)
+    cfg = ObjectiveArguments(objective=objective, lam=2.0)
     (online, g_online), (cached, g_cached) = run(cfg, cached=False), run(cfg, cached=True)
     assert online.kl.item() > 0 and max(len(r["response_spans"]) for r in rows) > 1
     for part in ("loss", "ce", "kl", "tokenwise"):
@@ -203,9 +205,9 @@ def test_cached_equals_online_for_the_tokenwise_objectives(multi_turn, objective
     assert online.tokenwise.item() == pytest.approx(_independent_tokenwise(student, loaded.model, rows, PAPER), rel=1e-5)
     fit = online.tokenwise + (cfg.lam * online.kl if objective == "pact+tokenwise" else 0)
     assert online.loss.item() == pytest.approx(fit.item(), rel=1e-6)
-    _, g_pact = run(PactConfig(lam=2.0), cached=True)
+    _, g_pact = run(ObjectiveArguments(lam=2.0), cached=True)
     assert any(((g_pact[name] - grad).norm() / grad.norm()).item() > 1e-3 for name, grad in g_cached.items())
     if objective == "tokenwise":
-        _, g_other_lambda = run(PactConfig(objective=objective, lam=0.0), cached=True)
+        _, g_other_lambda = run(ObjectiveArguments(objective=objective, lam=0.0), cached=True)
         for name, grad in g_cached.items():
             torch.testing.assert_close(g_other_lambda[name], grad, rtol=0, atol=0)

@@ -10,14 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_tiny_model
-from pact.arguments import PactTrainingArguments
+from pact.training.arguments import PactTrainingArguments
 from pact.cache_tools import CacheReader
-from pact.cli import main as pact_main
+from pact.cli.main import main as pact_main
 from pact.errors import InvalidSetting, PactError
-from pact.objective import PactArguments, PactConfig
-from pact.plan import PlanArguments, plan
-from pact.train import train
-from pact.trainer import PactTrainer
+from pact.objective.settings import ObjectiveArguments
+from pact.planning.arguments import PlanArguments
+from pact.planning.plan import plan
+from pact.training.train import train
+from pact.training.trainer import PactTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def _trainer(cache, model_dir, out, **overrides):
     """A PactTrainer over `cache` on a LoRA student of the model in `model_dir` (Python API, as a user builds it)."""
     from peft import LoraConfig, get_peft_model
 
-    from pact.models import load_model
+    from pact.models.loading import load_model
 
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -84,7 +85,7 @@ def test_large_lambda_pulls_kl_down_more_than_sft(float32_cache, tmp_path):
     kl_runs = {}
     for lam in (0.0, 50.0):
         result = train(_args(float32_cache, tmp_path / f"lam{lam}", max_steps=12, learning_rate=2e-2, lr_scheduler_type="constant"),
-                       PactArguments(lam=lam))
+                       ObjectiveArguments(lam=lam))
         kl_runs[lam] = [m["kl"] for m in result.metrics]
     assert kl_runs[50.0][-1] < kl_runs[50.0][0]
     assert kl_runs[50.0][-1] < kl_runs[0.0][-1]
@@ -127,7 +128,7 @@ def test_pact_trainer_refuses_another_model_unless_forced(float32_cache, tmp_pat
 
 def test_pact_trainer_refuses_a_gate_the_cache_was_not_built_for(float32_cache, tiny_model_dir, tmp_path):
     """p0 and Tg are baked into the cache's counts: no `force` overrides them."""
-    for objective, name in ((PactConfig(p0=0.8), "p0"), (PactConfig(gate_temperature=2.0), "gate_temperature")):
+    for objective, name in ((ObjectiveArguments(p0=0.8), "p0"), (ObjectiveArguments(gate_temperature=2.0), "gate_temperature")):
         with pytest.raises(PactError, match=f"gate {name}="):
             _trainer(float32_cache, tiny_model_dir, tmp_path / name, objective=objective, force=True)
 
@@ -203,10 +204,10 @@ def test_cli_train_runs_and_help_lists_the_hugging_face_names_and_the_old_ones(f
 
 
 def _parse(argv):
-    """The (PactArguments, PactTrainingArguments) `pact train argv` would run with."""
+    """The (ObjectiveArguments, PactTrainingArguments) `pact train argv` would run with."""
     import argparse
 
-    from pact.commands import train as command
+    from pact.cli import train as command
 
     parser = argparse.ArgumentParser(prog="pact")
     command.register(parser.add_subparsers())

@@ -1,0 +1,54 @@
+"""`pact train`: fine-tune from a reference cache with the PACT loss.
+
+The flags are generated from `ObjectiveArguments` and `PactTrainingArguments`
+(Hugging Face names such as `--learning_rate`, with the older short names such
+as `--lr` as aliases); `--config FILE.yaml|json` supplies any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags, with_flag
+from pact.errors import InvalidSetting
+from pact.objective.settings import ObjectiveArguments
+from pact.training.arguments import PactTrainingArguments
+
+DATACLASSES = (ObjectiveArguments, PactTrainingArguments)
+
+
+def register(subparsers) -> None:
+    """Add `pact train`."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune from a reference cache (no reference model in memory)",
+        description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
+                    "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
+                    "(docs/objective.md). Every transformers TrainingArguments flag is accepted; a YAML file may hold them (--config).",
+    )
+    defaults = add_dataclass_flags(parser, DATACLASSES)
+    parser.set_defaults(func=run, parser=parser, defaults=defaults)
+
+
+def parse(args: argparse.Namespace) -> tuple[ObjectiveArguments, PactTrainingArguments]:
+    """The objective and training arguments the flags and the `--config` file describe (constructing them checks every value)."""
+    return dataclasses_from_flags(args, DATACLASSES, args.defaults)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run training and print where the outputs are."""
+    from pact.training.train import train
+
+    objective, training = parse(args)
+    try:
+        result = train(training, objective)
+    except InvalidSetting as err:
+        raise with_flag(err, args) from err
+    if not result.is_main:
+        return 0
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {result.steps} steps; final loss {last.get('loss', float('nan')):.4f} "
+          f"(ce {last.get('ce', float('nan')):.4f}, kl {last.get('kl', float('nan')):.4f}); outputs in {result.out}")
+    if result.eval_metrics:
+        print("eval: " + ", ".join(f"{key} {value:.4f}" for key, value in result.eval_metrics.items() if key != "eval_tokens"))
+    return 0

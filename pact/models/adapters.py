@@ -1,0 +1,185 @@
+"""Adapters: the LoRA / quantization settings a run trains with (declared once, for `pact train` and `pact plan`),
+setting a model up for training with them, and loading a saved PEFT adapter folder onto its base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pact.checks import check_setting
+from pact.errors import InvalidSetting, PactError
+from pact.models.loading import load_model
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class AdapterArguments:
+    """What a run trains, declared once for `pact train` and `pact plan`: LoRA adapters (peft) on a plain or a
+    bitsandbytes-quantised base (QLoRA), or every weight (`full`). Construction refuses settings no run can use
+    (`InvalidSetting` naming the field); `adapt_for_training` applies them to a model."""
+
+    full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: the base's linear layers quantised to 4-bit NF4 (double quantisation, computing in --dtype, "
+                "bfloat16 under auto) by bitsandbytes, LoRA adapters trained on them; the LM head and embeddings stay "
+                "unquantised. LoRA only; training needs bitsandbytes (the qlora extra) on a CUDA GPU or its CPU backend"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "like --load_in_4bit with LLM.int8() 8-bit linear layers"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
+        "aliases": ["--lora-targets"], "help": "module names LoRA adapts (space- or comma-separated)"})
+
+    @property
+    def quantization(self) -> str | None:
+        """`4bit` or `8bit` for a quantised (QLoRA) base, None for a plain one."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def check_adapter_settings(self) -> None:
+        """Write `lora_target_modules` as a plain list (comma-separated items split) and refuse a value no run can use:
+        a rank below 1, a non-positive alpha, a dropout outside [0, 1), no target module for LoRA, both quantisations,
+        or a quantised base with full fine-tuning."""
+        self.lora_target_modules = [t.strip() for item in self.lora_target_modules or [] for t in str(item).split(",") if t.strip()]
+        check_setting("lora_r", self.lora_r, 1, integer=True)
+        check_setting("lora_alpha", self.lora_alpha, 0, low_open=True)
+        check_setting("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
+        if not self.full and not self.lora_target_modules:
+            raise InvalidSetting("lora_target_modules", "lora_target_modules must name at least one module (e.g. q_proj v_proj)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise InvalidSetting("load_in_8bit", "load_in_4bit and load_in_8bit exclude each other; choose one")
+        if self.quantization and self.full:
+            name = f"load_in_{self.quantization}"
+            raise InvalidSetting(name, f"{name} trains LoRA adapters on a frozen quantised base (QLoRA), and full "
+                                       f"fine-tuning cannot update quantised weights; drop --full, or drop {name} to "
+                                       "fine-tune every weight")
+
+
+def full_model_weights(folder: Path) -> list[Path]:
+    """The weight files of a full Hugging Face model in `folder` (model*.safetensors, pytorch_model*.bin), not an adapter's."""
+    return sorted(p for pattern in ("model*.safetensors", "pytorch_model*.bin") for p in folder.glob(pattern) if p.is_file())
+
+
+def _adapter_config_problem(config_file: Path) -> str | None:
+    """What is wrong with an adapter's adapter_config.json (not a JSON object, no known `peft_type`), or None."""
+    from peft import PeftType
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"not valid JSON ({err})"
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    if config.get("peft_type") not in {t.value for t in PeftType}:
+        return f"field 'peft_type' is {config.get('peft_type')!r}, expected the name of a PEFT method such as 'LORA'"
+    return None
+
+
+def check_adapter_dir(adapter: str | Path) -> list[Path]:
+    """Refuse an adapter folder peft cannot load from disk, without touching the network; returns the files it reads.
+
+    Without this, peft takes a folder missing a file for a hub id and tries
+    the hub. A full fine-tuned model folder (model weights, no
+    adapter_config.json) is pointed to `--model`.
+    """
+    folder = Path(adapter).expanduser()
+    if not folder.exists():
+        raise PactError(f"--adapter {adapter}: no such directory")
+    if not folder.is_dir():
+        raise PactError(f"--adapter {adapter}: a file, not an adapter directory (one holding {ADAPTER_CONFIG} and "
+                        f"{ADAPTER_WEIGHTS[0]}, e.g. a `pact train --out` directory)")
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        model_weights = full_model_weights(folder)
+        if model_weights:
+            raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} but {model_weights[0].name}, so this "
+                            "folder holds a full model (e.g. `pact train --full`), not a PEFT adapter; pass it as --model instead")
+        raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} in this folder, so it is not a PEFT adapter")
+    problem = _adapter_config_problem(config_file)
+    if problem:
+        raise PactError(f"{config_file}: {problem}; this adapter folder (--adapter {adapter}) cannot be loaded")
+    weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise PactError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS[0]} (or {ADAPTER_WEIGHTS[1]}) in this folder; "
+                        "the adapter's weights are missing")
+    return [config_file, *weights]
+
+
+def _first_reason(err: Exception) -> str:
+    """The telling line of a loading error: the first size mismatch torch reports, else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0])
+
+
+def _apply_adapter(loaded, adapter: str) -> None:
+    """Put the PEFT adapter folder `adapter` on `loaded.model`; unreadable weights, or an adapter made for another
+    model, are a `PactError`."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(Path(adapter).expanduser())).eval()
+    except SafetensorError as err:
+        raise PactError(f"--adapter {adapter}: {ADAPTER_WEIGHTS[0]} is not a readable safetensors file ({err}); "
+                        "save the adapter again") from err
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        raise PactError(f"--adapter {adapter} cannot be applied to --model {loaded.source}: {_first_reason(err)} "
+                        "(an adapter fits only the base model it was trained on: pass that one as --model)") from err
+
+
+def load_student(model_source: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load a model with weights in `dtype` (see `pact.devices.resolve_dtype`) and optionally apply a PEFT adapter directory
+    on top (checked first: see `check_adapter_dir`)."""
+    if adapter:
+        check_adapter_dir(adapter)
+    loaded = load_model(model_source, device=device, dtype=dtype)
+    if adapter:
+        _apply_adapter(loaded, adapter)
+    return loaded
+
+
+def _adaptable_modules(model) -> list[str]:
+    """Qualified names of the modules of `model` LoRA can adapt (linear, embedding and convolution layers)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Refuse `lora_target_modules` that name no adaptable module of `model` (peft matches a target against a module's
+    name or its dotted suffix), naming the unknown ones and the names that would work."""
+    names = _adaptable_modules(model)
+    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if unknown:
+        candidates = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise InvalidSetting("lora_target_modules", f"lora_target_modules names no module of the model: {', '.join(map(repr, unknown))} "
+                                                    f"(modules LoRA can adapt there: {', '.join(candidates[:12])})")
+
+
+def adapt_for_training(model, settings: AdapterArguments, gradient_checkpointing: bool, checkpointing_kwargs: dict | None):
+    """`model` as `pact train` trains it (and `pact plan` measures it) under `settings`: itself (`full`) or wrapped with
+    LoRA adapters (targets checked first), a quantised base prepared by peft for k-bit training first (frozen, norms and
+    head in float32). Gradient checkpointing itself is turned on by the Trainer (or the planner)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    if settings.full:
+        return model
+    check_lora_targets(model, settings.lora_target_modules)
+    if settings.quantization:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=checkpointing_kwargs)
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -1,0 +1,73 @@
+"""`export_merged(run, out)`: a LoRA run folder merged into its base model and saved
+as a plain full model (safetensors weights, config, tokenizer) that
+`AutoModelForCausalLM.from_pretrained(out)` loads with no peft installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pact.errors import PactError
+from pact.models.adapters import ADAPTER_CONFIG
+from pact.models.loading import load_model
+
+
+def _base_of(run: Path) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path` of its adapter_config.json)."""
+    config_file = run / ADAPTER_CONFIG
+    if not config_file.is_file():
+        what = "a full model (config.json), nothing to merge; use it as it is" if (run / "config.json").is_file() else "no adapter"
+        raise PactError(f"{run}: no {ADAPTER_CONFIG}, so this is {what}")
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise PactError(f"{config_file}: cannot read the adapter's settings ({err})") from err
+    if not base:
+        raise PactError(f"{config_file}: no base_model_name_or_path; pass the base model with --model")
+    return base
+
+
+def _prepare_out(out: Path, run: Path) -> Path:
+    """Refuse an `out` that exists with files in it or is the run folder; returns the staging folder beside it."""
+    if out.resolve() == run.resolve():
+        raise PactError(f"--out {out} is the run folder itself; choose a new folder for the merged model")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PactError(f"--out {out} already exists and is not an empty folder; choose a new folder for the merged model")
+    staging = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def merged_model(run: str | Path, model: str | None = None, device: str = "cpu"):
+    """The run's adapter merged into its base model (`model`, or the one the adapter names), and the run's tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+
+    run = Path(run).expanduser()
+    loaded = load_model(model or _base_of(run), device=device, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(run) if (run / "tokenizer_config.json").is_file() else loaded.tokenizer
+    adapted = PeftModel.from_pretrained(loaded.model, run)
+    return adapted.merge_and_unload(), tokenizer
+
+
+def export_merged(run: str | Path, out: str | Path, model: str | None = None, device: str = "cpu") -> Path:
+    """Write the merged model and tokenizer of LoRA run folder `run` to `out` (staged beside it, then renamed into place)."""
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    if model is None:
+        _base_of(run)  # an adapter folder naming its base, checked before anything is created
+    staging = _prepare_out(out, run)
+    merged, tokenizer = merged_model(run, model, device)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PactError(f"cannot write the merged model to {out}: {err.strerror or err}; nothing was written there") from err
+    return out

@@ -1,0 +1,99 @@
+"""The loss of a model on a batch whose targets are filled (`pact.objective.targets`): cross-entropy on the response
+tokens (or, with the objective `pact+tokenwise`, Qi et al.'s token-wise constrained loss in its place) plus lambda
+times the masked KL on the safety tokens, or the token-wise loss alone (`tokenwise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from pact.data.batch import CacheBatch
+from pact.errors import PactError
+from pact.objective.kl import pact_kl
+from pact.objective.settings import ObjectiveArguments
+from pact.objective.student import student_outputs
+from pact.objective.targets import CachedTargets
+from pact.objective.tokenwise import tokenwise_terms
+
+
+@dataclass
+class PactOutput:
+    """The batch loss and its parts; `kl_per_position` [N] is KL_t (times T^2); `tokenwise` the mean token-wise
+    constrained loss (docs/objective.md section 4). Parts the objective leaves out of `loss` are computed without
+    gradient, for the logs: the KL under `tokenwise`, the token-wise loss under `pact`."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    kl_per_position: torch.Tensor
+    steps: torch.Tensor
+    tokens: int
+    tokenwise: torch.Tensor
+
+
+def pact_batch_loss(
+    model: PreTrainedModel,
+    batch: CacheBatch,
+    safety_ids: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: ObjectiveArguments,
+    ce_chunk_size: int = 1024,
+) -> PactOutput:
+    """The objective `cfg.objective` over the batch's response tokens (docs/objective.md sections 2 and 4):
+    pact L = CE + lambda * mean_t KL_t; tokenwise L = mean_t TW_t; pact+tokenwise L = mean_t TW_t + lambda * mean_t KL_t.
+
+    `batch` carries its targets (cached, `collate_rows`, or online,
+    `OnlineTargets.fill`), the reference log-probs `target_logprob` among
+    them; `safety_ids` is S, the columns of the student's logits.
+    """
+    student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size)
+    device = student.safety_logits.device
+    mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
+    columns = None if batch.columns is None else batch.columns.to(device)
+    kl_per_position = pact_kl(
+        _in_loss(student.safety_logits, cfg.uses_kl), batch.full_logits.to(device), batch.post_logits.to(device),
+        batch.post_count.to(device), student.steps, mask, weights.to(device), cfg, columns,
+    )
+    tokenwise = tokenwise_terms(_in_loss(student.logprob, cfg.uses_tokenwise), _reference_logprob(batch), student.steps,
+                                cfg.betas).sum() / mask.sum().clamp(min=1)
+    loss, kl = pact_loss(tokenwise if cfg.uses_tokenwise else student.ce, kl_per_position, mask, cfg)
+    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, batch.tokens, tokenwise)
+
+
+def _in_loss(values: torch.Tensor, used: bool) -> torch.Tensor:
+    """`values` as they are when the loss uses them, else detached (a part computed only for the logs needs no graph)."""
+    return values if used else values.detach()
+
+
+def _reference_logprob(batch: CacheBatch) -> torch.Tensor:
+    """The reference's log-prob of each response token, which every cache row and every online batch carries."""
+    if batch.target_logprob is None:
+        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no reference log-probs (target_logprob) to "
+                        "compute the token-wise loss with; fill the batch with `collate_rows` or `OnlineTargets.fill`")
+    return batch.target_logprob
+
+
+def cached_pact_loss(
+    model: PreTrainedModel,
+    rows: list[dict],
+    safety_ids: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: ObjectiveArguments,
+    pad_id: int,
+    ce_chunk_size: int = 1024,
+) -> PactOutput:
+    """The loss of a batch of cache rows (`CacheReader` items): `collate_rows`, its targets checked (`CachedTargets`),
+    then `pact_batch_loss`."""
+    batch = CachedTargets(safety_ids).collate(rows, pad_id)
+    return pact_batch_loss(model, batch, safety_ids, weights, cfg, ce_chunk_size)
+
+
+def pact_loss(fit: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: ObjectiveArguments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch loss and the mean KL_t over its response tokens: L = fit + lambda * mean KL (objectives pact and
+    pact+tokenwise), or `fit` alone (tokenwise). `fit` is the mean CE (pact) or the mean token-wise loss (the others)."""
+    tokens = mask.sum().clamp(min=1)
+    kl = kl_per_position.sum() / tokens
+    return (fit + cfg.lam * kl if cfg.uses_kl else fit), kl

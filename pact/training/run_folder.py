@@ -1,0 +1,170 @@
+"""The run folder: preparing it (refusing a folder that is not ours), finding the checkpoint to resume from, the
+record of a run's settings (`pact_config.json`) and the refusal to resume under settings that change the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pact.cache_tools import CacheReader
+from pact.errors import PactError, os_error_reason
+from pact.models.loading import LoadedModel
+from pact.objective.settings import ObjectiveArguments
+from pact.training.arguments import PactTrainingArguments
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+RUN_CONFIG = "pact_config.json"
+
+
+STATE_FILE = "trainer_state.json"
+
+
+FINAL_STAGING = ".final.tmp"
+
+
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # the Trainer's optimizer state; accelerate's under FSDP (a full state dict)
+
+
+# The recorded settings a resumed run must share with the run that wrote the checkpoint: they change the result.
+# Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
+RESULT_SETTINGS = ("full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
+                   "weight_decay", "max_grad_norm", "seed", "bf16", "fp16", "dtype", "bucket_window", "total_steps",
+                   "model_fingerprint", "cache_identity")
+
+
+def cache_identity(manifest: dict) -> str:
+    """A sha256 of what makes a cache's training targets what they are: its fingerprints, safety tokens, gate,
+    objective temperature and every shard's sha256 (paths and build times left out, so a copied cache is the same)."""
+    content = {key: manifest.get(key) for key in ("fingerprints", "gate", "objective_temperature", "top_k", "dtype")}
+    content["safety_tokens"] = {key: manifest["safety_tokens"].get(key) for key in ("ids", "weights")}
+    content["shards"] = [shard["sha256"] for shard in manifest["shards"]]
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path, what: str, remedy: str) -> dict:
+    """The JSON object in `path` (a run's own file); `PactError` naming it, and saying `remedy`, when it is missing,
+    unreadable or torn."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PactError(f"{path}: cannot read the {what} ({err}); {remedy}") from err
+    if not isinstance(data, dict):
+        raise PactError(f"{path}: the {what} is not a JSON object; {remedy}")
+    return data
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint of the highest step in `out` (checkpoints are renamed into place once complete)."""
+    found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit() and p.is_dir()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def prepare_output(out: Path, resume: bool, checkpoint_path: str | None = None) -> Path | None:
+    """Create `out`, refusing a file or a non-empty folder unless resuming; returns the checkpoint to resume from, if any:
+    `checkpoint_path` when given, else with `resume` the last one in `out`.
+
+    Staging folders a killed run left behind are removed; the checkpoint is
+    checked readable here, so a torn one is named instead of failing deep in the Trainer.
+    """
+    resume = resume or bool(checkpoint_path)
+    if out.exists() and not out.is_dir():
+        raise PactError(f"--output_dir {out} is a file, not a directory; choose a directory for the run's outputs")
+    try:
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise PactError(f"output directory {out} is not empty; pass --resume to continue a run there or choose another --output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PactError(f"cannot create the output directory {out} (--output_dir): {os_error_reason(err)}") from err
+    checkpoint = Path(checkpoint_path).expanduser() if checkpoint_path else latest_checkpoint(out) if resume else None
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise PactError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
+    if resume and checkpoint is None:
+        _refuse_foreign_run_folder(out)
+    for leftover in [*out.glob(f".{CHECKPOINT_PREFIX}*.tmp"), out / FINAL_STAGING]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if checkpoint is not None:
+        _check_checkpoint_readable(checkpoint)
+    return checkpoint
+
+
+def _refuse_foreign_run_folder(out: Path) -> None:
+    """`--resume` found no checkpoint: starting over may rewrite `out`'s files, so `out` must be empty or a run of ours.
+
+    A run killed before its first checkpoint left its `pact_config.json`; any
+    other non-empty folder might hold files of the user's, and is refused.
+    """
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(f".{CHECKPOINT_PREFIX}"))
+    if not entries:
+        return
+    try:
+        ours = isinstance(json.loads((out / RUN_CONFIG).read_text(encoding="utf-8")).get("cache_identity"), str)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise PactError(f"--resume: {out} holds no checkpoint to resume from and is not a pact train run folder "
+                        f"(it holds {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}); "
+                        "choose an empty --output_dir, or drop --resume")
+
+
+def _check_checkpoint_readable(checkpoint: Path) -> None:
+    """Read a checkpoint's state, optimizer and scheduler files (safely: JSON and `weights_only` tensors) before the
+    Trainer does, so a damaged file is named with what to do."""
+    _read_json(checkpoint / STATE_FILE, "checkpoint state",
+               "delete that checkpoint folder to resume from an earlier one, or start a new run in another --output_dir")
+    optimizer = next((checkpoint / name for name in OPTIMIZER_FILES if (checkpoint / name).is_file()), checkpoint / OPTIMIZER_FILES[0])
+    try:
+        for path in (optimizer, checkpoint / "scheduler.pt"):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises unpickler errors of many types for a damaged file
+        raise PactError(f"{checkpoint}: cannot resume from this checkpoint ({type(err).__name__}: {err}); delete it to resume "
+                        "from an earlier one, or start a new run in another --output_dir") from err
+
+
+def run_record(args: PactTrainingArguments, objective: ObjectiveArguments, loaded: LoadedModel, reader: CacheReader,
+                total_steps: int, world_size: int, fsdp: bool) -> dict:
+    """What `pact_config.json` records: the settings, the identities of the model and cache, the derived sizes and
+    whether the weights are sharded (`fsdp`)."""
+    return {**args.run_settings(), "objective": objective.to_dict(), "model_source": loaded.source,
+            "model_fingerprint": loaded.fingerprint, "cache_identity": cache_identity(reader.manifest), "total_steps": total_steps,
+            "cache_rows": len(reader), "safety_tokens": len(reader.safety_ids), "world_size": world_size, "fsdp": fsdp,
+            "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size}
+
+
+def _result_settings(record: dict) -> dict:
+    """The settings of a run record that change the result (see `RESULT_SETTINGS`), the objective's constants one by one."""
+    settings = {key: record.get(key) for key in RESULT_SETTINGS}
+    settings.update({f"objective.{key}": value for key, value in (record.get("objective") or {}).items()})
+    return settings
+
+
+def check_resume_settings(out: Path, checkpoint: Path, record: dict) -> None:
+    """Refuse to resume `checkpoint` under settings that change the result, naming each one with its old and new value.
+
+    The old values come from `out/pact_config.json`, written before the run's
+    first step; resuming under other values would mix two runs into one result.
+    """
+    recorded = _read_json(out / RUN_CONFIG, "run's recorded settings",
+                          "without them the resumed run cannot be checked against the first; start a new run in another --output_dir")
+    if recorded.get("world_size", 1) != record["world_size"]:
+        raise PactError(f"{checkpoint} was written by a run of {recorded.get('world_size', 1)} process(es), this one has "
+                        f"{record['world_size']}; resume with the same number of processes (the global batch depends on it)")
+    if recorded.get("fsdp", False) != record["fsdp"]:
+        raise PactError(f"{checkpoint} was written by a run {'with' if recorded.get('fsdp') else 'without'} FSDP, this one runs "
+                        f"{'with' if record['fsdp'] else 'without'}; resume it as it was written (the checkpoint's model and "
+                        "optimizer files differ)")
+    old, new = _result_settings(recorded), _result_settings(json.loads(json.dumps(record)))
+    differing = [key for key in new if old.get(key) != new[key]]
+    changed = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in differing]
+    if "cache_identity" in differing:
+        changed.append(f"cache {recorded.get('cache')} -> {record['cache']}")
+    if changed:
+        raise PactError(f"cannot resume {checkpoint}: these settings differ from {out / RUN_CONFIG}: {'; '.join(changed)}; "
+                        "resume with the recorded settings, or start a new run in another --output_dir")
