@@ -10,10 +10,9 @@ and peak memory as ratios to plain SFT:
 * online-adapter -- online PACT, reference = the student with adapters disabled
 * cached         -- cached PACT (`cached_pact_loss`), no reference model
 * pact-train     -- the `pact train` loop itself (`pact.training.train.train`)
-* pact-train-sft, pact-train-tokenwise, pact-train-pact+tokenwise
-                 -- the same loop with lambda 0 (plain SFT), `--objective tokenwise`
-                    and `--objective pact+tokenwise`: the methods of
-                    benchmarks/reproduce_small.py, timed side by side
+* pact-train-sft, pact-train-tokenwise, pact-train-pact+tokenwise, pact-train-refkl, pact-train-refkl+tokenwise
+                 -- the same loop with lambda 0 (plain SFT) and with each other `--objective`:
+                    the methods of benchmarks/reproduce_small.py, timed side by side
 
 Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
 on CUDA. `--dtype` sets the weight dtype of every variant (`pact train --dtype`;
@@ -44,6 +43,8 @@ TRAIN_OBJECTIVES = {  # `pact train` variants: (objective, lambda)
     "pact-train-sft": ("pact", 0.0),
     "pact-train-tokenwise": ("tokenwise", 0.0),
     "pact-train-pact+tokenwise": ("pact+tokenwise", 1.0),
+    "pact-train-refkl": ("refkl", 1.0),
+    "pact-train-refkl+tokenwise": ("refkl+tokenwise", 1.0),
 }
 VARIANTS = ("sft", "online-separate", "online-adapter", "cached", *TRAIN_OBJECTIVES)
 

@@ -45,10 +45,7 @@ from pact.cache_tools.manifest import (
 from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.settings import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD, check_build_numbers
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
-from pact.cache_tools.writer import (
-    DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock,
-    make_directory, rank_manifest_name, refuse_file_in_the_way, shard_index, write_shard,
-)
+from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock, make_directory, rank_manifest_name, refuse_file_in_the_way, shard_index, write_shard
 from pact.data.chat import EncodedExample, assistant_header_ids
 from pact.devices import dtype_name
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
@@ -252,9 +249,12 @@ def encode_reference(refs: list[ReferenceTargets], safety_tokens: SafetyTokens, 
     numpy = lambda t: t.cpu().numpy()  # noqa: E731
     full, post, index = select_columns(torch.cat([r.full_logits for r in refs]), torch.cat([r.post_logits for r in refs]),
                                        safety_tokens.weights, layout, temperature)
+    reference = layout.stores_reference
     values = StepValues(numpy(full), numpy(post), numpy(torch.cat([r.post_count for r in refs])),
                         numpy(torch.cat([r.target_logprob for r in refs])), numpy(torch.cat([r.logsumexp for r in refs])),
-                        None if index is None else numpy(index))
+                        None if index is None else numpy(index),
+                        numpy(torch.cat([r.full_logits for r in refs])[:, list(layout.other_positions)]) if reference else None,
+                        numpy(torch.cat([r.rest_logprob for r in refs])) if reference else None)
     bounds = np.cumsum([len(r.post_count) for r in refs])[:-1]
     split = {name: np.split(array, bounds) for name, array in encode_steps(values, layout).items()}
     return [{name: parts[i] for name, parts in split.items()} for i in range(len(refs))]

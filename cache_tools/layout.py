@@ -6,6 +6,11 @@ safety tokens with weight > 0 (S+), and the softmax normaliser cancels, so the
 reference logits on S+ are all it needs from them (exact). With `top_k` only
 the K columns of S+ with the largest w * exp(full_logit / T) are kept per step
 (an approximation: the target is renormalised over the kept columns).
+
+Format version 3 also stores, without `top_k`, what the reference-KL
+objectives need: the full-context logits on the other safety tokens (weight
+zero, `other_logits`), so all of S is stored, and the log of the reference's
+probability outside S (`rest_logprob`).
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ import torch
 
 from pact.cache_tools.codec import check_dtype
 
-# Version 2 stores each row's response spans (multi-turn); version 1 (one response to the end) is still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 3 adds the reference's logits on all of S and its log-probability outside S; version 2 stores each row's
+# response spans (multi-turn); versions 1 (one response to the end) and 2 are still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def positive_positions(weights: list[float]) -> tuple[int, ...]:
     """The positions in S of the tokens with weight > 0 (S+, the stored columns), in S's order."""
     return tuple(i for i, w in enumerate(weights) if w > 0)
+
+
+def other_positions(weights: list[float]) -> tuple[int, ...]:
+    """The positions in S of the tokens with weight 0 (S \\ S+, the `other_logits` columns), in S's order."""
+    return tuple(i for i, w in enumerate(weights) if not w > 0)
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,8 @@ class Layout:
     vocabulary ids, the columns stored); num_safety: |S|; vocab_size: the
     model's vocabulary; top_k: K columns of S+ kept per step, or None for all;
     stored_positions: the positions of S+ within S (what the objective's
-    columns index, precomputed once per layout); format_version: of the shards.
+    columns index, precomputed once per layout); format_version: of the shards;
+    other_positions: the positions within S of the zero-weight tokens.
     """
 
     dtype: str
@@ -45,6 +57,7 @@ class Layout:
     top_k: int | None = None
     stored_positions: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION
+    other_positions: tuple[int, ...] = ()
 
     def __post_init__(self):
         check_dtype(self.dtype)
@@ -54,14 +67,20 @@ class Layout:
         """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact)."""
         stored = tuple(int(i) for i, w in zip(ids, weights) if w > 0)
         return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None,
-                   positive_positions(weights))
+                   positive_positions(weights), other_positions=other_positions(weights))
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Layout":
         """The layout a manifest describes (of the manifest's format version)."""
         weights = manifest["safety_tokens"]["weights"]
         return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(weights), manifest["vocab_size"], manifest["top_k"],
-                   positive_positions(weights), manifest["format_version"])
+                   positive_positions(weights), manifest["format_version"], other_positions(weights))
+
+    @property
+    def stores_reference(self) -> bool:
+        """Whether the shards hold the reference's logits on all of S and its log-probability outside S (format 3
+        without top-k): what the reference-KL objectives need."""
+        return self.format_version >= 3 and self.top_k is None
 
     @property
     def width(self) -> int:

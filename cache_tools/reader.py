@@ -115,7 +115,10 @@ class CacheReader:
     `columns` (int64 positions of those columns in S, same shape, from the
     layout), `full_logits` and
     `post_logits` (float32 [n_resp, k]), `post_count` (int64 [n_resp]),
-    `target_logprob` and `logsumexp` (float32 [n_resp]).
+    `target_logprob` and `logsumexp` (float32 [n_resp]); format 3 caches built
+    without top-k also hold `reference_logits` (float32 [n_resp, |S|], the
+    full-context logits on all of S) and `rest_logprob` (float32 [n_resp], the
+    log of the reference's probability outside S).
 
     `buffer_bytes` bounds the memory of decoded shards (least recently used
     first out; one shard is always held). Random access across more shards
@@ -247,6 +250,7 @@ class CacheReader:
             "post_count": List(Value("int64")),
             "target_logprob": List(Value("float32")),
             "logsumexp": List(Value("float32")),
+            **({"reference_logits": per_step, "rest_logprob": List(Value("float32"))} if self.layout.stores_reference else {}),
         })
         return Dataset.from_generator(
             _hf_rows, features=features, cache_dir=cache_dir,

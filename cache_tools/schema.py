@@ -28,7 +28,13 @@ from pact.cache_tools.writer import SCHEMA_VERSION_KEY
 from pact.data.chat import EncodedExample
 
 LOGIT_COLUMNS = ("full_logits", "post_logits")
-MATRIX_COLUMNS = (*LOGIT_COLUMNS, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
+OTHER_COLUMN = "other_logits"  # format 3: the full-context logits on the zero-weight safety tokens
+MATRIX_COLUMNS = (*LOGIT_COLUMNS, OTHER_COLUMN, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
+
+
+def logit_columns(layout: Layout) -> tuple[str, ...]:
+    """The logit fields a shard of `layout` holds (each with the codec's side parts)."""
+    return (*LOGIT_COLUMNS, OTHER_COLUMN) if layout.stores_reference else LOGIT_COLUMNS
 
 
 @dataclass
@@ -37,7 +43,8 @@ class StepValues:
 
     full_logits/post_logits: [n, width] float32 on the stored columns;
     post_count, target_logprob, logsumexp: [n]; index: [n, K] positions in S+
-    of the kept columns (top-k layouts) or None.
+    of the kept columns (top-k layouts) or None; other_logits [n, |S| - |S+|]
+    and rest_logprob [n] where the layout stores the reference (else None).
     """
 
     full_logits: np.ndarray
@@ -46,6 +53,8 @@ class StepValues:
     target_logprob: np.ndarray
     logsumexp: np.ndarray
     index: np.ndarray | None = None
+    other_logits: np.ndarray | None = None
+    rest_logprob: np.ndarray | None = None
 
 
 def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
@@ -53,10 +62,12 @@ def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
     logit_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.uint8()}[layout.dtype]
     extras = pa.from_numpy_dtype(np.dtype(codec.extras_dtype(layout.dtype)))
     columns = [("post_count", layout.count_type, 1)]
-    for name in LOGIT_COLUMNS:
-        columns.append((name, logit_type, layout.width))
+    for name in logit_columns(layout):
+        columns.append((name, logit_type, len(layout.other_positions) if name == OTHER_COLUMN else layout.width))
         columns += [(f"{name}_{part}", pa.float16(), 1) for part in codec.side_parts(layout.dtype)]
     columns += [("target_logprob", extras, 1), ("logsumexp", extras, 1)]
+    if layout.stores_reference:
+        columns.append(("rest_logprob", extras, 1))
     if layout.top_k is not None:
         columns.append(("safety_index", layout.index_type, layout.top_k))
     return columns
@@ -83,12 +94,14 @@ def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
     extras = codec.extras_dtype(layout.dtype)
     convert = codec.to_float16 if extras == "float16" else (lambda x: np.asarray(x, dtype=np.float32))
     out = {"post_count": values.post_count.astype(count_dtype)}
-    for name in LOGIT_COLUMNS:
+    for name in logit_columns(layout):
         encoded = codec.encode(getattr(values, name), layout.dtype)
         out[name] = encoded.pop("values")
         out.update({f"{name}_{part}": array for part, array in encoded.items()})
     out["target_logprob"] = convert(values.target_logprob)
     out["logsumexp"] = convert(values.logsumexp)
+    if layout.stores_reference:
+        out["rest_logprob"] = convert(np.minimum(values.rest_logprob, 0.0))
     if layout.top_k is not None:
         out["safety_index"] = values.index.astype(np.uint8 if layout.index_type == pa.uint8() else np.uint16)
     return out
@@ -238,10 +251,10 @@ class ShardRows:
             if values.dtype.kind == "f":
                 self._check_items(~np.isfinite(values), steps, "response step", f"{column_name} holds a non-finite value")
         if layout.dtype == "bfloat16":
-            for column_name in LOGIT_COLUMNS:
+            for column_name in logit_columns(layout):
                 self._check_items((self.columns[column_name] & 0x7F80) == 0x7F80, steps, "response step", f"{column_name} holds a non-finite value")
         if layout.dtype == "int8":
-            for column_name in LOGIT_COLUMNS:
+            for column_name in logit_columns(layout):
                 self._check_items(self.columns[f"{column_name}_range"] <= 0, steps, "response step", f"{column_name}_range is not positive")
         if layout.top_k is not None:
             self._check_items(self.columns["safety_index"] >= len(layout.stored_ids), steps, "response step",
@@ -273,7 +286,7 @@ class ShardRows:
 
     def storage_tolerance(self, column: str, steps: slice) -> np.ndarray:
         """Largest storage error of each decoded value of `column` over a range of steps (what recomputation may differ by)."""
-        if column in LOGIT_COLUMNS:
+        if column in logit_columns(self.layout):
             return codec.tolerance(self._parts(column, steps), self.layout.dtype)
         return codec.tolerance({"values": self.columns[column][steps]}, codec.extras_dtype(self.layout.dtype))
 
@@ -282,7 +295,9 @@ class ShardRows:
         return slice(int(self.step_offsets[index]), int(self.step_offsets[index + 1]))
 
     def row(self, index: int) -> dict:
-        """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids)."""
+        """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids); where the layout
+        stores the reference (format 3 without top-k), also `reference_logits`, the full-context logits on all of S in
+        S's order, and `rest_logprob`, the log of the reference's probability outside S."""
         tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
         steps = self.step_range(index)
         if self.layout.top_k is None:
@@ -290,16 +305,24 @@ class ShardRows:
         else:
             kept = torch.from_numpy(self.columns["safety_index"][steps].astype(np.int64))
             safety_ids, columns = self._stored_ids[kept], self._stored_positions[kept]
-        return {
+        full = self.logits("full_logits", steps)
+        row = {
             "example_id": int(self.example_id[index]),
             "input_ids": torch.from_numpy(self.input_ids[tokens].astype(np.int64)),
             "response_start": int(self.response_start[index]),
             "response_spans": torch.from_numpy(self.spans[self.span_offsets[index]:self.span_offsets[index + 1]].copy()),
             "safety_ids": safety_ids,
             "columns": columns,
-            "full_logits": torch.from_numpy(self.logits("full_logits", steps)),
+            "full_logits": torch.from_numpy(full),
             "post_logits": torch.from_numpy(self.logits("post_logits", steps)),
             "post_count": torch.from_numpy(self.columns["post_count"][steps].astype(np.int64)),
             "target_logprob": torch.from_numpy(self.columns["target_logprob"][steps].astype(np.float32)),
             "logsumexp": torch.from_numpy(self.columns["logsumexp"][steps].astype(np.float32)),
         }
+        if self.layout.stores_reference:
+            reference = np.empty((len(full), self.layout.num_safety), dtype=np.float32)
+            reference[:, list(self.layout.stored_positions)] = full
+            reference[:, list(self.layout.other_positions)] = self.logits(OTHER_COLUMN, steps)
+            row |= {"reference_logits": torch.from_numpy(reference),
+                    "rest_logprob": torch.from_numpy(self.columns["rest_logprob"][steps].astype(np.float32))}
+        return row

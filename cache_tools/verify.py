@@ -28,6 +28,7 @@ from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
 from pact.cache_tools.reader import CacheReader
+from pact.cache_tools.schema import OTHER_COLUMN
 from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
 from pact.data.chat import EncodedExample
 from pact.models.loading import load_model, pad_token_id
@@ -146,10 +147,15 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
         columns = row["columns"].expand_as(row["full_logits"])
         recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
                       "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
+        stored_values = {column: row[column] for column in recomputed}
+        if reader.layout.stores_reference:
+            other = list(reader.layout.other_positions)
+            recomputed |= {OTHER_COLUMN: ref.full_logits.cpu()[:, other], "rest_logprob": ref.rest_logprob.cpu()}
+            stored_values |= {OTHER_COLUMN: row["reference_logits"][:, other], "rest_logprob": row["rest_logprob"]}
         where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
         steps = shard.step_range(row_index)
         for column, values in recomputed.items():
-            stored = row[column].numpy()
+            stored = stored_values[column].numpy()
             allowed = shard.storage_tolerance(column, steps) + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
             ratio = float((np.abs(values.float().numpy() - stored) / allowed).max(initial=0.0))
             report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)

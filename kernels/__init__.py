@@ -3,7 +3,8 @@
 This package is a leaf: it imports nothing from `pact` or `pact.cache_tools`.
 
 * `masked_kl` -- per-position KL between the re-weighted target distribution
-  and the student on the safety-token columns (docs/objective.md section 2):
+  and the student on the safety-token columns (docs/objective.md section 2),
+  optionally with one more category for the rest of the vocabulary (section 5):
   Triton forward/backward kernels on CUDA, plain PyTorch on CPU.
 * `masked_kl_triton` -- the same, always through the Triton kernels (CPU
   tensors work under ``TRITON_INTERPRET=1``, which tests use).

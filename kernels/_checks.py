@@ -24,6 +24,8 @@ def check_masked_kl_inputs(
     weights: torch.Tensor,
     mask: torch.Tensor,
     temperature: float,
+    student_rest: torch.Tensor | None = None,
+    target_rest: torch.Tensor | None = None,
 ) -> None:
     """Raise `ValueError` with a clear message if the masked-KL inputs are inconsistent.
 
@@ -39,13 +41,20 @@ def check_masked_kl_inputs(
     weights every step reads them on its first step only. On CUDA, weights <= 0 simply
     drop their column from the target, and an all-zero weight vector makes every
     row a zero-mass row (loss 0, gradient 0).
+
+    `student_rest` and `target_rest`, the rest category's logits, come both or
+    neither, each with the leading shape `[...]`, in a logit dtype.
     """
+    if (student_rest is None) != (target_rest is None):
+        raise ValueError("student_rest and target_rest come together: give both (the rest category) or neither")
     tensors = {
         "student_logits": student_logits,
         "target_logits": target_logits,
         "weights": weights,
         "mask": mask,
     }
+    if student_rest is not None:
+        tensors.update(student_rest=student_rest, target_rest=target_rest)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -71,8 +80,11 @@ def check_masked_kl_inputs(
         raise ValueError(
             f"mask must have the leading shape {lead} of the logits, got {tuple(mask.shape)}"
         )
-    for name in ("student_logits", "target_logits"):
-        if tensors[name].dtype not in SUPPORTED_LOGIT_DTYPES:
+    for name in ("student_rest", "target_rest"):
+        if name in tensors and tuple(tensors[name].shape) != lead:
+            raise ValueError(f"{name} must have the leading shape {lead} of the logits, got {tuple(tensors[name].shape)}")
+    for name in ("student_logits", "target_logits", "student_rest", "target_rest"):
+        if name in tensors and tensors[name].dtype not in SUPPORTED_LOGIT_DTYPES:
             raise ValueError(
                 f"{name} must be float32, float16 or bfloat16, got {tensors[name].dtype}"
             )

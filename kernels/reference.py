@@ -46,6 +46,9 @@ def masked_kl_reference(
     weights: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 2.0,
+    *,
+    student_rest: torch.Tensor | None = None,
+    target_rest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position PACT KL on the safety tokens, in plain PyTorch (the CPU path).
 
@@ -82,8 +85,17 @@ def masked_kl_reference(
         student row that is `-inf` everywhere softmax is taken as 0, so the
         gradient is `-T * q`);
       * `+inf` or NaN in the logits of an active row propagate NaN.
+
+    With `student_rest` and `target_rest` (`[...]`, both or neither), each row
+    gains one more category, the rest of the vocabulary, whose logits they are
+    and whose weight is 1: the same formula over S+1 columns (the rest logit
+    gets a gradient too).
     """
-    check_masked_kl_inputs(student_logits, target_logits, weights, mask, temperature)
+    check_masked_kl_inputs(student_logits, target_logits, weights, mask, temperature, student_rest, target_rest)
+    if student_rest is not None:
+        student_logits = torch.cat([student_logits, student_rest[..., None].to(student_logits.dtype)], dim=-1)
+        target_logits = torch.cat([target_logits, target_rest[..., None].to(target_logits.dtype)], dim=-1)
+        weights = torch.cat([weights, weights.new_ones(1)])
     return masked_kl_reference_unchecked(student_logits, target_logits, weights, mask, temperature)
 
 

@@ -30,6 +30,9 @@ def _values(n: int, layout: Layout, seed: int = 0) -> StepValues:
         logsumexp=(rng.random(n) * 10).astype(np.float32),
         index=np.sort(np.stack([rng.choice(len(layout.stored_ids), layout.top_k, replace=False) for _ in range(n)]), axis=1)
         if layout.top_k else None,
+        other_logits=(rng.standard_normal((n, len(layout.other_positions))) * 4).astype(np.float32)
+        if layout.stores_reference else None,
+        rest_logprob=-rng.random(n).astype(np.float32) * 3 if layout.stores_reference else None,
     )
 
 
@@ -63,6 +66,8 @@ def test_bfloat16_rounds_like_torch():
 def test_layout_stores_positive_weights_and_drops_useless_top_k():
     layout = Layout.create("int8", IDS, WEIGHTS, VOCAB, top_k=None)
     assert layout.stored_ids == (3, 11, 20) and layout.width == 3 and layout.num_safety == 5
+    assert layout.other_positions == (1, 4) and layout.stores_reference  # the zero-weight tokens, for the reference KL
+    assert not Layout.create("int8", IDS, WEIGHTS, VOCAB, top_k=2).stores_reference
     assert Layout.create("int8", IDS, WEIGHTS, VOCAB, top_k=3).top_k is None  # K >= |S+| is exact
     assert Layout.create("int8", IDS, WEIGHTS, VOCAB, top_k=2).width == 2
     assert layout.raw_float32_bytes_per_token == 4 * (2 * 5 + 2)
@@ -99,6 +104,14 @@ def test_table_round_trip(dtype, top_k):
         assert np.allclose(row["logsumexp"].numpy(), expected.logsumexp, rtol=1e-3)
         stored = torch.tensor(layout.stored_ids)
         assert torch.equal(row["safety_ids"], stored if top_k is None else stored[torch.from_numpy(expected.index)])
+        assert ("reference_logits" in row) == ("rest_logprob" in row) == (top_k is None) == layout.stores_reference
+        if layout.stores_reference:
+            reference = row["reference_logits"].numpy()
+            assert reference.shape == (n, len(IDS))
+            assert np.array_equal(reference[:, list(layout.stored_positions)], row["full_logits"].numpy())
+            bound = shard.storage_tolerance("other_logits", shard.step_range(i))
+            assert np.all(np.abs(reference[:, list(layout.other_positions)] - expected.other_logits) <= bound + 1e-6)
+            assert np.allclose(row["rest_logprob"].numpy(), expected.rest_logprob, rtol=1e-3, atol=1e-6)
 
 
 def _replace_step_field(table: pa.Table, field: str, change) -> pa.Table:

@@ -94,10 +94,13 @@ def float32_cache(tiny, tiny_examples, tiny_safety, tmp_path_factory):
     return out
 
 
-def downgrade_to_v1(cache) -> None:
-    """Rewrite a single-turn format-version-2 cache as version 1 wrote it: shards without `response_spans`, schema
-    metadata and manifest version 1 (shard bytes, sizes, sha256 and checksums redone as the version-1 writer did)."""
+def downgrade(cache, version: int) -> None:
+    """Rewrite a format-version-3 cache as an older writer wrote it: version 2 has no reference columns
+    (`other_logits*`, `rest_logprob`), version 1 neither `response_spans` (single-turn caches only); schema metadata,
+    manifest version, shard bytes, sizes, sha256 and checksums redone as that writer did."""
     import json
+
+    import pyarrow as pa
 
     from pact.cache_tools.manifest import save_manifest, set_totals
     from pact.cache_tools.reader import read_shard_table
@@ -106,11 +109,19 @@ def downgrade_to_v1(cache) -> None:
     manifest = json.loads((cache / "manifest.json").read_text())
     for entry in manifest["shards"]:
         table = read_shard_table(cache, entry)
-        assert all(len(spans) == 1 for spans in table.column("response_spans").to_pylist()), "version 1 holds one span per row"
-        table = table.drop_columns(["response_spans"])
-        table = table.replace_schema_metadata({**table.schema.metadata, SCHEMA_VERSION_KEY: b"1"})
+        steps = table.column("steps").combine_chunks()
+        kept = [(field, child) for field, child in zip(steps.type.value_type, steps.flatten().flatten())
+                if not field.name.startswith(("other_logits", "rest_logprob"))]
+        struct = pa.StructArray.from_arrays([child for _, child in kept], fields=[field for field, _ in kept])
+        index = table.schema.get_field_index("steps")
+        table = table.set_column(index, pa.field("steps", pa.list_(struct.type), nullable=False),
+                                 pa.ListArray.from_arrays(steps.offsets, struct))
+        if version == 1:
+            assert all(len(spans) == 1 for spans in table.column("response_spans").to_pylist()), "version 1 holds one span per row"
+            table = table.drop_columns(["response_spans"])
+        table = table.replace_schema_metadata({**table.schema.metadata, SCHEMA_VERSION_KEY: str(version).encode()})
         entry.update(write_shard(cache, shard_index(entry["file"]), table, entry["response_tokens"], manifest["params"]["zstd_level"]))
-    manifest["format_version"] = 1
+    manifest["format_version"] = version
     save_manifest(cache, set_totals(manifest))
 
 

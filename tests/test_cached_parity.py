@@ -47,13 +47,13 @@ def _relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _online_and_cached(loaded, reader, seed):
+def _online_and_cached(loaded, reader, seed, cfg=None, scale=0.02):
     """Loss and LoRA gradients of the same student, with online (adapter-disabled) and cached targets."""
     tok = loaded.tokenizer
-    cfg = ObjectiveArguments()
+    cfg = cfg or ObjectiveArguments()
     rows = [reader[i] for i in range(len(reader))]
     safety_ids, weights = reader.safety_ids, reader.safety_weights
-    student = random_lora_student(loaded.model, seed=seed, scale=0.02)
+    student = random_lora_student(loaded.model, seed=seed, scale=scale)
     online = OnlineTargets(student, safety_ids, assistant_header_ids(tok), cfg, tok.pad_token_id)
     online_out = pact_batch_loss(student, online.fill(collate_rows(rows, tok.pad_token_id)), safety_ids, weights, cfg)
     online_grads = _backward(student, online_out)
@@ -75,6 +75,21 @@ def test_float32_cache_reproduces_online_loss_and_lora_gradients(tiny):
     online, g_online, cached, g_cached = _online_and_cached(loaded, caches["float32"], seed=0)
     assert online.kl.item() > 0
     for part in ("loss", "ce", "kl"):
+        assert getattr(cached, part).item() == pytest.approx(getattr(online, part).item(), rel=1e-5)
+    for name in g_online:
+        assert _relative(g_cached[name], g_online[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("objective", ["refkl", "refkl+tokenwise"])
+def test_float32_cache_reproduces_the_online_reference_kl(tiny, objective):
+    """The reference KL (docs/objective.md section 5) from a float32 cache: loss, CE, KL, the token-wise part and
+    every LoRA gradient within 1e-5 relative of the same objective with the reference computed online, with a
+    student far enough from the reference for the KL's gradient to matter and position weights on."""
+    loaded, caches = tiny
+    cfg = ObjectiveArguments(objective=objective, lam=2.0, kl_position_weights="4,2,1")
+    online, g_online, cached, g_cached = _online_and_cached(loaded, caches["float32"], seed=1, cfg=cfg, scale=1.0)
+    assert online.kl.item() > 1e-3
+    for part in ("loss", "ce", "kl", "tokenwise"):
         assert getattr(cached, part).item() == pytest.approx(getattr(online, part).item(), rel=1e-5)
     for name in g_online:
         assert _relative(g_cached[name], g_online[name]) < 1e-5, name

@@ -23,7 +23,7 @@ from pact.cache_tools import CacheReader, load_manifest
 from pact.cli.cache import main
 from pact.cache_tools.manifest import save_manifest
 from pact.cache_tools.writer import DirectoryLock
-from test_cache_support import TINY_MAX_LENGTH, downgrade_to_v1, rewrite_response_spans, subprocess_env
+from test_cache_support import TINY_MAX_LENGTH, downgrade, rewrite_response_spans, subprocess_env
 
 FAMILY = "pact-cache"
 
@@ -103,7 +103,7 @@ def _copy_cache(w):
 def _old_version_copy(w):
     """A `prepare` copying the world cache to `old` and rewriting the copy as a format-version-1 cache."""
     shutil.copytree(w.cache, w.path("old"))
-    downgrade_to_v1(w.path("old"))
+    downgrade(w.path("old"), 1)
 
 
 def _hold_lock(name: str):
@@ -215,9 +215,9 @@ CASES = [
     Case("verify-old-manifest-totals", "an old manifest (no checksums) with `totals.rows` edited", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1, "manifest.json: totals.rows 99 (the shards give 12) do not match the shard list",
          prepare=_edit(_without_checksums(_set("totals", "rows", 99)))),
-    Case("verify-old-manifest-version", "an old manifest (no checksums) of format version 3", "pact-cache",
-         lambda w: ["verify", str(w.cache)], 2, "format version 3, this pact reads versions 1, 2",
-         prepare=_edit(_without_checksums(_set("format_version", 3)))),
+    Case("verify-old-manifest-version", "an old manifest (no checksums) of format version 4", "pact-cache",
+         lambda w: ["verify", str(w.cache)], 2, "format version 4, this pact reads versions 1, 2, 3",
+         prepare=_edit(_without_checksums(_set("format_version", 4)))),
     # shard entries pointing outside the cache directory (checksums sealed: only the name check can refuse them)
     Case("verify-shard-outside", "a shard entry `../elsewhere/shard-00000.arrow` (a real shard is there)", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1, f"shards[0].file {OUTSIDE!r} is not a shard file name of the cache directory",
@@ -283,12 +283,12 @@ CASES = [
     Case("merge-locked", "`merge` into a folder a build is writing (its lock held)", "pact-cache",
          lambda w: ["merge", str(w.path("merged")), str(w.cache)], 2, "holds the lock", prepare=_hold_lock("merged")),
     # format versions and response spans
-    Case("build-resume-version-1", "`--resume` of a format-version-1 cache (this pact writes version 2)", "pact-cache",
+    Case("build-resume-version-1", "`--resume` of a format-version-1 cache (this pact writes version 3)", "pact-cache",
          lambda w: _build(w, w.path("old"), "--resume", *SMALL), 2,
-         "holds a format version 1 cache and this pact writes version 2, and a cache never mixes versions; use --overwrite",
+         "holds a format version 1 cache and this pact writes version 3, and a cache never mixes versions; use --overwrite",
          prepare=_old_version_copy),
-    Case("merge-mixed-versions", "`merge` of a version-2 and a version-1 cache", "pact-cache",
-         lambda w: ["merge", str(w.path("merged")), str(w.cache), str(w.path("old"))], 2, "format version: 2 vs 1",
+    Case("merge-mixed-versions", "`merge` of a version-3 and a version-1 cache", "pact-cache",
+         lambda w: ["merge", str(w.path("merged")), str(w.cache), str(w.path("old"))], 2, "format version: 3 vs 1",
          prepare=_old_version_copy),
     Case("verify-overlapping-spans", "a shard whose row repeats its response span (resealed)", "pact-cache",
          lambda w: ["verify", str(w.cache)], 1,

@@ -281,7 +281,8 @@ def test_kernel_target_gets_no_gradient(impl):
 
 @needs_triton
 def test_triton_saves_no_float32_rows_by_columns():
-    """Backward recomputes from the inputs + per-row stats; nothing [N, S]-sized is stored besides the inputs."""
+    """Backward recomputes from the inputs + per-row stats; nothing [N, S]-sized is stored besides the inputs (the
+    extras: the [4, N] row statistics, the [S] log-weights and the rest category's one log-weight)."""
     N, S = 13, 64
     z, r, w, mask, g = make_inputs(N, S, dtype=torch.float16, seed=15)
     zz = z.clone().requires_grad_(True)
@@ -295,7 +296,7 @@ def test_triton_saves_no_float32_rows_by_columns():
         loss = MaskedKLFunction.apply(zz, r, w, mask, 2.0)
     input_ptrs = {zz.data_ptr(), r.data_ptr(), mask.data_ptr()}
     extra = [t for t in saved if t.data_ptr() not in input_ptrs]
-    assert sum(t.numel() for t in extra) <= 4 * N + S
+    assert sum(t.numel() for t in extra) <= 4 * N + S + 1
     loss.sum().backward()
     assert zz.grad.dtype == torch.float16
 

@@ -17,7 +17,7 @@ from pact.data.chat import assistant_header_ids
 from pact.objective.loss import cached_pact_loss, pact_batch_loss
 from pact.models.loading import load_model
 from pact.objective.settings import ObjectiveArguments
-from pact.objective.tokenwise import betas_at, tokenwise_terms
+from pact.objective.tokenwise import schedule_at, tokenwise_terms
 from pact.objective.student import chunked_target_logprob, mean_cross_entropy
 from pact.objective.targets import OnlineTargets
 from test_multi_turn import ROWS as MULTI_TURN_ROWS, _build
@@ -78,7 +78,7 @@ def test_beta_schedule_positions_and_the_limits_of_the_term():
     """beta_t by response position (position 1 is step 0; the last value holds after the schedule), the value
     (2 / beta) log 2 when the student equals the reference, no overflow at extreme ratios, and the SFT limit: as
     beta -> 0 the term's gradient is the cross-entropy's."""
-    assert betas_at(torch.tensor([0, 1, 4, 5, 99]), PAPER).tolist() == pytest.approx([0.5, 2.0, 2.0, 0.1, 0.1])
+    assert schedule_at(torch.tensor([0, 1, 4, 5, 99]), PAPER).tolist() == pytest.approx([0.5, 2.0, 2.0, 0.1, 0.1])
     equal = tokenwise_terms(torch.full((3,), -2.5), torch.full((3,), -2.5), torch.tensor([0, 1, 9]), PAPER)
     assert equal.tolist() == pytest.approx([2 / 0.5 * math.log(2), 2 / 2 * math.log(2), 2 / 0.1 * math.log(2)], rel=1e-6)
     extreme = tokenwise_terms(torch.tensor([-500.0, 0.0]), torch.tensor([0.0, -500.0]), torch.tensor([1, 1]), PAPER)

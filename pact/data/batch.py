@@ -35,7 +35,10 @@ class CacheBatch:
     target columns; post_count [N]; columns: positions in S of the target
     columns ([k], or [N, k] for top-k caches; None = all of S in order);
     stored_ids: the vocabulary ids of those columns (same shape as columns);
-    target_logprob [N] (reference log-prob of the response token, if known).
+    target_logprob [N] (reference log-prob of the response token, if known);
+    reference_logits [N, |S|] (the full-context reference logits on all of S,
+    in S's order) and rest_logprob [N] (the log of the reference's
+    probability outside S), where known: what the reference KL needs.
     """
 
     input_ids: torch.Tensor
@@ -55,6 +58,8 @@ class CacheBatch:
     columns: torch.Tensor | None = None
     stored_ids: torch.Tensor | None = None
     target_logprob: torch.Tensor | None = None
+    reference_logits: torch.Tensor | None = None
+    rest_logprob: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -81,12 +86,14 @@ class CacheBatch:
 
     def with_targets(self, full_logits: torch.Tensor, post_logits: torch.Tensor, post_count: torch.Tensor,
                      columns: torch.Tensor | None = None, stored_ids: torch.Tensor | None = None,
-                     target_logprob: torch.Tensor | None = None) -> "CacheBatch":
+                     target_logprob: torch.Tensor | None = None, reference_logits: torch.Tensor | None = None,
+                     rest_logprob: torch.Tensor | None = None) -> "CacheBatch":
         """This batch with its reference targets (one row per response token, in the batch's order)."""
         if not full_logits.shape[0] == post_logits.shape[0] == post_count.shape[0] == self.tokens:
             raise ValueError(f"targets for {full_logits.shape[0]} response tokens given to a batch of {self.tokens}")
         return dataclasses.replace(self, full_logits=full_logits, post_logits=post_logits, post_count=post_count,
-                                   columns=columns, stored_ids=stored_ids, target_logprob=target_logprob)
+                                   columns=columns, stored_ids=stored_ids, target_logprob=target_logprob,
+                                   reference_logits=reference_logits, rest_logprob=rest_logprob)
 
 
 def collate_spans(sequences: list[torch.Tensor], spans: list[torch.Tensor], example_ids: list[int], pad_id: int) -> CacheBatch:
@@ -137,6 +144,8 @@ def collate_rows(rows: list[dict], pad_id: int) -> CacheBatch:
         columns=_stacked([r["columns"] for r in rows], steps),
         stored_ids=_stacked([r["safety_ids"] for r in rows], steps),
         target_logprob=torch.cat([r["target_logprob"] for r in rows]).float(),
+        reference_logits=torch.cat([r["reference_logits"] for r in rows]) if all("reference_logits" in r for r in rows) else None,
+        rest_logprob=torch.cat([r["rest_logprob"] for r in rows]) if all("rest_logprob" in r for r in rows) else None,
     )
 
 

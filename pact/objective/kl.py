@@ -1,5 +1,6 @@
-"""PACT's safety-token KL (docs/objective.md section 2): the gate, the mixed target and the masked KL, on tensors,
-shared by the online and the cached modes.
+"""The KLs of the objectives, on tensors, shared by the online and the cached modes: PACT's safety-token KL
+(docs/objective.md section 2: the gate, the mixed target and the masked KL) and the KL to the reference over S and
+the rest of the vocabulary (section 5).
 
 Shapes: the response positions of a batch are flattened to `N` rows; `S` is the safety-token set. Inputs on the
 reference side are logits restricted to `S` (columns whose weight is zero may hold any finite value: the target puts
@@ -7,6 +8,8 @@ no mass there), plus the post-only top-p count that the gate needs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -67,3 +70,39 @@ def pact_kl(
         index = columns.expand_as(target) if columns.dim() == 1 else columns
         target = torch.full(student_logits.shape, float("-inf"), device=target.device).scatter(1, index, target)
     return masked_kl(student_logits, target, weights, mask, cfg.temperature)
+
+
+def log_mass_outside(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the softmax mass of `logits` [N, V] (float32) outside the columns `ids`, per row [N]: what the cache
+    stores as `rest_logprob`. Accurate to float32's relative precision whether that mass is near 0 or near 1 (the
+    reference KL reads both it and one minus it): log(1 - mass on `ids`) while that mass is below a half, else the
+    logsumexp outside `ids` minus the whole logsumexp."""
+    total = torch.logsumexp(logits, dim=-1)
+    on_ids = torch.logsumexp(logits[:, ids], dim=-1) - total
+    outside = torch.logsumexp(logits.index_fill(1, ids, float("-inf")), dim=-1) - total
+    return torch.where(on_ids < -math.log(2.0), torch.log1p(-torch.exp(on_ids)), outside)
+
+
+def reference_kl(
+    student_logits: torch.Tensor,
+    student_rest: torch.Tensor,
+    reference_logits: torch.Tensor,
+    rest_logprob: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-position KL(reference || student) over S and one rest category (docs/objective.md section 5); zero where
+    `mask` is False.
+
+    student_logits [N, |S|] and student_rest [N] carry the gradient:
+    student_rest is the student's logsumexp over the vocabulary outside S, so
+    softmax([student_logits, student_rest]) is the student's distribution
+    coarse-grained to S's tokens and the rest. The reference's is given by its
+    full-context logits on all of S [N, |S|] (their softmax splits the mass on
+    S) and rest_logprob [N], the log of its probability outside S. At
+    temperature 1, where the coarse-graining is exact.
+    """
+    rest = rest_logprob.float().clamp(max=0.0)
+    on_safety = torch.log(-torch.expm1(rest))  # log of the reference's mass on S; -inf when it has none there
+    target = torch.log_softmax(reference_logits.float(), dim=-1) + on_safety[:, None]
+    weights = torch.ones(student_logits.shape[-1], dtype=torch.float32, device=student_logits.device)
+    return masked_kl(student_logits, target, weights, mask, 1.0, student_rest=student_rest, target_rest=rest)

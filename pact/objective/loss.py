@@ -12,18 +12,19 @@ from transformers import PreTrainedModel
 
 from pact.data.batch import CacheBatch
 from pact.errors import PactError
-from pact.objective.kl import pact_kl
+from pact.objective.kl import pact_kl, reference_kl
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.student import student_outputs
 from pact.objective.targets import CachedTargets
-from pact.objective.tokenwise import tokenwise_terms
+from pact.objective.tokenwise import schedule_at, tokenwise_terms
 
 
 @dataclass
 class PactOutput:
-    """The batch loss and its parts; `kl_per_position` [N] is KL_t (times T^2); `tokenwise` the mean token-wise
-    constrained loss (docs/objective.md section 4). Parts the objective leaves out of `loss` are computed without
-    gradient, for the logs: the KL under `tokenwise`, the token-wise loss under `pact`."""
+    """The batch loss and its parts; `kl_per_position` [N] is a_t KL_t (PACT's, times T^2, or the reference KL);
+    `tokenwise` the mean token-wise constrained loss (docs/objective.md section 4). Parts the objective leaves out of
+    `loss` are computed without gradient, for the logs: PACT's KL under `tokenwise`, the token-wise loss under `pact`
+    and `refkl`."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -42,21 +43,28 @@ def pact_batch_loss(
     cfg: ObjectiveArguments,
     ce_chunk_size: int = 1024,
 ) -> PactOutput:
-    """The objective `cfg.objective` over the batch's response tokens (docs/objective.md sections 2 and 4):
-    pact L = CE + lambda * mean_t KL_t; tokenwise L = mean_t TW_t; pact+tokenwise L = mean_t TW_t + lambda * mean_t KL_t.
+    """The objective `cfg.objective` over the batch's response tokens (docs/objective.md sections 2, 4 and 5), with
+    KL_t PACT's (pact, pact+tokenwise, tokenwise) or the reference KL (refkl, refkl+tokenwise), weighted a_t by position:
+    L = CE + lambda * mean_t a_t KL_t (pact, refkl); mean_t TW_t (tokenwise); mean_t TW_t + lambda * mean_t a_t KL_t
+    (pact+tokenwise, refkl+tokenwise).
 
-    `batch` carries its targets (cached, `collate_rows`, or online,
-    `OnlineTargets.fill`), the reference log-probs `target_logprob` among
-    them; `safety_ids` is S, the columns of the student's logits.
+    `batch` carries its targets (cached, `CachedTargets`, or online,
+    `OnlineTargets`), the reference log-probs `target_logprob` among them;
+    `safety_ids` is S, the columns of the student's logits.
     """
-    student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size)
+    student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size,
+                              with_rest=cfg.uses_reference_kl)
     device = student.safety_logits.device
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
-    columns = None if batch.columns is None else batch.columns.to(device)
-    kl_per_position = pact_kl(
-        _in_loss(student.safety_logits, cfg.uses_kl), batch.full_logits.to(device), batch.post_logits.to(device),
-        batch.post_count.to(device), student.steps, mask, weights.to(device), cfg, columns,
-    )
+    if cfg.uses_reference_kl:
+        kl_per_position = reference_kl(student.safety_logits, student.rest, *_reference_distribution(batch, device), mask)
+    else:
+        columns = None if batch.columns is None else batch.columns.to(device)
+        kl_per_position = pact_kl(
+            _in_loss(student.safety_logits, cfg.uses_kl), batch.full_logits.to(device), batch.post_logits.to(device),
+            batch.post_count.to(device), student.steps, mask, weights.to(device), cfg, columns,
+        )
+    kl_per_position = kl_per_position * schedule_at(student.steps, cfg.position_weights)
     tokenwise = tokenwise_terms(_in_loss(student.logprob, cfg.uses_tokenwise), _reference_logprob(batch), student.steps,
                                 cfg.betas).sum() / mask.sum().clamp(min=1)
     loss, kl = pact_loss(tokenwise if cfg.uses_tokenwise else student.ce, kl_per_position, mask, cfg)
@@ -66,6 +74,15 @@ def pact_batch_loss(
 def _in_loss(values: torch.Tensor, used: bool) -> torch.Tensor:
     """`values` as they are when the loss uses them, else detached (a part computed only for the logs needs no graph)."""
     return values if used else values.detach()
+
+
+def _reference_distribution(batch: CacheBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's full-context logits on all of S and its log-probability outside S: what the reference KL needs."""
+    if batch.reference_logits is None or batch.rest_logprob is None:
+        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no reference logits on all of S and no rest "
+                        "log-probabilities, which the reference KL needs; rebuild the cache with this pact (format version "
+                        "3, without --top-k)")
+    return batch.reference_logits.to(device), batch.rest_logprob.to(device)
 
 
 def _reference_logprob(batch: CacheBatch) -> torch.Tensor:
@@ -92,8 +109,8 @@ def cached_pact_loss(
 
 
 def pact_loss(fit: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: ObjectiveArguments) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch loss and the mean KL_t over its response tokens: L = fit + lambda * mean KL (objectives pact and
-    pact+tokenwise), or `fit` alone (tokenwise). `fit` is the mean CE (pact) or the mean token-wise loss (the others)."""
+    """The batch loss and the mean KL_t over its response tokens: L = fit + lambda * mean KL (every objective with a
+    KL), or `fit` alone (tokenwise). `fit` is the mean CE, or the mean token-wise loss for the objectives naming it."""
     tokens = mask.sum().clamp(min=1)
     kl = kl_per_position.sum() / tokens
     return (fit + cfg.lam * kl if cfg.uses_kl else fit), kl

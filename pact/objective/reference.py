@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from pact.data.batch import CacheBatch, collate_examples, collate_spans
 from pact.data.chat import EncodedExample
 from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
-from pact.objective.kl import topp_count
+from pact.objective.kl import log_mass_outside, topp_count
 
 
 @dataclass
@@ -25,7 +25,8 @@ class ReferenceTargets:
     full context and with the post-only context; post_count: [n_resp] top-p
     count of softmax(post_logits / Tg) (the gate's I_p times |S|);
     target_logprob: [n_resp] reference log-prob of the response token;
-    logsumexp: [n_resp] full-vocabulary logsumexp (full context).
+    logsumexp: [n_resp] full-vocabulary logsumexp (full context);
+    rest_logprob: [n_resp] log of the probability outside S (full context).
     """
 
     full_logits: torch.Tensor
@@ -33,6 +34,7 @@ class ReferenceTargets:
     post_count: torch.Tensor
     target_logprob: torch.Tensor
     logsumexp: torch.Tensor
+    rest_logprob: torch.Tensor
 
 
 def response_hidden_states(
@@ -94,10 +96,11 @@ def reference_batch(
     logsumexp = torch.logsumexp(logits, dim=-1)
     target_logprob = logits.gather(1, batch.labels.to(device)[:, None]).squeeze(1) - logsumexp
     full_logits = logits[:, safety_ids]
+    rest_logprob = log_mass_outside(logits, safety_ids)
     del logits
     post_logits = float32_logits(post_hidden, head[safety_ids])
     post_count = topp_count(post_logits, p0, gate_temperature)
-    return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp)
+    return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp, rest_logprob)
 
 
 def reference_targets(
@@ -112,5 +115,6 @@ def reference_targets(
     """`reference_batch` for a list of examples, split back into one `ReferenceTargets` per example."""
     values = reference_batch(model, collate_examples(examples, pad_id), safety_ids, header_ids, p0, gate_temperature, pad_id)
     sizes = [len(ex.response_ids) for ex in examples]
-    fields = (values.full_logits, values.post_logits, values.post_count, values.target_logprob, values.logsumexp)
+    fields = (values.full_logits, values.post_logits, values.post_count, values.target_logprob, values.logsumexp,
+              values.rest_logprob)
     return [ReferenceTargets(*parts) for parts in zip(*(t.split(sizes) for t in fields))]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from pact.data.batch import CacheBatch
@@ -22,22 +23,26 @@ from pact.models.projection import projected_forward
 @dataclass
 class StudentOutputs:
     """What the objective needs from the student for a batch's N response positions: the mean CE, the log-prob of
-    each response token [N] (None without CE), the logits on S and each token's step within its turn."""
+    each response token [N] (None without CE), the logits on S, each token's step within its turn and, when asked
+    for, the logsumexp of the logits outside S [N] (`rest`, what the reference KL's rest category needs)."""
 
     ce: torch.Tensor
     safety_logits: torch.Tensor | None
     steps: torch.Tensor
     logprob: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
 
 
 @dataclass
 class StudentProjections(ModelOutput):
-    """The student's forward output under `student_outputs`: the log-prob of each response token [N] (float32) and the
-    logits on S [N, |S|] (float32), each None when not asked for. A `ModelOutput`, so the wrappers that walk a forward's
-    output (FSDP registering its backward hooks, DDP) find its tensors."""
+    """The student's forward output under `student_outputs`: the log-prob of each response token [N] (float32), the
+    logits on S [N, |S|] (float32) and the logsumexp outside S [N] (float32), each None when not asked for. A
+    `ModelOutput`, so the wrappers that walk a forward's output (FSDP registering its backward hooks, DDP) find its
+    tensors."""
 
     logprob: torch.Tensor | None = None
     safety_logits: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
 
 
 def student_outputs(
@@ -46,9 +51,11 @@ def student_outputs(
     safety_ids: torch.Tensor | None,
     with_ce: bool = True,
     ce_chunk_size: int = 1024,
+    with_rest: bool = False,
 ) -> StudentOutputs:
     """One forward pass of the student: the response tokens' log-probs and mean CE, and logits on S at every response
-    position of `batch`.
+    position of `batch`; `with_rest`, also the logsumexp of the logits outside S, from the CE's own chunks (no other
+    full-vocabulary logits are made).
 
     With `safety_ids=None` only the CE is computed (plain SFT on response tokens); with `with_ce=False` only the logits on S.
     """
@@ -58,9 +65,10 @@ def student_outputs(
         device = hidden.device
         hidden = hidden[batch.rows.to(device), batch.positions.to(device)]
         # Projected in the head's dtype: a dequantised head's (pact.models.quantization.dense_weight) may differ from the hidden states'.
-        logprob = chunked_target_logprob(hidden.to(head.dtype), head, batch.labels.to(device), ce_chunk_size) if with_ce else None
+        chunks = (chunked_projections(hidden.to(head.dtype), head, batch.labels.to(device), ce_chunk_size,
+                                      safety_ids.to(device) if with_rest else None) if with_ce else None)
         safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
-        return StudentProjections(logprob=logprob, safety_logits=safety_logits)
+        return StudentProjections(logprob=chunks and chunks.logprob, safety_logits=safety_logits, rest=chunks and chunks.rest)
 
     device = head_device(model)
     # The batch is right-padded: a plain causal mask gives the response positions their hidden states without the host
@@ -69,21 +77,40 @@ def student_outputs(
     projected = projected_forward(model, batch.input_ids, batch.attention_mask if mask is None else mask, project)
     steps = batch.steps.to(device)
     ce = mean_cross_entropy(projected.logprob) if with_ce else torch.zeros((), dtype=torch.float32, device=steps.device)
-    return StudentOutputs(ce=ce, safety_logits=projected.safety_logits, steps=steps, logprob=projected.logprob)
+    return StudentOutputs(ce=ce, safety_logits=projected.safety_logits, steps=steps, logprob=projected.logprob,
+                          rest=projected.rest)
 
 
-def chunked_target_logprob(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                           chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(hidden @ W.T)[target] of each row [N] (float32) without keeping [N, V] logits.
+@dataclass
+class ChunkedProjection:
+    """Per response token [N], float32: the log-prob of the target token, and the logsumexp of the logits outside the
+    `rest_of` ids (None when not asked for)."""
+
+    logprob: torch.Tensor
+    rest: torch.Tensor | None
+
+
+def chunked_projections(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+                        rest_of: torch.Tensor | None = None) -> ChunkedProjection:
+    """log softmax(hidden @ W.T)[target] of each row [N] (float32) without keeping [N, V] logits, and with `rest_of`
+    (token ids) the logsumexp of each row's logits outside those ids.
 
     Each chunk's logits are recomputed in backward (activation checkpointing),
     so peak memory holds one chunk of full-vocabulary logits, not all of them.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    parts = [checkpoint(_target_logprob, hidden[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size],
+    parts = [checkpoint(_chunk, hidden[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size], rest_of,
                         use_reentrant=False) for start in range(0, hidden.shape[0], chunk_size)]
-    return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+    if not parts:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return ChunkedProjection(empty, empty if rest_of is not None else None)
+    return ChunkedProjection(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if rest_of is not None else None)
+
+
+def chunked_target_logprob(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ W.T)[target] of each row [N] (float32) without keeping [N, V] logits (`chunked_projections`'
+    log-probs)."""
+    return chunked_projections(hidden, lm_head_weight, targets, chunk_size).logprob
 
 
 def mean_cross_entropy(logprob: torch.Tensor) -> torch.Tensor:
@@ -91,9 +118,10 @@ def mean_cross_entropy(logprob: torch.Tensor) -> torch.Tensor:
     return -logprob.sum() / max(logprob.shape[0], 1)
 
 
-def _target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One chunk of `chunked_target_logprob`: the full-vocabulary logits projected in the weights' dtype, then
-    the log-softmax in float32.
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rest_of: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of `chunked_projections`: the full-vocabulary logits projected in the weights' dtype, then the
+    log-softmax (and the logsumexp outside `rest_of`) in float32.
 
     Unlike the safety rows, the whole LM head would have to be copied to
     float32 for this projection, in the forward and again in the checkpointed
@@ -101,4 +129,8 @@ def _target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     largest transient. Upcasting the logits keeps the softmax in float32 at
     no memory cost, as transformers' own loss does.
     """
-    return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    logits = F.linear(hidden, weight).float()
+    logprob = -F.cross_entropy(logits, targets, reduction="none")
+    if rest_of is None:
+        return logprob, None
+    return logprob, torch.logsumexp(logits.index_fill(1, rest_of, float("-inf")), dim=-1)

@@ -95,8 +95,10 @@ class OnlineTargets:
                                          self.cfg.p0, self.cfg.gate_temperature, self.pad_id)
         finally:
             self.model.train(was_training)
-        return batch.with_targets(*(t.clone() for t in (values.full_logits, values.post_logits, values.post_count)),
-                                  target_logprob=values.target_logprob.clone())
+        full_logits = values.full_logits.clone()
+        return batch.with_targets(full_logits, values.post_logits.clone(), values.post_count.clone(),
+                                  target_logprob=values.target_logprob.clone(), reference_logits=full_logits,
+                                  rest_logprob=values.rest_logprob.clone())
 
     def batch(self, examples: list[EncodedExample]) -> CacheBatch:
         """The collated batch of `examples` with its online targets."""

@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
-def betas_at(steps: torch.Tensor, betas: tuple[float, ...]) -> torch.Tensor:
-    """beta_t of each response token: `betas[t]` for step t (t = 0 is response position 1), the last one past the end.
+def schedule_at(steps: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
+    """A per-position schedule's value at each response token: `values[t]` for step t (t = 0 is response position 1),
+    the last one past the end (beta_t of the token-wise loss, a_t of the KL).
 
     Built on the device from the numbers themselves (a schedule tensor made on
     the host would be a pageable copy to the GPU at every step).
     """
-    beta = torch.full(steps.shape, betas[-1], dtype=torch.float32, device=steps.device)
-    for step, value in enumerate(betas[:-1]):
-        beta = torch.where(steps == step, value, beta)
-    return beta
+    result = torch.full(steps.shape, values[-1], dtype=torch.float32, device=steps.device)
+    for step, value in enumerate(values[:-1]):
+        result = torch.where(steps == step, value, result)
+    return result
 
 
 def tokenwise_terms(student_logprob: torch.Tensor, reference_logprob: torch.Tensor, steps: torch.Tensor,
@@ -29,6 +30,6 @@ def tokenwise_terms(student_logprob: torch.Tensor, reference_logprob: torch.Tens
     number without overflow; its gradient is -2 * sigmoid(-beta_t * ratio) times
     that of log pi_theta, the weight the paper's appendix and code use.
     """
-    beta = betas_at(steps, betas)
+    beta = schedule_at(steps, betas)
     ratio = student_logprob.float() - reference_logprob.float().to(student_logprob.device)
     return 2.0 / beta * F.softplus(-beta * ratio)

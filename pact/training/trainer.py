@@ -44,6 +44,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
 from pact.cache_tools import CacheReader
+from pact.cache_tools.layout import FORMAT_VERSION
 from pact.cache_tools.reader import ShardShuffleSampler
 from pact.data.batch import CacheBatch
 from pact.errors import CheckFailed, PactError, os_error_reason
@@ -82,6 +83,20 @@ def check_compatibility(manifest: dict, fingerprints: tuple[str, str], cfg: Obje
     if problems and not force:
         raise PactError("; ".join(problems) + " (pass --force to train anyway)")
     return problems
+
+
+def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
+    """Refuse a cache that lacks what the objective needs: the reference KL (refkl, refkl+tokenwise) reads the
+    reference's logits on all of S and its probability outside S, which format 3 caches built without --top-k hold;
+    older caches still train the other objectives."""
+    layout = reader.layout
+    if cfg.uses_reference_kl and not layout.stores_reference:
+        why = (f"it was built with --top-k {layout.top_k}" if layout.top_k else
+               f"it is a format version {layout.format_version} cache, older than this pact's {FORMAT_VERSION}")
+        raise PactError(f"the cache {reader.directory} cannot train --objective {cfg.objective}: {why}, so it holds no "
+                        "reference logits on every safety token nor the reference's probability outside them; rebuild it "
+                        f"with `pact-cache build --out {reader.directory} --overwrite` (with the same --model, --data and "
+                        "--safety-tokens, without --top-k), or train an objective it holds (pact, tokenwise, pact+tokenwise)")
 
 
 def _base_model(model):
@@ -126,6 +141,9 @@ class PactTrainer(Trainer):
             _check_same_safety_tokens(self.cache, self.eval_cache)
         self.safety_ids, self.safety_weights = self.cache.safety_ids, self.cache.safety_weights
         self.targets = targets if targets is not None else CachedTargets(self.safety_ids)
+        for reader in (self.cache, self.eval_cache) if targets is None else ():
+            if reader is not None:
+                check_cache_serves(reader, self.objective)
         self.pad_id = pad_token_id(processing_class)
         self.ce_chunk_size = ce_chunk_size
         kwargs.setdefault("data_collator", keep_batch)
@@ -214,6 +232,8 @@ class PactTrainer(Trainer):
             fingerprints = (self._fingerprints[0], self._fingerprints[1])
             check_compatibility(reader.manifest, fingerprints, self.objective, force=True)
             _check_same_safety_tokens(self.cache, reader)
+            if isinstance(self.targets, CachedTargets):
+                check_cache_serves(reader, self.objective)
             self.eval_cache, self.eval_dataset = reader, CacheRows(reader, self.pad_id)
 
     def _safety(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
