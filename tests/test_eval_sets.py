@@ -47,3 +47,18 @@ def test_the_benign_alignment_prompts_are_300_distinct_requests_none_of_them_eva
     evaluated = {_normalised(text) for other in others for text in _instructions(other)}
     assert len(evaluated) > 300 and not evaluated & set(mine)
     assert not evaluated & {_normalised(p.text) for p in prompts}
+
+
+DEV_SETS = {"harmful_unlike_refusals_dev.jsonl": 50, "sensitive_harmless_dev.jsonl": 60, "everyday_dev.jsonl": 40}
+
+
+@pytest.mark.parametrize("name,count", DEV_SETS.items())
+def test_a_development_set_shares_no_request_with_any_other_set(name, count):
+    """The reproduction's development sets (for choosing hyperparameters) are distinct requests that appear in no
+    reported set, in the reference's alignment data and in the demo data, so choosing on them leaks nothing."""
+    prompts, report = load_prompts(SETS / name)
+    mine = {_normalised(p.text) for p in prompts}
+    assert report.skipped == 0 and len(prompts) == count == len(mine)
+    others = [path for path in SETS.glob("*.jsonl") if path.name != name] + [demo_data_path("benign"), demo_data_path("refusals")]
+    elsewhere = {_normalised(text) for other in others for text in _instructions(other)}
+    assert not elsewhere & mine
