@@ -29,12 +29,14 @@ def atomic_write(path: Path, data: bytes, error: type[WriteError] = WriteError) 
 
     An `OSError` (disk full, permission denied, ...) removes the temporary
     file, leaves any previous `path` untouched and raises `error` (a
-    `WriteError`; the cache's own writes raise `CacheWriteError`).
+    `WriteError`; the cache's own writes raise `CacheWriteError`). A file
+    already named like the temporary file is refused, never overwritten.
     """
     path = Path(path)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+    descriptor = _create_new(temp, path, error)
     try:
-        with open(temp, "wb") as handle:
+        with open(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -46,3 +48,15 @@ def atomic_write(path: Path, data: bytes, error: type[WriteError] = WriteError) 
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def _create_new(temp: Path, path: Path, error: type[WriteError]) -> int:
+    """Create the temporary file `temp` for writing `path`, failing if anything already has that name: only a file
+    this call created is ever written over, renamed or removed (a file of the user's named like it is left alone)."""
+    try:
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError as err:
+        raise error(f"cannot write {path}: its temporary file {temp} already exists and was not created by this "
+                    "process; move it away (nothing was replaced)") from err
+    except OSError as err:
+        raise error(f"cannot write {path}: {os_error_reason(err)}; nothing was replaced") from err

@@ -1,8 +1,9 @@
 """The hostile-input regression harness: a table of bad inputs per command
 family, each run through the real command line in-process, asserting
 
-* the exit code (2 bad input, 1 a failed check),
-* a message on stderr that names the culprit (a file, a row, a field, a flag),
+* the exit code (2 bad input, 1 a failed check, 0 a hostile input that must be accepted),
+* a message on stderr that names the culprit (a file, a row, a field, a flag); for an accepted input, a line of
+  stdout saying what was done,
 * no traceback (errors are one message unless `--debug`),
 * that no file which existed before the command changed or vanished
   (sha256 of every file under the case's folder and the shared fixtures).
@@ -71,7 +72,8 @@ class Case:
 
     `argv(world)` is the command's arguments after the program name;
     `prepare(world)` creates the hostile files first; `message` is a substring
-    stderr must contain (it names the culprit); `may_change` lists paths
+    stderr must contain (it names the culprit), or stdout for an input that
+    must be accepted (exit code 0); `may_change` lists paths
     relative to `root` that the command is allowed to create or change (its
     own outputs); everything else must keep its bytes.
     """
@@ -136,7 +138,8 @@ def check_case(case: Case, world: World, capsys) -> str:
         code = exit_.code
     out, err = capsys.readouterr()
     assert code == case.exit_code, f"exit {code}, expected {case.exit_code}\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
-    assert case.message in err, f"stderr lacks {case.message!r}:\n{err[-2000:]}"
+    said, stream = (out, "stdout") if case.exit_code == 0 else (err, "stderr")
+    assert case.message in said, f"{stream} lacks {case.message!r}:\n{said[-2000:]}"
     assert "Traceback" not in out + err
     after = snapshot(world.root, world.model)
     allowed = {str(world.root / name) for name in case.may_change}
@@ -181,8 +184,9 @@ def markdown_table() -> str:
     sys.path.insert(0, str(HERE))
     lines = ["# Hostile inputs and what the commands answer", "",
              "Generated from the regression tables in `tests/test_hostile_*.py` by `python tests/hostile.py`; each row is",
-             "a test asserting the exit code (2 bad input, 1 a failed check), a message on stderr naming the culprit, no",
-             "traceback, and that no file existing before the command changed. `<model>`, `<safety>`, `<cache>`, `<data>` and",
+             "a test asserting the exit code (2 bad input, 1 a failed check, 0 a hostile input that must be accepted), a message",
+             "on stderr naming the culprit (on stdout for an accepted input: what was done), no traceback, and that no file",
+             "existing before the command changed. `<model>`, `<safety>`, `<cache>`, `<data>` and",
              "`<run>` stand for a model directory, a safety-token file, a cache, an Alpaca JSONL file and a training run folder.",
              ""]
     for module_name in FAMILY_MODULES:

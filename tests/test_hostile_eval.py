@@ -237,6 +237,10 @@ REPORT_CASES = [
          lambda w: ["report", str(w.run), "--out", str(w.path("cmp"))], 2, "is the same file as the eval.json of RUN_DIR",
          prepare=lambda w: (save_eval(w, "eval.json", {"task": {"accuracy": 0.5}}),
                             os.symlink(w.run / "eval.json", w.path("cmp.md")))),
+    Case("report-out-temporary-name-taken", "`--out` PREFIX beside a user's file named like its temporary file "
+         "(`.tmp-PREFIX.md.<pid>`)", "pact", lambda w: ["report", str(w.run), "--out", str(w.path("cmp"))], 2,
+         "already exists and was not created by this process; move it away",
+         prepare=lambda w: (save_eval(w, "eval.json", {"task": {"accuracy": 0.5}}), w.write(f".tmp-cmp.md.{os.getpid()}", "mine"))),
     Case("report-out-is-directory", "`--out` PREFIX whose PREFIX.png is a directory", "pact",
          lambda w: ["report", str(w.run), "--out", str(w.path("cmp"))], 2, "cmp.png: is a directory",
          prepare=lambda w: (save_eval(w, "eval.json", {"task": {"accuracy": 0.5}}), w.path("cmp.png").mkdir())),

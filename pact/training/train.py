@@ -37,7 +37,9 @@ from pact.objective.targets import OnlineTargets
 from pact.planning.plan import plan_checkpointing
 from pact.training.arguments import PactTrainingArguments
 from pact.training.callbacks import MetricsCallback, plot_curves
-from pact.training.run_folder import FINAL_STAGING, RUN_CONFIG, run_record, check_resume_settings, prepare_output
+from pact.training.run_folder import (
+    RUN_CONFIG, STAGING_MARKER, check_resume_settings, new_staging, prepare_output, run_record,
+)
 from pact.training.trainer import PactTrainer
 
 
@@ -112,10 +114,14 @@ def total_steps(args: PactTrainingArguments, rows: int, world_size: int) -> int:
 
 
 def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
-    """Save the weights, tokenizer and `curves.png` into a staging folder inside `out`, then move each file into place
-    (one atomic rename per file), so a crash or a full disk never leaves a torn adapter in `out`."""
-    staging = out / FINAL_STAGING
+    """Save the weights, tokenizer and `curves.png` into a new staging folder inside `out` (`new_staging`), then move each
+    file into place (one atomic rename per file), so a crash or a full disk never leaves a torn adapter in `out`."""
     what = f"the trained {'model' if trainer.args.full else 'adapter'} to {out}"
+    try:
+        staging = Path(run_on_main(lambda: str(new_staging(out, "final"))))
+    except OSError as err:
+        raise PactError(f"cannot write {what}: {os_error_reason(err)}; nothing was replaced (free space or fix the folder's "
+                        "permissions, then rerun with --resume)") from err
     try:
         trainer.save_model(str(staging))
         if trainer.args.should_save and metrics:
@@ -127,8 +133,9 @@ def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         for item in sorted(staging.iterdir()):
-            os.replace(item, out / item.name)
-        staging.rmdir()
+            if item.name != STAGING_MARKER:
+                os.replace(item, out / item.name)
+        shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
 
 

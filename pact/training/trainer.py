@@ -47,6 +47,7 @@ from pact.cache_tools import CacheReader
 from pact.cache_tools.layout import FORMAT_VERSION
 from pact.cache_tools.reader import ShardShuffleSampler
 from pact.data.batch import CacheBatch
+from pact.distributed import run_on_main
 from pact.errors import CheckFailed, PactError, os_error_reason
 from pact.models.loading import model_fingerprint, pad_token_id, tokenizer_fingerprint
 from pact.objective.loss import PactOutput, pact_batch_loss
@@ -54,7 +55,7 @@ from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import CachedTargets, TargetSource
 from pact.training.arguments import DEFAULT_BUCKET_WINDOW
 from pact.training.batches import CacheRows, GlobalMicroBatches, cached_order, keep_batch, raise_batch_error
-from pact.training.run_folder import CHECKPOINT_PREFIX
+from pact.training.run_folder import CHECKPOINT_PREFIX, new_staging
 from pact.training.step_guard import Fetched, StepGuard
 
 LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logged per step, token-mean over the step
@@ -300,8 +301,9 @@ class PactTrainer(Trainer):
     # Private `transformers.Trainer` methods, overridden only where no public hook exists for what PACT needs: one host
     # synchronisation per optimizer step (the step's token count stays on the device, `_get_num_items_in_batch`; a
     # non-finite step is caught before the optimizer applies it, `_get_grad_norm`; the one host read happens at a log,
-    # save or the end, `_maybe_log_save_evaluate`) and checkpoints that are never half written (`_get_output_dir`,
-    # `_save_checkpoint`). A new transformers release is checked against these first (tests/test_hotpath.py).
+    # save or the end, `_maybe_log_save_evaluate`), checkpoints that are never half written (`_get_output_dir`,
+    # `_save_checkpoint`) and no step past `max_steps` when a finished run is resumed (`_run_epoch`). A new transformers
+    # release is checked against these first (tests/test_hotpath.py).
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int:
         """The optimizer step's response tokens over every micro-batch and process: the loss's denominator (a number
@@ -349,27 +351,35 @@ class PactTrainer(Trainer):
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                                          learning_rate=learning_rate)
 
+    def _run_epoch(self, *args, **kwargs):
+        """The Trainer's epoch, unless every step of the run is done already: resuming a finished run (its last checkpoint
+        at `max_steps`) in the middle of an epoch would otherwise train one step past `max_steps` before stopping."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_output_dir(self, trial) -> str:
         """Where the Trainer writes a checkpoint: the staging folder while `_save_checkpoint` runs, else the run folder."""
         return self._checkpoint_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into `.checkpoint-N.tmp/` and rename it into place once complete, so a kill or a full
-        disk never leaves a `checkpoint-N` that resuming would pick up half written."""
+        """Write the checkpoint into a new staging folder of the run (`new_staging`: `.checkpoint-N.<random>.tmp/`) and
+        rename it into place once complete, so a kill or a full disk never leaves a `checkpoint-N` that resuming would
+        pick up half written."""
         self._stop_if_not_finite()
         out = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        staging = out / f".{name}.tmp"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        try:
+            staging = Path(run_on_main(lambda: str(new_staging(out, name))))
+        except OSError as err:
+            raise _checkpoint_not_written(out / name, err) from err
         self._checkpoint_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError, SafetensorError) as err:
             shutil.rmtree(staging, ignore_errors=True)
-            raise PactError(f"cannot write checkpoint {out / name}: {os_error_reason(err)}; nothing was replaced, earlier checkpoints "
-                            "are intact (free space or fix the folder's permissions, then rerun with --resume)") from err
+            raise _checkpoint_not_written(out / name, err) from err
         finally:
             self._checkpoint_root = None
         self.accelerator.wait_for_everyone()
@@ -390,6 +400,12 @@ def _check_fsdp_set_up(trainer: Trainer) -> None:
         raise PactError(f"--fsdp (or an accelerate FSDP config) asks for sharded training, but accelerate set up no FSDP "
                         f"(distributed type {kind}): it runs FSDP only on GPUs; run on GPUs, or drop --fsdp and the accelerate "
                         "FSDP config to train unsharded")
+
+
+def _checkpoint_not_written(checkpoint: Path, err: BaseException) -> PactError:
+    """The error of a checkpoint that could not be written: the cause, and that nothing already there was touched."""
+    return PactError(f"cannot write checkpoint {checkpoint}: {os_error_reason(err)}; nothing was replaced, earlier checkpoints "
+                     "are intact (free space or fix the folder's permissions, then rerun with --resume)")
 
 
 def _parts(result: PactOutput) -> torch.Tensor:
