@@ -34,7 +34,7 @@ from pact.cache_tools.writer import (
     LOCK_NAME, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, is_pact_shard_file, is_shard_name,
 )
 from pact.data.chat import EncodedExample
-from pact.data.sources import DEFAULT_SPLIT
+from pact.data.sources import DEFAULT_SPLIT, hub_dataset_id, source_kind
 from pact.files import atomic_write
 
 FORMAT_NAME = "pact-cache"
@@ -82,17 +82,20 @@ def _hash_path(path: Path) -> str:
 
 
 def _data_source(data, dataset_split: str, dataset_config: str | None, dataset_fingerprint: str | None) -> dict:
-    """What identifies the rows: a local path and the sha256 of its bytes, else (a hub dataset id or a
-    `datasets.Dataset`) the dataset's name, config, split and `datasets` fingerprint (`LoadReport.fingerprint`)."""
-    if isinstance(data, (str, Path)) and Path(data).expanduser().exists():
+    """What identifies the rows: the kind of source (`source_kind`: local file, local folder, hub dataset,
+    datasets.Dataset); for local data its path and the sha256 of its bytes, else the dataset's name, config, split and
+    `datasets` fingerprint (`LoadReport.fingerprint`)."""
+    kind = source_kind(data)
+    if kind in ("local file", "local folder"):
         path = Path(data).expanduser()
         split = {"dataset_split": dataset_split} if path.is_dir() and dataset_split != DEFAULT_SPLIT else {}
-        return {"path": str(path), "sha256": _hash_path(path), **split}
+        return {"source": kind, "path": str(path), "sha256": _hash_path(path), **split}
     fingerprint = dataset_fingerprint or getattr(data, "_fingerprint", None)
     if fingerprint is None:
         raise ValueError(f"data {data!r} is not a local path: pass dataset_fingerprint (the LoadReport's fingerprint)")
-    name = str(data) if isinstance(data, (str, Path)) else getattr(getattr(data, "info", None), "dataset_name", None)
-    return {"dataset": name, "dataset_config": dataset_config, "dataset_split": dataset_split, "dataset_fingerprint": fingerprint}
+    name = hub_dataset_id(data) if kind == "hub dataset" else getattr(getattr(data, "info", None), "dataset_name", None)
+    return {"source": kind, "dataset": name, "dataset_config": dataset_config, "dataset_split": dataset_split,
+            "dataset_fingerprint": fingerprint}
 
 
 def describe_data(data, chat_template: str | None, max_length: int | None, skip_invalid: bool, limit: int | None, *,
@@ -100,9 +103,10 @@ def describe_data(data, chat_template: str | None, max_length: int | None, skip_
                   dataset_fingerprint: str | None = None) -> dict:
     """The manifest's `data` entry: source, content hash and preprocessing parameters, plus their joint fingerprint.
 
-    `data` is what the rows were read from (see `pact.data.sources.open_data`): a
-    local file or folder is hashed; a hub dataset id or a `datasets.Dataset` is
-    identified by its name, config, split and `datasets` fingerprint. The
+    `data` is what the rows were read from (see `pact.data.sources.open_data`),
+    its kind recorded as `source`: a local file or folder is hashed; a hub
+    dataset or a `datasets.Dataset` is identified by its name, config, split
+    and `datasets` fingerprint. The
     fingerprint changes when the data, `max_length`, `skip_invalid`, `limit`,
     a given `data_format` or the chat template change, i.e. whenever the
     tokenized examples could.

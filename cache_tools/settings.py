@@ -39,7 +39,7 @@ class BuildArguments:
         "help": "reference model: directory, hub id, .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
     data: str | None = field(default=None, metadata={
         "help": "training data: a file (.jsonl/.json/.csv/.tsv/.parquet/.arrow, optionally compressed), a save_to_disk "
-                "folder or a hub dataset id; rows in any --format (default: the bundled demo benign set)"})
+                "folder or a hub dataset (owner/name, or hub:ID); rows in any --format (default: the bundled demo benign set)"})
     safety_tokens: str | None = field(default=None, metadata={
         "help": "safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with "
                 "the cache)"})

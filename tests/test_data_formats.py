@@ -274,13 +274,43 @@ def test_a_hub_id_is_loaded_with_its_config_and_split(stand_in_hub):
 
 
 def test_a_missing_path_with_a_data_suffix_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    """`rows.jsonl` or `./x` that does not exist is a missing file, never a hub lookup."""
+    """`rows.jsonl`, `./x` or a bare `name` that does not exist is a missing file, never a hub lookup."""
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("looked up on the hub"))
-    for missing in ("rows.jsonl", "./data", str(tmp_path / "gone")):
+    for missing in ("rows.jsonl", "./data", str(tmp_path / "gone"), "mydata"):
         with pytest.raises(DataError, match="data file not found"):
             load_conversations(missing)
+
+
+def test_a_missing_path_named_like_a_local_file_names_that_file(stand_in_hub, tmp_path, monkeypatch):
+    """A bare `mydata` beside `mydata.jsonl` is refused naming `mydata.jsonl`; `owner/name` beside `owner/name.jsonl` is
+    refused too (which one was meant is the user's to say), and `hub:owner/name` then loads the hub dataset."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "mydata.jsonl", [ALPACA])
+    (tmp_path / "owner").mkdir()
+    write_jsonl(tmp_path / "owner" / "chat.jsonl", [ALPACA])
+    stand_in_hub["owner/chat"] = {(None, "train"): [_sharegpt(MULTI_TURN)]}
+    with pytest.raises(DataError, match=r"data file not found: mydata; did you mean mydata.jsonl\? \(a hub dataset is named "
+                                        r"owner/name, or hub:NAME to load it from the hub explicitly\)"):
+        load_conversations("mydata")
+    with pytest.raises(DataError, match="owner/chat: no such local file or folder, but owner/chat.jsonl is; give that path to "
+                                        "read it, or hub:owner/chat to load the hub dataset owner/chat"):
+        load_conversations("owner/chat")
+    assert stand_in_hub["calls"] == []
+    (conversation,), _ = load_conversations("hub:owner/chat")
+    assert conversation.messages == MULTI_TURN and stand_in_hub["calls"] == [("owner/chat", None, "train")]
+
+
+def test_hub_prefix_names_a_hub_dataset_even_without_an_owner(stand_in_hub, tmp_path, monkeypatch):
+    """`hub:NAME` loads the hub dataset NAME, even where a local path of that name exists; a malformed id is named."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "squad", [ALPACA])
+    stand_in_hub["squad"] = {(None, "train"): [_sharegpt(SINGLE_TURN)]}
+    (conversation,), report = load_conversations("hub:squad")
+    assert conversation.messages == SINGLE_TURN and report.path == "squad (split train)"
+    with pytest.raises(DataError, match="hub:no such: not a hub dataset id"):
+        load_conversations("hub:no such")
 
 
 def test_a_hub_id_offline_fails_at_once_naming_it(monkeypatch):
@@ -317,6 +347,12 @@ def test_the_manifest_identifies_a_hub_dataset_by_id_config_split_and_fingerprin
     path = write_jsonl(tmp_path / "rows.jsonl", [ALPACA])
     local = describe_data(path, None, 64, False, None)
     assert local["path"] == str(path) and len(local["sha256"]) == 64 and "format" not in local
+    explicit = describe_data("hub:owner/chat", None, 64, False, None, dataset_split="validation", dataset_config="short",
+                             dataset_fingerprint="abc")
+    assert explicit["dataset"] == "owner/chat" and explicit["fingerprint"] == hub["fingerprint"]
+    assert [d["source"] for d in (local, describe_data(tmp_path, None, 64, False, None), hub,
+                                  describe_data(dataset, None, 64, False, None))] == [
+        "local file", "local folder", "hub dataset", "datasets.Dataset"]
     assert describe_data(path, None, 64, False, None, data_format="alpaca")["fingerprint"] != local["fingerprint"]
     with pytest.raises(ValueError, match="pass dataset_fingerprint"):
         describe_data("owner/chat", None, 64, False, None)

@@ -99,8 +99,9 @@ def check_format(data_format: str | None) -> None:
 
 @dataclass
 class DataSourceArguments:
-    """How a command reads the data a flag of it names (a file, a save_to_disk folder or a hub dataset id): the split
-    and configuration of a hub dataset, and the row format (detected from the first row's fields when not given)."""
+    """How a command reads the data a flag of it names (a file, a save_to_disk folder or a hub dataset: owner/name or
+    hub:ID): the split and configuration of a hub dataset, and the row format (detected from the first row's fields when
+    not given)."""
 
     dataset_split: str = field(default=DEFAULT_SPLIT, metadata={
         "help": "split of a hub dataset or a saved DatasetDict given as the data"})

@@ -1,7 +1,8 @@
 """Where rows come from: a local file (JSON, JSONL, CSV, TSV, Parquet, or anything else `datasets` reads: `.arrow`,
-compressed files), a `save_to_disk` folder, a folder of data files, a hub dataset id, or a `datasets.Dataset`
-(`open_data`), and the project's bundled demo sets. Text files must be UTF-8 (a leading byte-order mark, as Excel
-writes, is ignored); a bad file is a `DataError` naming the file and line, a bad row becomes that row's error.
+compressed files), a `save_to_disk` folder, a folder of data files, a hub dataset (`owner/name`, or any id as
+`hub:ID`), or a `datasets.Dataset` (`open_data`), and the project's bundled demo sets. Text files must be UTF-8 (a
+leading byte-order mark, as Excel writes, is ignored); a bad file is a `DataError` naming the file and line, a bad row
+becomes that row's error.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from os import PathLike
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +26,9 @@ DEMO_REFUSALS = "refusals"
 
 
 DEFAULT_SPLIT = "train"
+
+
+HUB_PREFIX = "hub:"  # `hub:ID` names the hub dataset ID explicitly
 
 
 # file suffixes and the `datasets` packaged builder reading them; compressed files keep the inner suffix
@@ -262,10 +267,12 @@ def _open_folder(path: Path, split: str, config: str | None) -> _Opened:
 
 
 def _looks_like_hub_id(text: str) -> bool:
-    """Whether `text`, naming no local file, is spelled like a hub dataset id (`name` or `owner/name`, no data-file suffix)."""
+    """Whether `text`, naming no local path, is spelled like a hub dataset id with its owner (`owner/name`, no data-file
+    suffix): a bare `name` is far more often a local file given without its suffix than a hub dataset."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if text.startswith((".", "~", "/")) or _datasets_builder(Path(text)) or Path(text).suffix.lower() in UNREAD_SUFFIXES:
+    if text.count("/") != 1 or text.startswith((".", "~", "/")) or _datasets_builder(Path(text)) \
+            or Path(text).suffix.lower() in UNREAD_SUFFIXES:
         return False
     try:
         validate_repo_id(text)
@@ -274,32 +281,90 @@ def _looks_like_hub_id(text: str) -> bool:
     return True
 
 
+def hub_dataset_id(source) -> str | None:
+    """The hub dataset id the data source `source` names, or None when it names local data (or is a `datasets.Dataset`).
+
+    `hub:ID` always names the hub dataset ID (`hub:name` or `hub:owner/name`);
+    a path that exists is local; a missing path spelled `owner/name` is a hub
+    id. `open_data` refuses every other missing path.
+    """
+    if not isinstance(source, (str, PathLike)):
+        return None
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        return text[len(HUB_PREFIX):]
+    return text if not Path(text).expanduser().exists() and _looks_like_hub_id(text) else None
+
+
+def source_kind(source) -> str:
+    """What kind of data source `source` is, as the cache manifest records it: `local file`, `local folder`, `hub dataset`
+    or `datasets.Dataset`."""
+    if not isinstance(source, (str, PathLike)):
+        return "datasets.Dataset"
+    if hub_dataset_id(source) is not None:
+        return "hub dataset"
+    return "local folder" if Path(source).expanduser().is_dir() else "local file"
+
+
+def _similar_files(path: Path) -> list[str]:
+    """The paths beside `path` named like it plus a suffix (`mydata.jsonl` for `mydata`): what a missing path most likely
+    meant (at most 3)."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(str(p) for p in path.parent.glob(f"{glob_escape(path.name)}.*"))[:3]
+
+
+def _missing(path: Path, similar: list[str]) -> DataError:
+    """The error for a data path that names nothing local and is not taken as a hub id; names a similar local file."""
+    hint = f"; did you mean {' or '.join(similar)}?" if similar else ""
+    return DataError(f"data file not found: {path}{hint} (a hub dataset is named owner/name, or {HUB_PREFIX}NAME to load it "
+                     "from the hub explicitly)")
+
+
 def _hub_name(dataset_id: str, split: str, config: str | None) -> str:
     """How errors name a hub dataset: its id, split and config."""
     return f"{dataset_id} (split {split}" + (f", config {config})" if config else ")")
+
+
+def _open_hub_dataset(source: str, dataset_id: str, split: str, config: str | None) -> _Opened:
+    """Rows of the hub dataset `dataset_id` (`source` as the user wrote it), from the hub or the local `datasets` cache."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(dataset_id)
+    except HFValidationError as err:
+        raise DataError(f"{source}: not a hub dataset id ({err})") from None
+    name = _hub_name(dataset_id, split, config)
+    failure = f"{name}: no hub dataset that can be loaded" if str(source).startswith(HUB_PREFIX) else \
+        f"{name}: no such local file or folder, and no hub dataset that can be loaded"
+    return _dataset_rows(name, _load_dataset(failure, dataset_id, name=config, split=split))
 
 
 def open_data(source, dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None) -> _Opened:
     """The rows of a data source: a local file, a `save_to_disk` folder or a folder of data files, a hub dataset id
     (loaded with `datasets.load_dataset(id, name=dataset_config, split=dataset_split)`), or a `datasets.Dataset`.
 
-    A path that exists is always read as local data; a missing path spelled
-    like a hub id (`owner/name`) is looked up on the hub (set
-    `HF_HUB_OFFLINE=1` to use only the local `datasets` cache).
+    A path that exists is always read as local data. A hub dataset is
+    `hub:ID`, or a missing path spelled `owner/name` (set `HF_HUB_OFFLINE=1`
+    to use only the local `datasets` cache). Any other missing path is refused,
+    and so is `owner/name` when a local file is named like it
+    (`owner/name.jsonl`): which one was meant is the user's to say.
     """
     if not isinstance(source, (str, PathLike)):
         return _given_dataset(source, dataset_split)
     path = Path(source).expanduser()
-    if path.is_dir():
+    dataset_id = hub_dataset_id(source)
+    if dataset_id is None and path.is_dir():
         return _open_folder(path, dataset_split, dataset_config)
-    if path.exists():
+    if dataset_id is None and path.exists():
         return _Opened(str(path), _rows_from_file(path))
-    if not _looks_like_hub_id(str(source)):
-        raise DataError(f"data file not found: {path}")
-    name = _hub_name(str(source), dataset_split, dataset_config)
-    dataset = _load_dataset(f"{name}: no such local file or folder, and no hub dataset that can be loaded", str(source),
-                            name=dataset_config, split=dataset_split)
-    return _dataset_rows(name, dataset)
+    if dataset_id is None:
+        raise _missing(path, _similar_files(path))
+    similar = [] if str(source).startswith(HUB_PREFIX) else _similar_files(path)
+    if similar:
+        raise DataError(f"{source}: no such local file or folder, but {' and '.join(similar)} is; give that path to read it, "
+                        f"or {HUB_PREFIX}{source} to load the hub dataset {source}")
+    return _open_hub_dataset(str(source), dataset_id, dataset_split, dataset_config)
 
 
 def _datasets_file_rows(path: Path, builder: str) -> Iterator[tuple[str, object]]:

@@ -61,8 +61,8 @@ class RefusalEvalArguments:
     """`pact eval refusal`: the prompts, generation, the judges, and the per-prompt file."""
 
     prompts: str | None = field(default=None, metadata={
-        "help": "requests: a data file, a save_to_disk folder or a hub dataset id, rows in any --format ('instruction' or "
-                "'prompt' alone will do); answers, if present, are ignored (required)"})
+        "help": "requests: a data file, a save_to_disk folder or a hub dataset (owner/name, or hub:ID), rows in any "
+                "--format ('instruction' or 'prompt' alone will do); answers, if present, are ignored (required)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer generated"})
     batch_size: int = field(default=8, metadata={"help": "prompts generated together"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N rows of --prompts"})
@@ -77,7 +77,8 @@ class RefusalEvalArguments:
 
     def __post_init__(self) -> None:
         """Refuse a missing prompt source or a count below 1."""
-        _require("prompts", self.prompts, "the requests to answer (a data file, a save_to_disk folder or a hub dataset id)")
+        _require("prompts", self.prompts, "the requests to answer (a data file, a save_to_disk folder or a hub dataset: "
+                                          "owner/name or hub:ID)")
         _check_counts(self, ("max_new_tokens", "batch_size", "limit"))
 
 
@@ -86,14 +87,16 @@ class TaskEvalArguments:
     """`pact eval task`: the labelled data and how it is scored."""
 
     data: str | None = field(default=None, metadata={
-        "help": "labelled rows: a data file, a save_to_disk folder or a hub dataset id, rows in any --format (required)"})
+        "help": "labelled rows: a data file, a save_to_disk folder or a hub dataset (owner/name, or hub:ID), rows in any "
+                "--format (required)"})
     batch_size: int = field(default=16, metadata={"help": "(row, label) sequences per forward pass"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N rows of --data"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip malformed rows (counted and reported) instead of stopping"})
 
     def __post_init__(self) -> None:
         """Refuse missing data or a count below 1."""
-        _require("data", self.data, "the labelled rows to score (a data file, a save_to_disk folder or a hub dataset id)")
+        _require("data", self.data, "the labelled rows to score (a data file, a save_to_disk folder or a hub dataset: "
+                                    "owner/name or hub:ID)")
         _check_counts(self, ("batch_size", "limit"))
 
 
