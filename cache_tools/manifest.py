@@ -35,10 +35,9 @@ from pact.cache_tools.writer import (
 )
 from pact.data.chat import EncodedExample
 from pact.data.sources import DEFAULT_SPLIT, hub_dataset_id, source_kind
-from pact.files import atomic_write
+from pact.files import CHECKSUMS, atomic_write, edited_fields, field_checksums
 
 FORMAT_NAME = "pact-cache"
-CHECKSUMS = "checksums"
 REQUIRED = ("complete", "dtype", "top_k", "stored_ids", "vocab_size", "safety_tokens", "shards", "gate", "header_ids")
 SHA256_HEX = re.compile("[0-9a-f]{64}")
 SHOWN = 5  # file names or fields listed in one message
@@ -212,47 +211,9 @@ def new_manifest(
     return set_totals(manifest)
 
 
-def _canonical(value) -> bytes:
-    """The JSON bytes a checksum is taken over (sorted keys, no spaces)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _checksum_fields(manifest: dict) -> dict[str, object]:
-    """The manifest's fields as `checksums` covers them: top-level keys, objects split one level (`gate.p0`)."""
-    fields: dict[str, object] = {}
-    for key, value in manifest.items():
-        if key == CHECKSUMS:
-            continue
-        if isinstance(value, dict) and value:
-            fields.update((f"{key}.{sub}", item) for sub, item in value.items())
-        else:
-            fields[key] = value
-    return fields
-
-
-def manifest_checksums(manifest: dict) -> dict[str, str]:
-    """sha256 of every field of `manifest` (except `checksums` itself), keyed by field (`gate.p0`, `shards`, ...)."""
-    return {name: hashlib.sha256(_canonical(value)).hexdigest() for name, value in sorted(_checksum_fields(manifest).items())}
-
-
-def edited_fields(manifest: dict) -> list[str] | None:
-    """The fields that no longer match the manifest's `checksums` (added or removed ones too); None without checksums.
-
-    Manifests written before pact-cache recorded checksums have none: nothing
-    can be checked then.
-    """
-    recorded = manifest.get(CHECKSUMS)
-    if recorded is None:
-        return None
-    if not isinstance(recorded, dict):
-        return [CHECKSUMS]
-    actual = manifest_checksums(manifest)
-    return sorted(name for name in recorded.keys() | actual.keys() if recorded.get(name) != actual.get(name))
-
-
 def save_manifest(directory: Path, manifest: dict, name: str = MANIFEST_NAME) -> None:
     """Record `manifest`'s checksums in it and write it as `manifest.json` (or the manifest file `name`) atomically."""
-    manifest[CHECKSUMS] = manifest_checksums(manifest)
+    manifest[CHECKSUMS] = field_checksums(manifest)
     atomic_write(Path(directory) / name, (json.dumps(manifest, indent=1) + "\n").encode(), CacheWriteError)
 
 

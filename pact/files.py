@@ -1,15 +1,22 @@
 """Crash-safe file writing: a file is written under a temporary name beside it, flushed, fsynced and renamed into
 place, then its directory is fsynced; a crash, even `kill -9`, leaves the old file or the new one, never a torn one.
+And sealed JSON records (a cache's manifest, a run's settings): a sha256 per field recorded in the record itself, so a
+field edited by hand is named (`edited_fields`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 from pact.errors import WriteError, os_error_reason
 
 TEMP_PREFIX = ".tmp-"
+
+
+CHECKSUMS = "checksums"  # the field of a sealed record holding its fields' sha256
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -60,3 +67,42 @@ def _create_new(temp: Path, path: Path, error: type[WriteError]) -> int:
                     "process; move it away (nothing was replaced)") from err
     except OSError as err:
         raise error(f"cannot write {path}: {os_error_reason(err)}; nothing was replaced") from err
+
+
+def _canonical(value) -> bytes:
+    """The JSON bytes a checksum is taken over (sorted keys, no spaces)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _checksum_fields(record: dict) -> dict[str, object]:
+    """The record's fields as `checksums` covers them: top-level keys, objects split one level (`gate.p0`)."""
+    fields: dict[str, object] = {}
+    for key, value in record.items():
+        if key == CHECKSUMS:
+            continue
+        if isinstance(value, dict) and value:
+            fields.update((f"{key}.{sub}", item) for sub, item in value.items())
+        else:
+            fields[key] = value
+    return fields
+
+
+def field_checksums(record: dict) -> dict[str, str]:
+    """sha256 of every field of `record` (except `checksums` itself), keyed by field (`gate.p0`, `shards`, ...): what a
+    sealed record stores under `CHECKSUMS`."""
+    return {name: hashlib.sha256(_canonical(value)).hexdigest() for name, value in sorted(_checksum_fields(record).items())}
+
+
+def edited_fields(record: dict) -> list[str] | None:
+    """The fields that no longer match the record's `checksums` (added or removed ones too); None without checksums.
+
+    Records written before a tool sealed them have none: nothing can be
+    checked then.
+    """
+    recorded = record.get(CHECKSUMS)
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        return [CHECKSUMS]
+    actual = field_checksums(record)
+    return sorted(name for name in recorded.keys() | actual.keys() if recorded.get(name) != actual.get(name))

@@ -53,6 +53,19 @@ def _edit_manifest(w, name: str, edit) -> None:
     save_manifest(w.path(name), manifest)
 
 
+def _edit_run_config(change, unsealed: bool = False):
+    """A `prepare` applying `change` to the world run's pact_config.json by hand (its checksums left as they were), or
+    to the file as an older pact wrote it (`unsealed`: no checksums)."""
+    def prepare(w) -> None:
+        path = w.run / "pact_config.json"
+        record = json.loads(path.read_text())
+        if unsealed:
+            del record["checksums"]
+        change(record)
+        path.write_text(json.dumps(record, indent=2))
+    return prepare
+
+
 def _drop_last_shard(manifest: dict) -> None:
     """A smaller but valid cache: the manifest forgets its last shard."""
     manifest["shards"].pop()
@@ -209,6 +222,17 @@ CASES = [
          "checkpoint-1: cannot resume from this checkpoint", prepare=lambda w: _truncate(w, "run/checkpoint-1/optimizer.pt")),
     Case("resume-from-missing-checkpoint", "`--resume_from_checkpoint` naming no folder", "pact",
          _train("--resume_from_checkpoint", "nowhere"), 2, "--resume_from_checkpoint nowhere: no such checkpoint folder"),
+    Case("resume-edited-config", "`--resume` with `--lr 2e-3` after pact_config.json's learning_rate was edited to match",
+         "pact", _resume("--lr", "2e-3"), 2, "pact_config.json was edited after pact train wrote it: field(s) learning_rate do "
+         "not match its checksums", prepare=_edit_run_config(lambda r: r.update(learning_rate=2e-3))),
+    Case("resume-edited-config-steps", "`--resume --max-steps 3` after pact_config.json's total_steps and learning_rate were edited",
+         "pact", _resume("--max-steps", "3"), 2, "field(s) learning_rate, total_steps do not match its checksums",
+         prepare=_edit_run_config(lambda r: r.update(total_steps=3, learning_rate=5e-4))),
+    Case("resume-edited-config-objective", "`--resume` after pact_config.json's `objective.lam` was edited", "pact", _resume(), 2,
+         "field(s) objective.lam do not match its checksums", prepare=_edit_run_config(lambda r: r["objective"].update(lam=3.0))),
+    Case("resume-old-config-objective-not-object", "`--resume` of an older run's pact_config.json (no checksums) whose "
+         "`objective` is not an object", "pact", _resume(), 2, "objective.lam None -> 1.0",
+         prepare=_edit_run_config(lambda r: r.update(objective=5), unsealed=True)),
     Case("resume-no-config", "`--resume` of a run folder whose pact_config.json is gone", "pact", _resume(), 2,
          "pact_config.json: cannot read the run's recorded settings", prepare=lambda w: (w.run / "pact_config.json").unlink()),
 ]

@@ -1,5 +1,6 @@
 """The run folder: preparing it (refusing a folder that is not ours), finding the checkpoint to resume from, the
-record of a run's settings (`pact_config.json`) and the refusal to resume under settings that change the result.
+record of a run's settings (`pact_config.json`, sealed with checksums) and the refusal to resume under settings that
+change the result or from a record edited by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from pact.cache_tools import CacheReader
 from pact.errors import PactError, os_error_reason
+from pact.files import CHECKSUMS, atomic_write, edited_fields, field_checksums
 from pact.models.loading import LoadedModel
 from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
@@ -161,10 +163,18 @@ def run_record(args: PactTrainingArguments, objective: ObjectiveArguments, loade
             "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size}
 
 
+def save_run_record(out: Path, record: dict) -> None:
+    """Write `record` as `out/pact_config.json`, sealed with a checksum of each field (as a cache's manifest is), so
+    `check_resume_settings` can name a field edited by hand."""
+    sealed = {**record, CHECKSUMS: field_checksums(record)}
+    atomic_write(out / RUN_CONFIG, json.dumps(sealed, indent=2).encode())
+
+
 def _result_settings(record: dict) -> dict:
     """The settings of a run record that change the result (see `RESULT_SETTINGS`), the objective's constants one by one."""
     settings = {key: record.get(key) for key in RESULT_SETTINGS}
-    settings.update({f"objective.{key}": value for key, value in (record.get("objective") or {}).items()})
+    objective = record.get("objective")
+    settings.update({f"objective.{key}": value for key, value in (objective.items() if isinstance(objective, dict) else ())})
     return settings
 
 
@@ -172,10 +182,19 @@ def check_resume_settings(out: Path, checkpoint: Path, record: dict) -> None:
     """Refuse to resume `checkpoint` under settings that change the result, naming each one with its old and new value.
 
     The old values come from `out/pact_config.json`, written before the run's
-    first step; resuming under other values would mix two runs into one result.
+    first step and sealed (`save_run_record`): a file edited by hand is
+    refused naming the fields, so the values compared are the ones the
+    checkpoint was written under. Resuming under other values would mix two
+    runs into one result. (A file written before the seal is compared as it is.)
     """
     recorded = _read_json(out / RUN_CONFIG, "run's recorded settings",
                           "without them the resumed run cannot be checked against the first; start a new run in another --output_dir")
+    edited = edited_fields(recorded)
+    if edited:
+        raise PactError(f"{out / RUN_CONFIG} was edited after pact train wrote it: field(s) {', '.join(edited)} do not match "
+                        f"its checksums; {checkpoint} (its optimizer and learning-rate schedule) was written under the "
+                        "recorded values, so the run cannot go on under others: restore the file, or start a new run in "
+                        "another --output_dir")
     if recorded.get("world_size", 1) != record["world_size"]:
         raise PactError(f"{checkpoint} was written by a run of {recorded.get('world_size', 1)} process(es), this one has "
                         f"{record['world_size']}; resume with the same number of processes (the global batch depends on it)")

@@ -14,7 +14,6 @@ process alone writes the shared files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,6 @@ from pact.checks import parse_bytes
 from pact.data.chat import assistant_header_ids
 from pact.distributed import current_ranks, run_on_main
 from pact.errors import InvalidSetting, PactError, os_error_reason
-from pact.files import atomic_write
 from pact.models.adapters import adapt_for_training
 from pact.models.loading import LoadedModel, load_model, pad_token_id
 from pact.objective.settings import ObjectiveArguments
@@ -38,7 +36,7 @@ from pact.planning.plan import plan_checkpointing
 from pact.training.arguments import PactTrainingArguments
 from pact.training.callbacks import MetricsCallback, plot_curves
 from pact.training.run_folder import (
-    RUN_CONFIG, STAGING_MARKER, check_resume_settings, new_staging, prepare_output, run_record,
+    STAGING_MARKER, check_resume_settings, new_staging, prepare_output, run_record, save_run_record,
 )
 from pact.training.trainer import PactTrainer
 
@@ -185,7 +183,7 @@ def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = No
                          trainer.is_fsdp_enabled)
     if checkpoint is not None:
         check_resume_settings(out, checkpoint, record)
-    run_on_main(lambda: atomic_write(out / RUN_CONFIG, json.dumps(record, indent=2).encode()))
+    run_on_main(lambda: save_run_record(out, record))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     _save_outputs(trainer, out, metrics.records)
     eval_metrics = trainer.evaluate() if trainer.eval_cache is not None else None
