@@ -14,8 +14,6 @@ from pathlib import Path
 from pact.errors import WriteError, os_error_reason
 
 TEMP_PREFIX = ".tmp-"
-
-
 CHECKSUMS = "checksums"  # the field of a sealed record holding its fields' sha256
 
 

@@ -19,8 +19,6 @@ import warnings
 from pact.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, PactError, os_error_reason
 
 SUBCOMMANDS = ("safety_tokens", "train", "plan", "evaluate", "report", "export")
-
-
 DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
 
 

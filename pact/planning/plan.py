@@ -26,8 +26,6 @@ from pact.planning.meta_run import HostShadows, fused_attention, fused_optimizer
 from pact.planning.step import VARIANTS, measure_step, synthetic_rows
 
 MARGIN_BYTES = 1 << 30  # CUDA context (~0.3-0.6 GiB) and cuBLAS/cuBLASLt and attention workspaces (tens of MiB)
-
-
 MARGIN_FRACTION = 0.10  # the caching allocator's rounding to blocks and its fragmentation (reserved over allocated)
 
 

@@ -16,8 +16,6 @@ from pact.objective.targets import OnlineTargets
 from pact.planning.memory import LiveTensorBytes, Peak, tensors_in
 
 VARIANTS = {"sft": "plain SFT", "cached_pact": "cached PACT", "online_pact": "online PACT"}
-
-
 HEADER_TOKENS = 4  # the assistant header that opens online PACT's post-only contexts (3 to 5 tokens in chat templates)
 
 

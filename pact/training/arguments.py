@@ -20,14 +20,8 @@ from pact.models.adapters import AdapterArguments
 from pact.models.quantization import require_bitsandbytes
 
 SEED_LIMIT = 2**32 - 1  # what numpy, and so transformers' set_seed, accept
-
-
 SCHEDULERS = tuple(s.value for s in SchedulerType)
-
-
 DEVICES = ("auto", "cpu", "cuda")
-
-
 DEFAULT_BUCKET_WINDOW = 64  # global micro-batches per length-sorted window of the train order
 
 
@@ -158,8 +152,6 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
 
 PROJECT_FIELDS = ("cache", "eval_cache", "model", "full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout",
                   "lora_target_modules", "force", "resume", "train_device", "dtype", "ce_chunk_size", "bucket_window", "auto_gradient_checkpointing", "plan_memory")
-
-
 RECORDED_TRAINER_FIELDS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
                            "fp16", "gradient_checkpointing", "save_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon")
