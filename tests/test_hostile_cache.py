@@ -177,6 +177,10 @@ CASES = [
     _flag("--threads", "0", "threads must be an integer >= 1, got 0"),
     _flag("--max-length", "0", "max_length must be an integer >= 1, got 0"),
     _flag("--limit", "0", "limit must be an integer >= 1, got 0"),
+    Case("build-config-int-out", "`--config` YAML with an integer `out`", "pact-cache",
+         lambda w: ["build", "--config", str(w.path("bad.yaml"))], 2,
+         "bad.yaml: out: expected text or null, got 5 (an integer); quote it to make it text",
+         prepare=lambda w: w.write("bad.yaml", "out: 5\n")),
     Case("build-batch-size-two", "`--batch-size two`", "pact-cache", lambda w: _build(w, w.path("out"), "--batch-size", "two"), 2,
          "argument --batch_size/--batch-size: invalid int value: 'two'"),
     # a manifest edited by hand: every field the trainer reads is under the checksums

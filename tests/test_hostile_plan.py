@@ -48,6 +48,12 @@ CASES = [
           "--prompt-length: prompt_length must be below max_length (64)"),
     _case("safety-beyond-vocab", "`--safety-tokens` more than the vocabulary", plan("--safety-tokens", "100000"),
           "--safety-tokens: safety_tokens (100000) exceeds the vocabulary"),
+    _case("config-int-memory", "`--config` YAML with `gpu_memory: 24` (a number, not a size)", plan("--config", "bad.yaml"),
+          "bad.yaml: gpu_memory: expected text, got 24 (an integer); quote it to make it text",
+          prepare=lambda w: w.write("bad.yaml", "gpu_memory: 24\n")),
+    _case("config-command-line-flag", "`--config` YAML with `json: true` (a flag of the command line only)", plan("--config", "bad.yaml"),
+          "bad.yaml: 'json' is a flag of the command line, not a setting a config file holds; give --json on the command line",
+          prepare=lambda w: w.write("bad.yaml", "json: true\n")),
     _case("lora-target-unknown", "`--lora-targets` naming no module", plan("--lora-targets", "nope"),
           "--lora-targets: lora_target_modules names no module of the model: 'nope'"),
 ]

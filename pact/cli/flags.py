@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
+import types
+import typing
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -44,6 +47,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple,
 
 
 TYPED = "typed_flags"  # the namespace attribute mapping each field given on the command line to the flag typed for it
+FROM_CONFIG = "config_fields"  # the namespace attribute holding the fields the --config file set
 
 
 def _recording(kind: type) -> type:
@@ -61,72 +65,176 @@ def _recording(kind: type) -> type:
 def _read_config(path: str) -> dict:
     """The settings in a YAML or JSON file, as a dict (`PactError` naming the file otherwise)."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        raw = Path(path).expanduser().read_bytes()
     except OSError as err:
         raise PactError(f"--config {path}: cannot read it ({err.strerror or err})") from err
+    kind = "JSON" if Path(path).suffix.lower() == ".json" else "YAML"
     try:
-        if Path(path).suffix.lower() == ".json":
+        text = raw.decode("utf-8-sig")
+        if kind == "JSON":
             data = json.loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - yaml's and json's parse errors have no common base
-        raise PactError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({err})") from err
+        raise PactError(f"--config {path}: not valid {kind} text ({type(err).__name__}: {err})") from err
+    if data is None:
+        raise PactError(f"--config {path}: the file holds no settings; write one setting per line, e.g. learning_rate: 1.0e-4")
     if not isinstance(data, dict):
         raise PactError(f"--config {path}: expected a mapping of setting names to values, got {type(data).__name__}")
     return data
 
 
-def _config_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The config file's values keyed by field, each converted as its flag converts text; unknown keys are refused by name."""
+def _field_types(dataclass_types: tuple) -> dict:
+    """The annotated type of every field of `dataclass_types`, by field name (what a config file's value must be)."""
+    types = {}
+    for kind in dataclass_types:
+        types.update(typing.get_type_hints(kind))
+    return types
+
+
+def _config_values(parser: argparse.ArgumentParser, path: str, dataclass_types: tuple) -> dict:
+    """The config file's values keyed by field, each converted as its flag converts text and checked against the field's
+    type; unknown keys, and flags that are no setting of the command's dataclasses, are refused by name."""
     actions = {}
     for action in parser._actions:
         for option in action.option_strings:
             actions[option.lstrip("-").replace("-", "_")] = action
+    field_types = _field_types(dataclass_types)
     values = {}
     for key, value in _read_config(path).items():
         action = actions.get(str(key).replace("-", "_"))
-        if action is None or action.dest in ("config", "help", "debug"):
+        if action is None or action.dest in ("help", "debug"):
             raise PactError(f"--config {path}: unknown setting {key!r}; see `--help` for the settings (flag names without --)")
-        values[action.dest] = _convert(action, value, path, key)
+        if action.dest not in field_types:
+            raise PactError(f"--config {path}: {key!r} is a flag of the command line, not a setting a config file holds; "
+                            f"give {action.option_strings[0]} on the command line")
+        values[action.dest] = _convert(action, value, field_types[action.dest], path, key)
     return values
 
 
-def _convert(action: argparse.Action, value, path: str, key) -> object:
-    """A config file's `value` for `action`: text converted by the flag's type, each item of a list for list flags."""
-    convert = action.type if callable(action.type) else None
-    if isinstance(action, argparse._StoreFalseAction):
-        return not value
-    if action.nargs == "+" and not isinstance(value, list):
+def _convert(action: argparse.Action, value, expected, path: str, key) -> object:
+    """A config file's `value` for `action`'s field of type `expected`: text converted by the flag's type (as on the
+    command line), a single value of a list flag made a one-item list; then refused, naming the file and the key, unless
+    it is of the field's type (a string for text fields, an integer for integer fields, true/false for switches...)."""
+    given = value
+    if isinstance(action, argparse._StoreFalseAction):  # `no_x: true` in the file turns x off, as --no_x does
+        expected = bool
+    elif action.nargs == "+" and not isinstance(value, list):
         value = [value]
+    convert = None if isinstance(action, argparse._StoreFalseAction) or not callable(action.type) else action.type
     try:
         if isinstance(value, list):
-            return [convert(v) if convert and isinstance(v, str) else v for v in value]
-        return convert(value) if convert and isinstance(value, str) else value
+            value = [_from_text(convert, item, _item_type(expected)) for item in value]
+        else:
+            value = _from_text(convert, value, expected)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-        raise PactError(f"--config {path}: {key}: {value!r} is not a valid value ({err})") from err
+        raise PactError(f"--config {path}: {key}: {given!r} is not a valid value ({err})") from err
+    if not _is_a(value, expected):
+        quote = given is not None and not isinstance(given, (list, dict)) and set(_members(expected)) <= {str, type(None)}
+        raise PactError(f"--config {path}: {key}: expected {_describe(expected)}, got {_shown(given)}"
+                        + ("; quote it to make it text" if quote else ""))
+    if action.choices and value not in action.choices:
+        raise PactError(f"--config {path}: {key}: expected one of {', '.join(map(str, action.choices))}, got {_shown(given)}")
+    return not value if isinstance(action, argparse._StoreFalseAction) else value
+
+
+def _shown(value) -> str:
+    """A value read from YAML/JSON as messages show it: as JSON (cut at 60 characters), with its kind (`5 (an integer)`)."""
+    text = json.dumps(value, default=str)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list", dict: "a mapping"}
+    return text if value is None else f"{text} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _from_text(convert, value, expected):
+    """`value` converted by the flag's `convert` when it is text the field does not take as text (YAML reads `1e-4` as
+    text; `3` and `true` written as strings mean what they mean on the command line); other values unchanged."""
+    if convert is None or not isinstance(value, str) or _is_a(value, expected):
+        return value
+    return convert(value)
+
+
+def _item_type(expected):
+    """The item type of a list type among the members of `expected` (`list[str] | None` -> str); Any when there is none."""
+    for member in typing.get_args(expected) or (expected,):
+        if typing.get_origin(member) is list:
+            return (typing.get_args(member) or (typing.Any,))[0]
+    return typing.Any
+
+
+def _members(expected) -> tuple:
+    """The alternatives of a union type (`int | None` -> int, NoneType); the type itself otherwise."""
+    return typing.get_args(expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else (expected,)
+
+
+def _is_a(value, expected) -> bool:
+    """Whether a value read from YAML/JSON is of the field type `expected` (a bool is no number, an int is a float)."""
+    for member in _members(expected):
+        origin = typing.get_origin(member)
+        if member is typing.Any or (member is type(None) and value is None):
+            return True
+        if origin is typing.Literal and any(type(value) is type(choice) and value == choice for choice in typing.get_args(member)):
+            return True
+        if origin in (list, dict) and isinstance(value, origin):
+            args = typing.get_args(member)
+            items = value if origin is list else value.values()
+            if not args or all(_is_a(item, args[-1]) for item in items):
+                return True
+        if member in (int, float) and isinstance(value, (int, float) if member is float else int) and not isinstance(value, bool):
+            return True
+        if member in (str, bool, dict, list) and isinstance(value, member):
+            return True
+        if isinstance(member, type) and issubclass(member, enum.Enum) and isinstance(value, (str, member)):
+            return True
+        if isinstance(member, type) and member not in (int, float, str, bool, dict, list) and isinstance(value, member):
+            return True
+    return False
+
+
+def _describe(expected) -> str:
+    """What a field of type `expected` takes, in words: `text or null`, `an integer`, `a list of text`..."""
+    words = []
+    for member in _members(expected):
+        origin = typing.get_origin(member)
+        if origin is list:
+            word = f"a list of {_describe((typing.get_args(member) or (typing.Any,))[0])}"
+        elif origin is dict:
+            word = "a mapping"
+        elif origin is typing.Literal:
+            word = " or ".join(json.dumps(choice) for choice in typing.get_args(member))
+        elif isinstance(member, type) and issubclass(member, enum.Enum):
+            word = "text"
+        else:
+            word = {str: "text", int: "an integer", float: "a number", bool: "true or false", type(None): "null", dict: "a mapping",
+                    list: "a list", typing.Any: "any value"}.get(member, getattr(member, "__name__", str(member)))
+        if word not in words:
+            words.append(word)
+    return " or ".join(words)
 
 
 def dataclasses_from_flags(args: argparse.Namespace, dataclass_types: tuple, defaults: dict) -> tuple:
     """Instances of `dataclass_types` from the defaults, the `--config` file and the flags given (in that order of priority).
 
-    An `InvalidSetting` gains the name of the flag (or of the config file) that holds the bad value.
+    An `InvalidSetting` gains the name of the flag (or of the config file) that holds the bad value; the fields the
+    config file set are kept in `args` (`FROM_CONFIG`), so a later refusal of the command names the file as well.
     """
     given = vars(args)
-    from_file = _config_values(_parser_of(args), given["config"]) if given.get("config") else {}
+    from_file = _config_values(_parser_of(args), given["config"], dataclass_types) if given.get("config") else {}
+    setattr(args, FROM_CONFIG, set(from_file))
     values = {**defaults, **from_file, **{k: v for k, v in given.items() if k in defaults}}
     try:
         return tuple(kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.init and f.name in values})
                      for kind in dataclass_types)
     except InvalidSetting as err:
-        raise with_flag(err, args, from_file) from err
+        raise with_flag(err, args) from err
 
 
-def with_flag(err: InvalidSetting, args: argparse.Namespace, from_file: dict | None = None) -> InvalidSetting:
+def with_flag(err: InvalidSetting, args: argparse.Namespace) -> InvalidSetting:
     """`err` with its message prefixed by where the value came from: the flag, or `FILE (field)` for a config file's value."""
     typed = vars(args).get(TYPED) or {}
-    if from_file and err.field in from_file and err.field not in typed:
+    if err.field in (vars(args).get(FROM_CONFIG) or ()) and err.field not in typed:
         where = f"{vars(args)['config']} ({err.field})"
     else:
         where = typed.get(err.field) or flag_for(_parser_of(args), err.field) or err.field
