@@ -57,6 +57,11 @@ IDENTITY = (
     ("top_k", ("top_k",)),
     ("gate", ("gate",)),
     ("objective temperature", ("objective_temperature",)),
+    ("train_on (which assistant turns are responses)", ("data", "train_on")),
+    ("max_length", ("data", "max_length")),
+    ("limit", ("data", "limit")),
+    ("skip_invalid", ("data", "skip_invalid")),
+    ("row format", ("data", "format")),
     ("data fingerprint (file contents + preprocessing)", ("fingerprints", "data")),
     ("examples fingerprint", ("fingerprints", "examples")),
     ("rows per shard", ("params", "rows_per_shard")),
@@ -64,7 +69,8 @@ IDENTITY = (
     ("part of the data", ("part",)),
 )
 PART = "part of the data"
-DATA_DEPENDENT = {PART, "data fingerprint (file contents + preprocessing)", "examples fingerprint", "rows per shard", "zstd level"}
+DATA_DEPENDENT = {PART, "train_on (which assistant turns are responses)", "max_length", "limit", "skip_invalid", "row format",
+                  "data fingerprint (file contents + preprocessing)", "examples fingerprint", "rows per shard", "zstd level"}
 
 
 def _hash_path(path: Path) -> str:
@@ -99,21 +105,24 @@ def _data_source(data, dataset_split: str, dataset_config: str | None, dataset_f
 
 def describe_data(data, chat_template: str | None, max_length: int | None, skip_invalid: bool, limit: int | None, *,
                   data_format: str | None = None, dataset_split: str = DEFAULT_SPLIT, dataset_config: str | None = None,
-                  dataset_fingerprint: str | None = None) -> dict:
+                  dataset_fingerprint: str | None = None, train_on: str = "all") -> dict:
     """The manifest's `data` entry: source, content hash and preprocessing parameters, plus their joint fingerprint.
 
     `data` is what the rows were read from (see `pact.data.sources.open_data`),
     its kind recorded as `source`: a local file or folder is hashed; a hub
     dataset or a `datasets.Dataset` is identified by its name, config, split
     and `datasets` fingerprint. The
-    fingerprint changes when the data, `max_length`, `skip_invalid`, `limit`,
-    a given `data_format` or the chat template change, i.e. whenever the
-    tokenized examples could.
+    fingerprint changes when the data, `max_length`, `train_on` (which
+    assistant turns are responses), `skip_invalid`, `limit`, a given
+    `data_format` or the chat template change, i.e. whenever the tokenized
+    examples could; each of these settings is also compared by name on resume
+    (`IDENTITY`).
     """
     description = {
         **_data_source(data, dataset_split, dataset_config, dataset_fingerprint),
         **({"format": data_format} if data_format else {}),
         "max_length": max_length,
+        "train_on": train_on,
         "skip_invalid": skip_invalid,
         "limit": limit,
         "chat_template_sha256": hashlib.sha256((chat_template or "").encode()).hexdigest(),

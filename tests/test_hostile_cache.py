@@ -298,6 +298,10 @@ CASES = [
          lambda w: ["verify", str(w.cache)], 1,
          "row 0 (example_id 0), response span 1: not an ascending, disjoint token range",
          prepare=lambda w: rewrite_response_spans(w.cache, 0, lambda rows: [rows[0] * 2, *rows[1:]])),
+    Case("build-resume-other-train-on", "`--resume --train-on last` of a build made with `--train-on all`", "pact-cache",
+         lambda w: _build(w, w.path("built"), *SMALL, "--resume", "--train-on", "last"), 2,
+         "it was made with different settings (train_on (which assistant turns are responses): 'all' vs 'last'; data fingerprint",
+         prepare=lambda w: main(_build(w, w.path("built"), *SMALL, "--train-on", "all"))),
     Case("build-train-on-unknown", "`--train-on first`", "pact-cache",
          lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "--train-on: train_on must be one of all, last, got 'first'"),
 ]

@@ -75,7 +75,7 @@ def _build(flags) -> int:
         result = build_cache(
             loaded, examples, safety_tokens, args.out,
             data=describe_data(data_path, tokenizer.chat_template, args.max_length, args.skip_invalid, args.limit,
-                               **source.data_options(), dataset_fingerprint=report.fingerprint),
+                               **source.data_options(), dataset_fingerprint=report.fingerprint, train_on=args.train_on),
             dtype=args.dtype, top_k=args.top_k, objective=objective,
             batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
             part_index=args.shard_index, part_count=args.num_shards,
