@@ -11,6 +11,8 @@ import json
 
 import pytest
 
+from helpers import make_tiny_model, make_tiny_tokenizer
+
 from hostile import NEEDS_NON_ROOT, Case, check_case, read_only_folder
 
 FAMILY = "pact safety-tokens and safety-token files"
@@ -46,6 +48,11 @@ def edit(change, name: str = "safety_tokens.json"):
 def set_entry(field: str, index: int, value):
     """A `change` setting entry `index` of the list `field` to `value`."""
     return lambda data: data[field].__setitem__(index, value)
+
+
+def recorded_model(w) -> None:
+    """Make the safety-token file record the tiny model (as `pact safety-tokens` records the aligned model it used)."""
+    edit(lambda data: data["params"].update(aligned=str(w.model)))(w)
 
 
 def truncate(w) -> None:
@@ -108,6 +115,26 @@ CASES = [
          prepare=edit(lambda d: d["fingerprints"].__setitem__("tokenizer", "sha256:0000"), "cache/safety_tokens.json")),
     Case("show-missing", "`show` of a file that does not exist", "pact",
          lambda w: show(w, "nowhere.json"), 2, "safety-token file not found"),
+    Case("show-wrong-text", "`show` of a file whose token text is not what its recorded model's tokenizer decodes", "pact",
+         lambda w: show(w), 2, "safety_tokens.json: field 'tokens' entry 1 is 'zebra' but the tokenizer decodes id",
+         prepare=lambda w: (recorded_model(w), edit(set_entry("tokens", 1, "zebra"))(w))),
+    Case("show-other-model", "`show --model` of a model whose tokenizer has another vocabulary", "pact",
+         lambda w: [*show(w), "--model", str(w.path("other-model"))], 2,
+         "safety_tokens.json: field 'ids' entry 10 (349) is outside the tokenizer's vocabulary of 320 tokens",
+         prepare=lambda w: make_tiny_model(w.path("other-model"), tokenizer=make_tiny_tokenizer(vocab_size=320))),
+    Case("show-other-chat-template", "`show --model` of a model with the same vocabulary but another chat template", "pact",
+         lambda w: [*show(w), "--model", str(w.path("other-model"))], 2,
+         "safety_tokens.json: field 'fingerprints.tokenizer' is sha256:",
+         prepare=lambda w: make_tiny_model(w.path("other-model"), tokenizer=make_tiny_tokenizer(default_system="Be terse."))),
+    Case("show-model-missing", "`show --model` naming no model", "pact",
+         lambda w: [*show(w), "--model", str(w.path("no-model"))], 2, "no-model: no such model directory or .gguf file"),
+    Case("show-checked", "`show` of a file whose recorded model is here: checked against its tokenizer", "pact",
+         lambda w: show(w), 0, "checked against the tokenizer of", prepare=recorded_model),
+    Case("show-no-recorded-model", "`show` of a file that records no model: shown, unchecked", "pact", lambda w: show(w), 0,
+         "not checked against a tokenizer: the file records no model (params.aligned); pass --model M"),
+    Case("show-recorded-model-away", "`show` of a file whose recorded model (a hub id) is not on this machine: shown, unchecked",
+         "pact", lambda w: show(w), 0, "not checked against a tokenizer: the model the file records ('pact-tests/no-such-model') "
+         "cannot be loaded without the network; pass --model M", prepare=edit(lambda d: d["params"].update(aligned="pact-tests/no-such-model"))),
     Case("top-zero", "`--top 0`", "pact", lambda w: compute(w, "--top", "0"), 2, "--top: top must be an integer >= 1, got 0"),
     Case("max-examples-zero", "`--max-examples 0`", "pact",
          lambda w: compute(w, "--max-examples", "0"), 2, "--max-examples: max_examples must be an integer >= 1, got 0"),

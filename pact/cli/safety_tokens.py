@@ -1,12 +1,13 @@
 """`pact safety-tokens`: compute the safety-token file of an aligned model, or show one.
 
     pact safety-tokens [--aligned M] [--base M] [--data FILE] ... --out FILE.json
-    pact safety-tokens show FILE.json
+    pact safety-tokens show FILE.json [--model M]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -45,9 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = actions.add_parser(
         "show",
         help="print a safety-token file as a table",
-        description="Print a safety-token file: rank by weight, token id, token text and weight, then its parameters.",
+        description="Print a safety-token file: rank by weight, token id, token text and weight, then its parameters; "
+                    "first check it against a tokenizer as pact-cache build does (--model M's, else the recorded model's when "
+                    "it loads without the network), refusing a file whose ids decode to other texts, naming the first.",
     )
     show.add_argument("file", metavar="FILE", help="a file written by 'pact safety-tokens --out'")
+    show.add_argument("--model", metavar="M", help="check the file against M's tokenizer: every id inside its vocabulary and "
+                                                   "decoding to the text the file records, and the tokenizer's fingerprint "
+                                                   "(default: the model the file records, when it loads without the network)")
     show.set_defaults(func=run_show)
 
 
@@ -137,7 +143,46 @@ def format_table(tokens: SafetyTokens) -> str:
     return "\n".join(lines)
 
 
+def _local_tokenizer(source) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of the model argument `source` when it loads from this machine alone (a local model, or a hub id in
+    the local Hugging Face cache); None when it does not, or `source` is no model argument."""
+    if not isinstance(source, str) or not source:
+        return None
+    try:
+        return load_tokenizer(source, local_files_only=True)
+    except (PactError, OSError, ValueError):
+        return None
+
+
+def check_against_tokenizer(tokens: SafetyTokens, source: str, model: str | None) -> str:
+    """Check a safety-token file against `model`'s tokenizer, or the tokenizer of the model the file records when that
+    loads without the network, as `pact-cache build` checks it; returns the line saying what was checked.
+
+    The ids and their recorded texts are compared first, so a file of another
+    vocabulary is named by its first differing entry and id
+    (`SafetyTokensFileError`), then the tokenizer's fingerprint (chat template
+    included).
+    """
+    if model is not None:
+        check_model_argument("--model", model)
+        tokenizer, name = load_tokenizer(model), model
+    else:
+        name = tokens.params.get("aligned")
+        tokenizer = _local_tokenizer(name)
+        if tokenizer is None:
+            why = (f"the model the file records ({name!r}) cannot be loaded without the network" if isinstance(name, str)
+                   else "the file records no model (params.aligned)")
+            return f"not checked against a tokenizer: {why}; pass --model M to check it against M's tokenizer"
+    ids_and_texts = dataclasses.replace(tokens, fingerprints={k: v for k, v in tokens.fingerprints.items() if k != "tokenizer"})
+    ids_and_texts.check_tokenizer(tokenizer, source=source)
+    tokens.check_tokenizer(tokenizer, source=source)
+    return f"checked against the tokenizer of {name}: all {len(tokens)} ids decode to the texts the file records"
+
+
 def run_show(args: argparse.Namespace) -> int:
-    """Print the safety-token file named on the command line."""
-    print(format_table(SafetyTokens.load(args.file)))
+    """Print the safety-token file named on the command line, once checked against a tokenizer where one is at hand."""
+    tokens = SafetyTokens.load(args.file)
+    checked = check_against_tokenizer(tokens, args.file, args.model)
+    print(format_table(tokens))
+    print(checked)
     return 0

@@ -141,10 +141,12 @@ def _from_pretrained(loader, location, **kwargs):
         ) from err
 
 
-def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer of a model argument (see `load_model`)."""
+def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False,
+                   local_files_only: bool = False) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model argument (see `load_model`); `local_files_only` never asks the hub (a hub id
+    then loads from the local Hugging Face cache or not at all)."""
     _, location = resolve_model_path(name_or_path)
-    return _from_pretrained(AutoTokenizer, location, trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoTokenizer, location, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
 
 
 def load_model(
