@@ -193,11 +193,12 @@ def plan_checkpointing(args, model_config, memory_bytes: int, reader) -> Checkpo
 
     Rows are planned at the cache's longest row (a micro-batch is padded to
     its longest), with the response after the first token (the most such a
-    row can cost) and the cache's safety tokens; the run's batch size, LoRA or
-    full fine-tuning, dtype and quantisation as set.
+    row can cost) and the cache's safety tokens; the run's batch size (at most
+    the cache's rows: no micro-batch holds more), LoRA or full fine-tuning,
+    dtype and quantisation as set.
     """
     base = PlanArguments(model=str(args.model or reader.manifest["model_source"]),
-                         per_device_train_batch_size=args.per_device_train_batch_size,
+                         per_device_train_batch_size=min(args.per_device_train_batch_size, max(len(reader), 1)),
                          max_length=max(int(reader.row_lengths().max(initial=0)), 2), full=args.full, lora_r=args.lora_r,
                          lora_target_modules=list(args.lora_target_modules), dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                          load_in_8bit=args.load_in_8bit, safety_tokens=len(reader.safety_ids), ce_chunk_size=args.ce_chunk_size)

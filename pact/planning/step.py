@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from pact.data.batch import collate_spans
+from pact.errors import InvalidSetting
 from pact.models.parts import decoder_stack, head_device
 from pact.objective.loss import cached_pact_loss, pact_batch_loss
 from pact.objective.settings import ObjectiveArguments
@@ -19,9 +20,35 @@ VARIANTS = {"sft": "plain SFT", "cached_pact": "cached PACT", "online_pact": "on
 HEADER_TOKENS = 4  # the assistant header that opens online PACT's post-only contexts (3 to 5 tokens in chat templates)
 
 
+SYNTHETIC_BATCH_LIMIT = 8 << 30  # bytes of host memory the synthetic micro-batch of a plan may take
+
+
+ROW_OVERHEAD = 4096  # bytes of Python objects per synthetic row, beyond its tensors' data
+
+
+def synthetic_batch_bytes(batch_size: int, max_length: int, prompt_length: int, num_safety: int) -> int:
+    """The host memory `synthetic_rows` takes: per row its token ids, its targets on the safety tokens per response step,
+    and the objects holding them."""
+    steps = max_length - prompt_length
+    return batch_size * (ROW_OVERHEAD + 8 * max_length + steps * (8 * num_safety + 24) + 16 * num_safety)
+
+
 def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_size: int, num_safety: int) -> list[dict]:
     """A micro-batch of cache rows (`CacheReader` items) of the planned shape: `max_length` tokens each, the response
-    after the first `prompt_length`, targets on `num_safety` safety tokens. The values are arbitrary but valid."""
+    after the first `prompt_length`, targets on `num_safety` safety tokens. The values are arbitrary but valid.
+
+    The rows are real tensors on the host: a batch that would take more than
+    `SYNTHETIC_BATCH_LIMIT` is refused (`InvalidSetting` naming the batch
+    size, or the length when one row is too long) before anything is allocated.
+    """
+    size = synthetic_batch_bytes(batch_size, max_length, prompt_length, num_safety)
+    if size > SYNTHETIC_BATCH_LIMIT:
+        field_name = "max_length" if synthetic_batch_bytes(1, max_length, prompt_length, num_safety) > SYNTHETIC_BATCH_LIMIT \
+            else "per_device_train_batch_size"
+        raise InvalidSetting(field_name, f"{batch_size} rows of {max_length} tokens with {num_safety} safety tokens are too "
+                                         f"large to plan: the plan builds one such micro-batch in host memory, "
+                                         f"{size / 2**30:.1f} GiB, over its {SYNTHETIC_BATCH_LIMIT >> 30} GiB; plan fewer or "
+                                         "shorter rows (a step's memory grows in proportion to both)")
     generator = torch.Generator().manual_seed(0)
     steps = max_length - prompt_length
     safety = torch.arange(num_safety)
