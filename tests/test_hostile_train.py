@@ -66,6 +66,14 @@ def _edit_run_config(change, unsealed: bool = False):
     return prepare
 
 
+def _edit_adapter_config(changes: dict):
+    """A `prepare` updating the world run's adapter_config.json with `changes` (as a hand edit would)."""
+    def prepare(w) -> None:
+        path = w.run / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return prepare
+
+
 def _drop_last_shard(manifest: dict) -> None:
     """A smaller but valid cache: the manifest forgets its last shard."""
     manifest["shards"].pop()
@@ -189,6 +197,34 @@ CASES = [
     Case("export-beside-a-users-staging-name", "`pact export --merge --out merged` beside a user's folder `.merged.tmp`", "pact",
          lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 0, "merged model written to",
          prepare=lambda w: w.write(".merged.tmp/keep.txt", "keep me"), may_change=("merged",)),
+    *[Case(f"export-adapter-{name}", f"`pact export --merge` of a run whose adapter_config.json has {shown}", "pact",
+           lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 2, f"run/adapter_config.json: {message}",
+           prepare=_edit_adapter_config(change))
+      for name, shown, change, message in (
+          ("rank-text", '`"r": "eight"`', {"r": "eight"}, 'field \'r\' must be an integer >= 1, got "eight"'),
+          ("alpha-nan", "`lora_alpha` NaN (it would merge NaN into every weight)", {"lora_alpha": float("nan")},
+           "field 'lora_alpha' must be a finite number > 0, got NaN"),
+          ("targets-number", "a number as `target_modules`", {"target_modules": 5},
+           "field 'target_modules' must be a module name or a list of them, got 5"),
+          ("base-number", "a number as `base_model_name_or_path`", {"base_model_name_or_path": 5},
+           "field 'base_model_name_or_path' must be a model name or path (text), got 5"),
+          ("unknown-method", '`"peft_type": "FOO"`', {"peft_type": "FOO"}, "field 'peft_type' is 'FOO', expected the name of a PEFT method"),
+      )],
+    Case("export-adapter-other-rank", "`pact export --merge` of a run whose adapter_config.json says another rank than its weights",
+         "pact", lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 2,
+         "run cannot be applied to --model", prepare=_edit_adapter_config({"r": 4})),
+    Case("export-adapter-unknown-target", "`pact export --merge` of a run whose adapter targets a module the model lacks", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 2,
+         "Target modules {'nope'} not found in the base model", prepare=_edit_adapter_config({"target_modules": ["nope"]})),
+    Case("export-no-weights", "`pact export --merge` of a run without adapter_model.safetensors", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 2,
+         "run: no adapter_model.safetensors (or adapter_model.bin) in this folder", prepare=lambda w: (w.run / "adapter_model.safetensors").unlink()),
+    Case("export-truncated-weights", "`pact export --merge` of a run whose adapter_model.safetensors is cut short", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("merged"))], 2,
+         "adapter_model.safetensors is not a readable safetensors file", prepare=lambda w: _truncate(w, "run/adapter_model.safetensors", 5)),
+    Case("export-out-under-a-file", "`pact export --merge --out` below an existing file", "pact",
+         lambda w: ["export", str(w.run), "--merge", "--out", str(w.path("data.jsonl/merged"))], 2,
+         "data.jsonl is a file, so no folder can be created there"),
     Case("export-without-merge", "`pact export` without `--merge`", "pact",
          lambda w: ["export", str(w.run), "--out", str(w.path("merged"))], 2, "say what to export: --merge"),
     Case("cache-missing", "`--cache` that does not exist", "pact",

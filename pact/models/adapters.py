@@ -5,6 +5,7 @@ setting a model up for training with them, and loading a saved PEFT adapter fold
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,23 +66,47 @@ def full_model_weights(folder: Path) -> list[Path]:
     return sorted(p for pattern in ("model*.safetensors", "pytorch_model*.bin") for p in folder.glob(pattern) if p.is_file())
 
 
+def _is_number(value, low: float, high: float = math.inf, integer: bool = False) -> bool:
+    """A finite number (an int with `integer`; never a bool) in [low, high)."""
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and low <= value < high
+
+
+# The fields of a LoRA adapter_config.json peft reads, and what each must hold: a field edited by hand is named
+# instead of failing inside peft (or, as a NaN alpha does, merging NaN into every weight without a word).
+LORA_FIELDS = (
+    ("r", lambda v: _is_number(v, 1, integer=True), "an integer >= 1"),
+    ("lora_alpha", lambda v: _is_number(v, 0) and v > 0, "a finite number > 0"),
+    ("lora_dropout", lambda v: v is None or _is_number(v, 0, 1), "a finite number >= 0 and < 1"),
+    ("target_modules", lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(m, str) for m in v)),
+     "a module name or a list of them"),
+    ("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "a model name or path (text)"),
+)
+
+
 def _adapter_config_problem(config_file: Path) -> str | None:
-    """What is wrong with an adapter's adapter_config.json (not a JSON object, no known `peft_type`), or None."""
+    """What is wrong with an adapter's adapter_config.json (not a JSON object, no known `peft_type`, a LoRA field that
+    is not what peft reads: `LORA_FIELDS`), or None."""
     from peft import PeftType
 
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         return f"not valid JSON ({err})"
     if not isinstance(config, dict):
         return "not a JSON object"
     if config.get("peft_type") not in {t.value for t in PeftType}:
         return f"field 'peft_type' is {config.get('peft_type')!r}, expected the name of a PEFT method such as 'LORA'"
+    if config["peft_type"] == PeftType.LORA.value:
+        bad = next(((name, rule) for name, valid, rule in LORA_FIELDS if name in config and not valid(config[name])), None)
+        if bad is not None:
+            return f"field '{bad[0]}' must be {bad[1]}, got {json.dumps(config[bad[0]])}"
     return None
 
 
-def check_adapter_dir(adapter: str | Path) -> list[Path]:
+def check_adapter_dir(adapter: str | Path, flag: str = "--adapter") -> list[Path]:
     """Refuse an adapter folder peft cannot load from disk, without touching the network; returns the files it reads.
+    `flag` is how the command named the folder (`--adapter`, or `pact export`'s `RUN`).
 
     Without this, peft takes a folder missing a file for a hub id and tries
     the hub. A full fine-tuned model folder (model weights, no
@@ -89,23 +114,23 @@ def check_adapter_dir(adapter: str | Path) -> list[Path]:
     """
     folder = Path(adapter).expanduser()
     if not folder.exists():
-        raise PactError(f"--adapter {adapter}: no such directory")
+        raise PactError(f"{flag} {adapter}: no such directory")
     if not folder.is_dir():
-        raise PactError(f"--adapter {adapter}: a file, not an adapter directory (one holding {ADAPTER_CONFIG} and "
+        raise PactError(f"{flag} {adapter}: a file, not an adapter directory (one holding {ADAPTER_CONFIG} and "
                         f"{ADAPTER_WEIGHTS[0]}, e.g. a `pact train --out` directory)")
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         model_weights = full_model_weights(folder)
         if model_weights:
-            raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} but {model_weights[0].name}, so this "
+            raise PactError(f"{flag} {adapter}: no {ADAPTER_CONFIG} but {model_weights[0].name}, so this "
                             "folder holds a full model (e.g. `pact train --full`), not a PEFT adapter; pass it as --model instead")
-        raise PactError(f"--adapter {adapter}: no {ADAPTER_CONFIG} in this folder, so it is not a PEFT adapter")
+        raise PactError(f"{flag} {adapter}: no {ADAPTER_CONFIG} in this folder, so it is not a PEFT adapter")
     problem = _adapter_config_problem(config_file)
     if problem:
-        raise PactError(f"{config_file}: {problem}; this adapter folder (--adapter {adapter}) cannot be loaded")
+        raise PactError(f"{config_file}: {problem}; this adapter folder ({flag} {adapter}) cannot be loaded")
     weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
     if not weights:
-        raise PactError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS[0]} (or {ADAPTER_WEIGHTS[1]}) in this folder; "
+        raise PactError(f"{flag} {adapter}: no {ADAPTER_WEIGHTS[0]} (or {ADAPTER_WEIGHTS[1]}) in this folder; "
                         "the adapter's weights are missing")
     return [config_file, *weights]
 
@@ -116,32 +141,33 @@ def _first_reason(err: Exception) -> str:
     return next((line for line in lines if line.startswith("size mismatch")), lines[0])
 
 
-def _apply_adapter(loaded, adapter: str) -> None:
-    """Put the PEFT adapter folder `adapter` on `loaded.model`; unreadable weights, or an adapter made for another
-    model, are a `PactError`."""
+def _apply_adapter(loaded, adapter: str, flag: str) -> None:
+    """Put the PEFT adapter folder `adapter` (named `flag` on the command line) on `loaded.model`; unreadable weights, or
+    an adapter made for another model, are a `PactError`."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     try:
         loaded.model = PeftModel.from_pretrained(loaded.model, str(Path(adapter).expanduser())).eval()
     except SafetensorError as err:
-        raise PactError(f"--adapter {adapter}: {ADAPTER_WEIGHTS[0]} is not a readable safetensors file ({err}); "
+        raise PactError(f"{flag} {adapter}: {ADAPTER_WEIGHTS[0]} is not a readable safetensors file ({err}); "
                         "save the adapter again") from err
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError) as err:
-        raise PactError(f"--adapter {adapter} cannot be applied to --model {loaded.source}: {_first_reason(err)} "
+        raise PactError(f"{flag} {adapter} cannot be applied to --model {loaded.source}: {_first_reason(err)} "
                         "(an adapter fits only the base model it was trained on: pass that one as --model)") from err
 
 
-def load_student(model_source: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+def load_student(model_source: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+                 flag: str = "--adapter"):
     """Load a model with weights in `dtype` (see `pact.devices.resolve_dtype`) and optionally apply a PEFT adapter directory
-    on top (checked first: see `check_adapter_dir`)."""
+    on top (checked first: see `check_adapter_dir`; `flag` is how the command named it)."""
     if adapter:
-        check_adapter_dir(adapter)
+        check_adapter_dir(adapter, flag)
     loaded = load_model(model_source, device=device, dtype=dtype)
     if adapter:
-        _apply_adapter(loaded, adapter)
+        _apply_adapter(loaded, adapter, flag)
     return loaded
 
 

@@ -12,20 +12,24 @@ import tempfile
 from pathlib import Path
 
 from pact.errors import PactError, os_error_reason
-from pact.models.adapters import ADAPTER_CONFIG
-from pact.models.loading import load_model
+from pact.models.adapters import ADAPTER_CONFIG, check_adapter_dir, load_student
+
+RUN = "RUN"  # how `pact export` names the run folder in messages (its positional argument)
+
+
+def _check_adapter(run: Path) -> None:
+    """Refuse a run folder without an adapter to merge (a full model, or no run at all), then check the adapter as
+    `--adapter` is checked (`check_adapter_dir`: its settings and weights), before any model loads."""
+    if not (run / ADAPTER_CONFIG).is_file():
+        what = "a full model (config.json), nothing to merge; use it as it is" if (run / "config.json").is_file() else "no adapter"
+        raise PactError(f"{run}: no {ADAPTER_CONFIG}, so this is {what}")
+    check_adapter_dir(run, RUN)
 
 
 def _base_of(run: Path) -> str:
-    """The base model an adapter folder names (`base_model_name_or_path` of its adapter_config.json)."""
+    """The base model a checked adapter folder names (`base_model_name_or_path` of its adapter_config.json)."""
     config_file = run / ADAPTER_CONFIG
-    if not config_file.is_file():
-        what = "a full model (config.json), nothing to merge; use it as it is" if (run / "config.json").is_file() else "no adapter"
-        raise PactError(f"{run}: no {ADAPTER_CONFIG}, so this is {what}")
-    try:
-        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as err:
-        raise PactError(f"{config_file}: cannot read the adapter's settings ({err})") from err
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise PactError(f"{config_file}: no base_model_name_or_path; pass the base model with --model")
     return base
@@ -57,22 +61,25 @@ def _new_staging(out: Path) -> Path:
 
 
 def merged_model(run: str | Path, model: str | None = None, device: str = "cpu"):
-    """The run's adapter merged into its base model (`model`, or the one the adapter names), and the run's tokenizer."""
-    from peft import PeftModel
+    """The run's adapter merged into its base model (`model`, or the one the adapter names), and the run's tokenizer.
+
+    The adapter folder is checked first (`_check_adapter`), so a damaged run is
+    named before any model loads.
+    """
     from transformers import AutoTokenizer
 
-
     run = Path(run).expanduser()
-    loaded = load_model(model or _base_of(run), device=device, dtype="float32")
+    _check_adapter(run)
+    loaded = load_student(model or _base_of(run), str(run), device=device, dtype="float32", flag=RUN)
     tokenizer = AutoTokenizer.from_pretrained(run) if (run / "tokenizer_config.json").is_file() else loaded.tokenizer
-    adapted = PeftModel.from_pretrained(loaded.model, run)
-    return adapted.merge_and_unload(), tokenizer
+    return loaded.model.merge_and_unload(), tokenizer
 
 
 def export_merged(run: str | Path, out: str | Path, model: str | None = None, device: str = "cpu") -> Path:
     """Write the merged model and tokenizer of LoRA run folder `run` to `out` (staged in a new folder of its own beside
     it, then renamed into place); `out` must be new or an empty folder."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
+    _check_adapter(run)
     if model is None:
         _base_of(run)  # an adapter folder naming its base, checked before anything is created
     _check_out(out, run)

@@ -135,9 +135,10 @@ def _from_pretrained(loader, location, **kwargs):
     try:
         return loader.from_pretrained(location, **kwargs)
     except OSError as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # the hub's errors span lines
         raise ModelNotFoundError(
             f"model {location!r} was not found locally (no such directory or .gguf file, and not in the "
-            f"Hugging Face cache) and the hub could not be reached or has no such model: {err}"
+            f"Hugging Face cache) and the hub could not be reached or has no such model: {reason}"
         ) from err
 
 
