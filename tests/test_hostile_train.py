@@ -74,6 +74,16 @@ def _edit_adapter_config(changes: dict):
     return prepare
 
 
+def _edit_state(change):
+    """A `prepare` applying `change` to the JSON of the world run's checkpoint-1/trainer_state.json."""
+    def prepare(w) -> None:
+        path = w.run / "checkpoint-1" / "trainer_state.json"
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+    return prepare
+
+
 def _drop_last_shard(manifest: dict) -> None:
     """A smaller but valid cache: the manifest forgets its last shard."""
     manifest["shards"].pop()
@@ -281,6 +291,32 @@ CASES = [
          prepare=lambda w: _truncate(w, "run/checkpoint-1/trainer_state.json", keep=5)),
     Case("resume-truncated-optimizer", "`--resume` from a checkpoint whose optimizer.pt is truncated", "pact", _resume(), 2,
          "checkpoint-1: cannot resume from this checkpoint", prepare=lambda w: _truncate(w, "run/checkpoint-1/optimizer.pt")),
+    *[Case(f"resume-state-{name}", f"`--resume` from a checkpoint whose trainer_state.json has {shown}", "pact", _resume(), 2,
+           f"checkpoint-1/trainer_state.json: {message}", prepare=_edit_state(change))
+      for name, shown, change, message in (
+          ("step-text", "a text `global_step`", lambda s: s.update(global_step="x"), 'field \'global_step\' must be an integer >= 0, got "x"'),
+          ("step-beyond", "`global_step` 10^9 (the run would end at once, untrained)", lambda s: s.update(global_step=10**9),
+           "field 'global_step' is 1000000000, but the folder is the checkpoint of step 1"),
+          ("emptied", "nothing in it (`{}`)", lambda s: s.clear(), "field 'global_step' is 0, but the folder is the checkpoint of step 1"),
+          ("log-number", "a number as `log_history`", lambda s: s.update(log_history=5), "field 'log_history' must be a list of objects"),
+          ("epoch-nan", "`epoch` NaN", lambda s: s.update(epoch=float("nan")), "field 'epoch' must be a number >= 0, got NaN"),
+          ("unknown-field", "a field no Trainer state has", lambda s: s.update(learning_rate=1.0),
+           "field(s) 'learning_rate' are not fields of a Trainer state"),
+      )],
+    Case("resume-checkpoint-no-weights", "`--resume` from a checkpoint without its adapter weights", "pact", _resume(), 2,
+         "checkpoint-1: no model weights in it", prepare=lambda w: (w.run / "checkpoint-1" / "adapter_model.safetensors").unlink()),
+    Case("resume-checkpoint-truncated-weights", "`--resume` from a checkpoint whose adapter_model.safetensors is cut short", "pact",
+         _resume(), 2, "checkpoint-1/adapter_model.safetensors: not a readable safetensors file",
+         prepare=lambda w: _truncate(w, "run/checkpoint-1/adapter_model.safetensors")),
+    Case("resume-checkpoint-foreign-optimizer", "`--resume` from a checkpoint whose optimizer.pt holds another object", "pact",
+         _resume(), 2, "checkpoint-1/optimizer.pt: not the state the Trainer saves there (no 'state', 'param_groups')",
+         prepare=lambda w: torch.save({"weights": [1.0]}, w.run / "checkpoint-1" / "optimizer.pt")),
+    Case("resume-checkpoint-foreign-scheduler", "`--resume` from a checkpoint whose scheduler.pt holds another object", "pact",
+         _resume(), 2, "checkpoint-1/scheduler.pt: not the state the Trainer saves there (no 'last_epoch')",
+         prepare=lambda w: torch.save([0.001], w.run / "checkpoint-1" / "scheduler.pt")),
+    Case("resume-checkpoint-no-random-state", "`--resume` from a checkpoint without rng_state.pth", "pact", _resume(), 2,
+         "checkpoint-1: no rng_state.pth, so the run's random state cannot be restored",
+         prepare=lambda w: (w.run / "checkpoint-1" / "rng_state.pth").unlink()),
     Case("resume-from-missing-checkpoint", "`--resume_from_checkpoint` naming no folder", "pact",
          _train("--resume_from_checkpoint", "nowhere"), 2, "--resume_from_checkpoint nowhere: no such checkpoint folder"),
     Case("resume-edited-config", "`--resume` with `--lr 2e-3` after pact_config.json's learning_rate was edited to match",

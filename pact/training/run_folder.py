@@ -5,8 +5,10 @@ change the result or from a record edited by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,23 +23,11 @@ from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
 RUN_CONFIG = "pact_config.json"
-
-
 STATE_FILE = "trainer_state.json"
-
-
 STAGING_MARKER = ".pact-train-staging"  # the first file of every staging folder `pact train` creates: its proof of ownership
-
-
 STAGING_SUFFIX = ".tmp"
-
-
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # the Trainer's optimizer state; accelerate's under FSDP (a full state dict)
-
-
 # The recorded settings a resumed run must share with the run that wrote the checkpoint: they change the result.
 # Progress, save_steps, device, gradient checkpointing and the CE chunk size only change how it is computed.
 RESULT_SETTINGS = ("full", "load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -139,18 +129,79 @@ def _refuse_foreign_run_folder(out: Path) -> None:
                         "choose an empty --output_dir, or drop --resume")
 
 
+CHECKPOINT_REMEDY = "delete that checkpoint folder to resume from an earlier one, or start a new run in another --output_dir"
+
+
+# The checkpoint files holding the model's weights, whichever way the run trained: LoRA, full (maybe sharded), FSDP.
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model*.safetensors", "pytorch_model*.bin",
+                      "pytorch_model_fsdp*")
+
+
+# The counts of a Trainer state the Trainer computes with on resume, and whether each must be an integer.
+STATE_COUNTS = {"global_step": True, "max_steps": True, "num_input_tokens_seen": True, "epoch": False, "logging_steps": False,
+                "eval_steps": False, "save_steps": False, "num_train_epochs": False, "total_flos": False}
+
+
 def _check_checkpoint_readable(checkpoint: Path) -> None:
-    """Read a checkpoint's state, optimizer and scheduler files (safely: JSON and `weights_only` tensors) before the
-    Trainer does, so a damaged file is named with what to do."""
-    _read_json(checkpoint / STATE_FILE, "checkpoint state",
-               "delete that checkpoint folder to resume from an earlier one, or start a new run in another --output_dir")
+    """Read a checkpoint's state, weights, optimizer, scheduler and random state (safely: JSON, safetensors headers and
+    `weights_only` tensors) before the Trainer does, so a damaged or edited file is named with what to do."""
+    state = _read_json(checkpoint / STATE_FILE, "checkpoint state", CHECKPOINT_REMEDY)
+    problem = _state_problem(checkpoint, state)
+    if problem:
+        raise PactError(f"{checkpoint / STATE_FILE}: {problem}; {CHECKPOINT_REMEDY}")
+    _check_weights(checkpoint)
     optimizer = next((checkpoint / name for name in OPTIMIZER_FILES if (checkpoint / name).is_file()), checkpoint / OPTIMIZER_FILES[0])
-    try:
-        for path in (optimizer, checkpoint / "scheduler.pt"):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch.load raises unpickler errors of many types for a damaged file
-        raise PactError(f"{checkpoint}: cannot resume from this checkpoint ({type(err).__name__}: {err}); delete it to resume "
-                        "from an earlier one, or start a new run in another --output_dir") from err
+    for path, keys in ((optimizer, ("state", "param_groups")), (checkpoint / "scheduler.pt", ("last_epoch",))):
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - torch.load raises unpickler errors of many types for a damaged file
+            raise PactError(f"{checkpoint}: cannot resume from this checkpoint ({type(err).__name__}: {err}); "
+                            f"{CHECKPOINT_REMEDY}") from err
+        if not (isinstance(content, dict) and all(key in content for key in keys)):
+            raise PactError(f"{path}: not the state the Trainer saves there (no {', '.join(map(repr, keys))}); {CHECKPOINT_REMEDY}")
+    if not any(checkpoint.glob("rng_state*.pth")):
+        raise PactError(f"{checkpoint}: no rng_state.pth, so the run's random state cannot be restored and the resumed run "
+                        f"would not continue the one that wrote it; {CHECKPOINT_REMEDY}")
+
+
+def _state_problem(checkpoint: Path, state: dict) -> str | None:
+    """What in a checkpoint's trainer_state.json the Trainer would misread on resume, or None: a field a Trainer state
+    does not have, a count that is not a number >= 0, a log that is not a list of objects, or a `global_step` other than
+    the step of the checkpoint folder (`checkpoint-N`)."""
+    from transformers import TrainerState
+
+    unknown = sorted(set(state) - {f.name for f in dataclasses.fields(TrainerState)})
+    if unknown:
+        return f"field(s) {', '.join(map(repr, unknown))} are not fields of a Trainer state"
+    for name, integer in STATE_COUNTS.items():
+        value = state.get(name, 0)
+        if not (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+            return f"field '{name}' must be {'an integer' if integer else 'a number'} >= 0, got {json.dumps(value)}"
+    history = state.get("log_history", [])
+    if not (isinstance(history, list) and all(isinstance(entry, dict) for entry in history)):
+        return "field 'log_history' must be a list of objects (the logged steps)"
+    if not isinstance(state.get("stateful_callbacks") or {}, dict):
+        return "field 'stateful_callbacks' must be an object"
+    step = checkpoint.name[len(CHECKPOINT_PREFIX):]
+    if checkpoint.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and state.get("global_step", 0) != int(step):
+        return f"field 'global_step' is {state.get('global_step', 0)}, but the folder is the checkpoint of step {step}"
+    return None
+
+
+def _check_weights(checkpoint: Path) -> None:
+    """Refuse a checkpoint without model weights (`CHECKPOINT_WEIGHTS`) or with a safetensors file whose header cannot be
+    read (a truncated or foreign file)."""
+    from safetensors import SafetensorError, safe_open
+
+    found = [path for pattern in CHECKPOINT_WEIGHTS for path in checkpoint.glob(pattern)]
+    if not found:
+        raise PactError(f"{checkpoint}: no model weights in it ({', '.join(CHECKPOINT_WEIGHTS[:3])}, ...); {CHECKPOINT_REMEDY}")
+    for path in (p for p in found if p.suffix == ".safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as err:
+            raise PactError(f"{path}: not a readable safetensors file ({err}); {CHECKPOINT_REMEDY}") from err
 
 
 def run_record(args: PactTrainingArguments, objective: ObjectiveArguments, loaded: LoadedModel, reader: CacheReader,
