@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pact.cache_tools.settings import OBJECTIVE_FIELDS, BuildArguments
 from pact.cache_tools.writer import SAFETY_TOKENS_NAME
-from pact.cli.common import integer_in, positive_int
+from pact.cli.common import device_name, integer_in, positive_int
 from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags
 from pact.cli.main import dispatch
 from pact.data.rows import DataSourceArguments
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", metavar="N", type=integer_in(0), default=0,
                    help="also re-run the reference model on N random rows and compare within the storage dtype's tolerance")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the --recompute rows (default 0)")
-    p.add_argument("--device", default="auto", help="device for --recompute: auto|cpu|cuda[:N]")
+    p.add_argument("--device", default="auto", type=device_name, help="device for --recompute: auto|cpu|cuda[:N]")
     p.set_defaults(func=_verify)
 
     p = subparsers.add_parser("inspect", help="summarise the manifest and decode one row",

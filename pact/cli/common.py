@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 
-from pact.errors import PactError
+from pact.checks import check_device
+from pact.errors import InvalidSetting, PactError
 from pact.models.loading import EMBEDDED_MODEL
 
 
@@ -30,6 +31,16 @@ def integer_in(low: int, high: int | None = None):
 
 
 positive_int = integer_in(1)  # counts: --limit, --batch-size, --max-new-tokens, ...
+
+
+def device_name(text: str) -> str:
+    """An argparse `type=`: `auto` or a torch device name (`cpu`, `cuda`, `cuda:1`); a bad value makes argparse exit 2
+    naming the flag, before any model is loaded."""
+    try:
+        check_device("device", text)
+    except InvalidSetting as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _is_hub_id(text: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pact.cli.common import device_name
+
 
 def register(subparsers) -> None:
     """Add `pact export`."""
@@ -17,7 +19,7 @@ def register(subparsers) -> None:
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base model (the only export so far; required)")
     parser.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
     parser.add_argument("--model", help="the base model (default: the one the adapter names)")
-    parser.add_argument("--device", default="cpu", help="where to merge (default cpu)")
+    parser.add_argument("--device", default="cpu", type=device_name, help="where to merge: auto|cpu|cuda[:N] (default cpu)")
     parser.set_defaults(func=run)
 
 

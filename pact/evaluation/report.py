@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pact.files import atomic_write
 EVAL_FILE = "eval.json"
 MEASUREMENTS = ("refusal", "over_refusal", "task", "drift")
 HEADLINES = {"refusal": "refusal_rate", "over_refusal": "refusal_rate", "task": "accuracy", "drift": "kl_mean"}
+HEADLINE_RANGES = {"refusal_rate": (0, 1), "accuracy": (0, 1), "kl_mean": (-math.inf, math.inf)}
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -58,7 +60,8 @@ def save_measurement(run_dir: str | Path, key: str, result: dict) -> Path:
 
 def _check_measurements(path: Path, data: object) -> dict:
     """Refuse an eval.json whose content `pact report` cannot read: not an object, a measurement that is not an
-    object, or a headline number (`HEADLINES`) that is not a number. Other keys and fields are left alone."""
+    object, or a headline number (`HEADLINES`) that is not a finite number in its range (`HEADLINE_RANGES`: a rate or an
+    accuracy is a share). Other keys and fields are left alone."""
     if not isinstance(data, dict):
         raise PactError(f"{path}: expected a JSON object with keys among {MEASUREMENTS}, got {type(data).__name__}")
     for key, field in HEADLINES.items():
@@ -68,6 +71,11 @@ def _check_measurements(path: Path, data: object) -> dict:
         value = entry.get(field) if isinstance(entry, dict) else None
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise PactError(f"{path}: field '{key}.{field}' must be a number, got {type(value).__name__} {value!r}")
+        low, high = HEADLINE_RANGES[field]
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            bounds = f" from {low} to {high}" if math.isfinite(low) else ""
+            raise PactError(f"{path}: field '{key}.{field}' must be a finite number{bounds}, got {value!r}; "
+                            f"measure it again with `pact eval ... --save-to {path.parent}`")
     return data
 
 
@@ -85,6 +93,8 @@ def load_measurements(run_dir: str | Path) -> dict:
         raise PactError(f"{path}: not UTF-8 text (byte {err.start}); an {EVAL_FILE} is JSON written by `pact eval`") from err
     except json.JSONDecodeError as err:
         raise PactError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    except (ValueError, RecursionError) as err:  # nested too deeply, or an integer of more digits than Python converts
+        raise PactError(f"{path}: invalid JSON ({type(err).__name__}: {err}); an {EVAL_FILE} is JSON written by `pact eval`") from err
     return _check_measurements(path, data)
 
 
