@@ -17,14 +17,17 @@ DEFAULT_ROWS_PER_SHARD = 1024
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 512
 OBJECTIVE_FIELDS = ("p0", "gate_temperature", "temperature")  # the `ObjectiveArguments` a cache bakes in
+MAX_THREADS = 1024  # intra-op threads a build may ask for: more than any machine has cores, far fewer than would exhaust it
 
 
 def check_build_numbers(batch_size: int, rows_per_shard: int, threads: int | None, top_k: int | None, zstd_level: int) -> None:
     """Refuse numbers no build can use (`InvalidSetting` naming the field), before any work is done: the one check of
     `BuildArguments` and of `build_cache` called from Python."""
-    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard), ("threads", threads), ("top_k", top_k)):
+    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard), ("top_k", top_k)):
         if value is not None:
             check_setting(name, value, 1, integer=True)
+    if threads is not None:
+        check_setting("threads", threads, 1, MAX_THREADS, integer=True)
     check_setting("zstd_level", zstd_level, 1, 22, integer=True)
 
 

@@ -157,7 +157,7 @@ def test_non_empty_directory_needs_resume_or_overwrite(tiny, tiny_examples, tiny
 @pytest.mark.parametrize("kwargs,message", [
     ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
     ({"rows_per_shard": 0}, r"rows_per_shard must be an integer >= 1, got 0"),
-    ({"threads": 0}, r"threads must be an integer >= 1, got 0"),
+    ({"threads": 0}, r"threads must be an integer >= 1 and <= 1024, got 0"),
     ({"top_k": 0}, r"top_k must be an integer >= 1, got 0"),
     ({"zstd_level": 23}, r"zstd_level must be an integer >= 1 and <= 22, got 23"),
 ])

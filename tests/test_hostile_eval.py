@@ -129,6 +129,10 @@ REFUSAL_CASES = [
                     str(w.path("bad.yaml"))], 2,
          "bad.yaml: max_new_tokens: expected an integer, got 1e+30 (a number)",
          prepare=lambda w: w.write("bad.yaml", "max_new_tokens: 1.0e+30\n")),
+    Case("refusal-max-new-tokens-beyond-context", "`--max-new-tokens 10^11` (the model reads 2048 tokens; generation would "
+         "never end)", "pact", lambda w: refusal(w, "--max-new-tokens", str(10**11)), 2,
+         "--max-new-tokens: max_new_tokens must be at most the model's context length (2048 tokens, max_position_embeddings "
+         "of its config), got 100000000000"),
     Case("refusal-limit-not-a-number", "`--limit ten`", "pact", lambda w: refusal(w, "--limit", "ten"), 2, "argument --limit: invalid int value: 'ten'"),
     Case("refusal-device-unknown", "`--device gpu` (not a torch device)", "pact",
          lambda w: refusal(w, "--device", "gpu"), 2, "--device: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
@@ -272,7 +276,8 @@ REPORT_CASES = [
 
 CASES = REFUSAL_CASES + ADAPTER_CASES + TASK_CASES + DRIFT_CASES + REPORT_CASES
 
-LOADS_A_MODEL = {"adapter-weights-truncated", "adapter-other-base-model", "drift-shard-corrupt", "drift-other-tokenizer"}
+LOADS_A_MODEL = {"adapter-weights-truncated", "adapter-other-base-model", "drift-shard-corrupt", "drift-other-tokenizer",
+                 "refusal-max-new-tokens-beyond-context"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -137,6 +137,8 @@ CASES = [
     _invalid("max-grad-norm-zero", ("--max-grad-norm", "0"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got 0.0"),
     _invalid("max-grad-norm-nan", ("--max-grad-norm", "nan"), "--max-grad-norm: max_grad_norm must be a finite number > 0, got nan"),
     _invalid("save-steps-negative", ("--save-steps", "-1"), "--save-steps: save_steps must be an integer >= 0, got -1"),
+    _invalid("dataloader-workers-huge", ("--dataloader_num_workers", "100000"),
+             "--dataloader_num_workers: dataloader_num_workers must be an integer >= 0 and <= 256, got 100000"),
     _invalid("seed-negative", ("--seed", "-1"), "--seed: seed must be an integer >= 0 and <= 4294967295, got -1"),
     _invalid("scheduler-unknown", ("--scheduler", "cosine_restarts"),
              "--scheduler: lr_scheduler_type must be one of linear, cosine, cosine_with_restarts,"),

@@ -10,15 +10,16 @@ Each prints a summary (or one JSON object with `--json`) and, with
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from pact.cli.common import check_model_argument, check_output_file, input_files, refuse_overwriting_inputs
-from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags
+from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags, with_flag
 from pact.data.rows import DataSourceArguments
-from pact.errors import PactError
+from pact.errors import InvalidSetting, PactError
 from pact.evaluation.report import EVAL_FILE, load_measurements
 from pact.evaluation.settings import (
     DriftEvalArguments, EvalModelArguments, EvalOutputArguments, RefusalEvalArguments, TaskEvalArguments,
@@ -95,8 +96,17 @@ def _measurement(measures, name: str, settings: tuple, run, **description) -> No
     """Add one measurement, its flags generated from `settings`, run by `run(*settings)`."""
     parser = measures.add_parser(name, **description)
     defaults = add_dataclass_flags(parser, settings)
-    parser.set_defaults(func=lambda flags: run(*dataclasses_from_flags(flags, settings, flags.defaults)), parser=parser,
-                        defaults=defaults)
+    parser.set_defaults(func=lambda flags: _run_measurement(flags, settings, run), parser=parser, defaults=defaults)
+
+
+def _run_measurement(flags: argparse.Namespace, settings: tuple, run) -> int:
+    """`run` on the settings the flags describe; a setting it refuses later (`InvalidSetting`, e.g. more new tokens than
+    the model's context) is named by its flag, as one refused on construction is."""
+    values = dataclasses_from_flags(flags, settings, flags.defaults)
+    try:
+        return run(*values)
+    except InvalidSetting as err:
+        raise with_flag(err, flags) from err
 
 
 def register(subparsers) -> None:

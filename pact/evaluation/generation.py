@@ -19,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from pact.data.chat import encode_conversation, prompt_token_ids
 from pact.data.rows import Conversation
+from pact.errors import InvalidSetting
 from pact.models.loading import pad_token_id
 
 Messages = list[dict[str, str]]
@@ -81,8 +82,15 @@ def generate_ids(
     Generation stops at any `stop_token_ids` token or after `max_new_tokens`
     tokens. Greedy decoding ignores the model's own sampling settings, so
     results are reproducible and do not depend on `batch_size` (up to
-    floating-point near-ties between the two best tokens).
+    floating-point near-ties between the two best tokens). More new tokens
+    than the model's context length is refused (`InvalidSetting`) before any
+    is generated: the answer could not be read past it, and its cache grows
+    with every token.
     """
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_new_tokens > context:
+        raise InvalidSetting("max_new_tokens", f"max_new_tokens must be at most the model's context length ({context} tokens, "
+                                               f"max_position_embeddings of its config), got {max_new_tokens}")
     encoded = [prompt_token_ids(tokenizer, messages) for messages in prompts]
     stops = stop_token_ids(tokenizer, model)
     pad = pad_token_id(tokenizer)

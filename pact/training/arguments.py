@@ -25,6 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_BUCKET_WINDOW = 64  # global micro-batches per length-sorted window of the train order
 
 
+MAX_WORKERS = 256  # data loader processes a run may ask for: more than any machine has cores, far fewer than would exhaust it
+
+
 @dataclass
 class PactTrainingArguments(TrainingArguments, AdapterArguments):
     """`TrainingArguments` with the cache, the student and the LoRA settings (`AdapterArguments`) of a PACT run.
@@ -95,9 +98,9 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
         """The project's checks of every numeric and named setting, before transformers sees them."""
         for name, low, integer in (("per_device_train_batch_size", 1, True), ("gradient_accumulation_steps", 1, True),
                                    ("save_steps", 0, True), ("ce_chunk_size", 1, True), ("bucket_window", 0, True),
-                                   ("dataloader_num_workers", 0, True),
                                    ("weight_decay", 0, False), ("warmup_steps", 0, False)):
             check_setting(name, getattr(self, name), low, integer=integer)
+        check_setting("dataloader_num_workers", self.dataloader_num_workers, 0, MAX_WORKERS, integer=True)
         for name in ("learning_rate", "max_grad_norm", "num_train_epochs"):
             check_setting(name, getattr(self, name), 0, low_open=True)
         check_setting("seed", self.seed, 0, SEED_LIMIT, integer=True)
