@@ -137,9 +137,14 @@ def _csv_lines(path: Path) -> Iterator[str]:
 
 
 def _csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[str, object]]:
-    """One row per record under the header row; a record with more cells than the header has is that row's error."""
+    """One row per record under the header row; a record with more cells than the header has is that row's error, a
+    header naming a column twice the file's."""
     _allow_long_csv_fields()
     reader = csv.DictReader(_csv_lines(path), delimiter=delimiter)
+    repeated = sorted({name for name in reader.fieldnames or () if reader.fieldnames.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}, line 1: the header names column(s) {', '.join(map(repr, repeated))} more than once, and a "
+                        "row would keep only the last such cell; give each column its own name")
     first_line = 2  # line 1 is the header; a quoted field may span several lines
     try:
         for index, row in enumerate(reader):
@@ -255,10 +260,16 @@ def _given_dataset(dataset, split: str) -> _Opened:
 
 
 def _open_folder(path: Path, split: str, config: str | None) -> _Opened:
-    """Rows of a folder: a `save_to_disk` dataset, else a folder of data files as `datasets.load_dataset` reads it."""
+    """Rows of a folder: a `save_to_disk` dataset, else a folder of data files (of one format) as `datasets.load_dataset`
+    reads it."""
     if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
         return _Opened(str(path), _arrow_rows(path, lambda: _saved_dataset_dicts(path, split), "a dataset saved with save_to_disk"))
-    if any(p.is_file() and _datasets_builder(p) for p in path.rglob("*")):
+    builders = sorted({_datasets_builder(p) for p in path.rglob("*") if p.is_file() and _datasets_builder(p)})
+    if len(builders) > 1:
+        raise DataError(f"{path}: a folder of data files of several formats ({', '.join(builders)}); datasets.load_dataset "
+                        "reads one format of a folder and would leave the other files out; give one file, or a folder of "
+                        "files of one format")
+    if builders:
         dataset = _load_dataset(f"{path}: datasets.load_dataset cannot load this folder of data files", str(path),
                                 name=config, split=split)
         return _dataset_rows(str(path), dataset)
