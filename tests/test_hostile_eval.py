@@ -79,6 +79,19 @@ def full_model_run(w) -> None:
     shutil.copytree(w.model, w.path("full-run"))
 
 
+def damaged_model(damage):
+    """A `prepare` copying the tiny model to `damaged` and applying `damage(folder)` to the copy."""
+    def prepare(w) -> None:
+        shutil.copytree(w.model, w.path("damaged"))
+        damage(w.path("damaged"))
+    return prepare
+
+
+def edit_json(path, **changes) -> None:
+    """Update the JSON object in `path` with `changes`, as a hand edit would."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def save_eval(w, name: str, content) -> None:
     """Write RUN/eval.json of the run folder copy (`content` as JSON unless it is text or bytes)."""
     w.write(f"run/{name}", content if isinstance(content, (str, bytes)) else json.dumps(content))
@@ -140,6 +153,17 @@ REFUSAL_CASES = [
          lambda w: refusal(w, "--judge", str(w.path("no-judge"))), 2, "no-judge: no such model directory"),
     Case("refusal-model-missing", "`--model` names a directory that does not exist", "pact",
          lambda w: refusal(w, model=w.path("no-model")), 2, "no such model directory"),
+    Case("refusal-model-weights-truncated", "`--model` a model folder whose model.safetensors is cut short", "pact",
+         lambda w: refusal(w, model=w.path("damaged")), 2,
+         "damaged: transformers cannot load this model folder (SafetensorError: Error while deserializing header",
+         prepare=damaged_model(lambda folder: truncate(folder / "model.safetensors"))),
+    Case("refusal-model-config-text-size", "`--model` a model folder whose config.json has a text `hidden_size`", "pact",
+         lambda w: refusal(w, model=w.path("damaged")), 2, "damaged: transformers cannot load this model folder "
+         "(StrictDataclassFieldValidationError: Validation error for field 'hidden_size'",
+         prepare=damaged_model(lambda folder: edit_json(folder / "config.json", hidden_size="wide"))),
+    Case("refusal-model-other-vocabulary", "`--model` a model folder whose config.json says another vocabulary than its weights",
+         "pact", lambda w: refusal(w, model=w.path("damaged")), 2, "damaged: transformers cannot load this model folder (RuntimeError",
+         prepare=damaged_model(lambda folder: edit_json(folder / "config.json", vocab_size=10))),
     Case("refusal-model-is-adapter", "`--model` is a LoRA run folder (an adapter)", "pact",
          lambda w: refusal(w, model=w.run), 2, "pass it as --adapter"),
 ]
@@ -277,7 +301,8 @@ REPORT_CASES = [
 CASES = REFUSAL_CASES + ADAPTER_CASES + TASK_CASES + DRIFT_CASES + REPORT_CASES
 
 LOADS_A_MODEL = {"adapter-weights-truncated", "adapter-other-base-model", "drift-shard-corrupt", "drift-other-tokenizer",
-                 "refusal-max-new-tokens-beyond-context"}
+                 "refusal-max-new-tokens-beyond-context", "refusal-model-weights-truncated", "refusal-model-config-text-size",
+                 "refusal-model-other-vocabulary"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -84,6 +84,11 @@ def _edit_state(change):
     return prepare
 
 
+def _edit_json(path, **changes) -> None:
+    """Update the JSON object in `path` with `changes`, as a hand edit would."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _drop_last_shard(manifest: dict) -> None:
     """A smaller but valid cache: the manifest forgets its last shard."""
     manifest["shards"].pop()
@@ -288,6 +293,10 @@ CASES = [
     _changed_on_resume("resume-changed-max-steps", ("--max-steps", "3"), "total_steps 1 -> 3"),
     Case("resume-other-cache", "`--resume` on another cache (a shard fewer)", "pact", _resume(cache="smaller"), 2,
          "cache_identity 'sha256:", prepare=lambda w: _edit_manifest(w, "smaller", _drop_last_shard)),
+    Case("model-heads-zero", "`--model` (and `--force`) a model folder whose config.json has 0 attention heads", "pact",
+         lambda w: [*_train("--force")(w), "--model", str(w.path("damaged"))], 2,
+         "damaged: transformers cannot load this model folder (ZeroDivisionError: integer modulo by zero)",
+         prepare=lambda w: (shutil.copytree(w.model, w.path("damaged")), _edit_json(w.path("damaged/config.json"), num_attention_heads=0))),
     Case("resume-other-model", "`--resume` with another `--model` (and `--force`)", "pact",
          lambda w: [*_resume("--force")(w), "--model", str(w.path("other-model"))], 2, "model_fingerprint 'sha256:",
          prepare=lambda w: make_tiny_model(w.path("other-model"), seed=7)),

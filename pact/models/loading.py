@@ -129,9 +129,9 @@ def resolve_model_path(name_or_path: str | None) -> tuple[str, Path | str]:
 
 
 def _from_pretrained(loader, location, **kwargs):
-    """Call a `from_pretrained`, turning hub failures into one clear error."""
+    """Call a `from_pretrained`, turning hub failures, and a local folder whose files cannot be loaded, into one clear error."""
     if isinstance(location, Path):
-        return loader.from_pretrained(location, **kwargs)
+        return _from_local_folder(loader, location, **kwargs)
     try:
         return loader.from_pretrained(location, **kwargs)
     except OSError as err:
@@ -140,6 +140,24 @@ def _from_pretrained(loader, location, **kwargs):
             f"model {location!r} was not found locally (no such directory or .gguf file, and not in the "
             f"Hugging Face cache) and the hub could not be reached or has no such model: {reason}"
         ) from err
+
+
+def _from_local_folder(loader, folder: Path, **kwargs):
+    """`loader.from_pretrained(folder)`; what the folder's own files make transformers refuse (a config.json field of
+    the wrong type, a torn tokenizer.json, truncated weights, weights of other shapes than the config's) is a
+    `PactError` naming the folder, on one line."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(folder, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RuntimeError, StrictDataclassError,
+            SafetensorError) as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise PactError(f"{folder}: transformers cannot load this model folder ({type(err).__name__}: {reason}); check its "
+                        "config.json, tokenizer files and weights, or save the model again") from err
 
 
 def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False,
