@@ -89,6 +89,13 @@ def _edit_json(path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _with_a_users_checkpoint_2(w) -> None:
+    """A 2-step run `two` (a checkpoint per step) whose `checkpoint-2` was replaced by a folder of the user's."""
+    assert pact_main(_train("--save-steps", "1", "--max-steps", "2", out="two")(w)) == 0
+    shutil.rmtree(w.path("two/checkpoint-2"))
+    w.write("two/checkpoint-2/notes.txt", "keep me")
+
+
 def _drop_last_shard(manifest: dict) -> None:
     """A smaller but valid cache: the manifest forgets its last shard."""
     manifest["shards"].pop()
@@ -274,6 +281,12 @@ CASES = [
          "and `.checkpoint-2.tmp`", "pact", _resume(), 0, "trained 1 steps",
          prepare=lambda w: (w.write("run/.final.tmp/keep.txt", "keep me"), w.write("run/.checkpoint-2.tmp/keep.txt", "keep me")),
          may_change=RESUME_REWRITES),
+    Case("resume-over-a-users-checkpoint-name", "`--resume_from_checkpoint RUN/checkpoint-1` of a 2-step run whose "
+         "`checkpoint-2` is a user's folder", "pact",
+         lambda w: [*_train("--save-steps", "1", "--max-steps", "2", out="two")(w), "--resume_from_checkpoint",
+                    str(w.path("two/checkpoint-1"))], 2,
+         "checkpoint-2: something of that name is there that is not a checkpoint (no trainer_state.json); move it away",
+         prepare=_with_a_users_checkpoint_2, may_change=("two/pact_config.json", "two/metrics.jsonl")),
     Case("resume-only-a-users-staging-name", "`--resume` into a folder holding only a user's `.checkpoint-3.tmp`", "pact",
          lambda w: [*_train(out="busy")(w), "--resume"], 2, "is not a pact train run folder (it holds .checkpoint-3.tmp)",
          prepare=lambda w: w.write("busy/.checkpoint-3.tmp/notes.txt", "keep me")),

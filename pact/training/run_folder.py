@@ -75,6 +75,16 @@ def new_staging(out: Path, name: str) -> Path:
     return staging
 
 
+def new_checkpoint_staging(out: Path, name: str) -> Path:
+    """`new_staging` for the checkpoint `name` of the run folder `out`, once `out/name`, which the finished checkpoint
+    replaces, is checked to be none or a checkpoint a Trainer wrote (a later one of this run that the resumed run did not
+    start from): a file or folder of the user's under that name is refused, never removed."""
+    if (out / name).exists() and not (out / name / STATE_FILE).is_file():
+        raise PactError(f"cannot write checkpoint {out / name}: something of that name is there that is not a checkpoint "
+                        f"(no {STATE_FILE}); move it away, then rerun with --resume")
+    return new_staging(out, name)
+
+
 def is_own_staging(path: Path) -> bool:
     """Whether `path` is a staging folder `new_staging` created (hidden, `.tmp`, holding the marker): the only
     folders of a run folder `pact train` removes without having created them in the same process."""

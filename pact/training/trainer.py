@@ -55,7 +55,7 @@ from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import CachedTargets, TargetSource
 from pact.training.arguments import DEFAULT_BUCKET_WINDOW
 from pact.training.batches import CacheRows, GlobalMicroBatches, cached_order, keep_batch, raise_batch_error
-from pact.training.run_folder import CHECKPOINT_PREFIX, new_staging
+from pact.training.run_folder import CHECKPOINT_PREFIX, new_checkpoint_staging
 from pact.training.step_guard import Fetched, StepGuard
 
 LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logged per step, token-mean over the step
@@ -364,14 +364,14 @@ class PactTrainer(Trainer):
         return self._checkpoint_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a new staging folder of the run (`new_staging`: `.checkpoint-N.<random>.tmp/`) and
-        rename it into place once complete, so a kill or a full disk never leaves a `checkpoint-N` that resuming would
-        pick up half written."""
+        """Write the checkpoint into a new staging folder of the run (`new_checkpoint_staging`:
+        `.checkpoint-N.<random>.tmp/`) and rename it into place once complete, so a kill or a full disk never leaves a
+        `checkpoint-N` that resuming would pick up half written (nor replaces a `checkpoint-N` that is not a checkpoint)."""
         self._stop_if_not_finite()
         out = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         try:
-            staging = Path(run_on_main(lambda: str(new_staging(out, name))))
+            staging = Path(run_on_main(lambda: str(new_checkpoint_staging(out, name))))
         except OSError as err:
             raise _checkpoint_not_written(out / name, err) from err
         self._checkpoint_root = str(staging)
@@ -384,7 +384,7 @@ class PactTrainer(Trainer):
             self._checkpoint_root = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            shutil.rmtree(out / name, ignore_errors=True)  # a leftover the resumed run did not start from
+            shutil.rmtree(out / name, ignore_errors=True)  # a later checkpoint the resumed run did not start from (checked)
             (staging / name).rename(out / name)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
