@@ -20,28 +20,14 @@ from typing import Callable, Iterator
 from pact.errors import PactError
 
 DEMO_BENIGN = "benign"
-
-
 DEMO_REFUSALS = "refusals"
-
-
 DEFAULT_SPLIT = "train"
-
-
 HUB_PREFIX = "hub:"  # `hub:ID` names the hub dataset ID explicitly
-
-
 # file suffixes and the `datasets` packaged builder reading them; compressed files keep the inner suffix
 DATASETS_BUILDERS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
                      ".parquet": "parquet", ".arrow": "arrow"}
-
-
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
-
-
 UNREAD_SUFFIXES = (".txt", ".md", ".py", ".gguf", ".safetensors", ".bin", ".pt")  # files `datasets` reads but not as rows
-
-
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 
