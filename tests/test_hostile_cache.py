@@ -311,6 +311,8 @@ CASES = [
          lambda w: _build(w, w.path("built"), *SMALL, "--resume", "--train-on", "last"), 2,
          "it was made with different settings (train_on (which assistant turns are responses): 'all' vs 'last'; data fingerprint",
          prepare=lambda w: main(_build(w, w.path("built"), *SMALL, "--train-on", "all"))),
+    Case("build-abbreviated-flag", "`--rows 4` (a flag's prefix is not taken for the flag)", "pact-cache",
+         lambda w: _build(w, w.path("new"), "--rows", "4"), 2, "pact-cache build: error: unrecognized arguments: --rows 4"),
     Case("build-train-on-unknown", "`--train-on first`", "pact-cache",
          lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "--train-on: train_on must be one of all, last, got 'first'"),
 ]

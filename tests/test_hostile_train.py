@@ -125,6 +125,11 @@ RESUME_REWRITES = tuple(f"run/{name}" for name in ("pact_config.json", "metrics.
 
 
 CASES = [
+    Case("train-from-a-data-file", "`--data` (pact train reads a cache, not a data file)", "pact",
+         lambda w: ["train", "--data", str(w.data), "--output_dir", str(w.path("out"))], 2,
+         "pact train trains from a cache, not from a data file: build the cache once, then train from it"),
+    Case("train-abbreviated-flag", "`--learning 1e-3` (a flag's prefix is not taken for the flag)", "pact", _train("--learning", "1e-3"), 2,
+         "pact train: error: unrecognized arguments: --learning 1e-3"),
     _invalid("lr-negative", ("--lr", "-1"), "--lr: learning_rate must be a finite number > 0, got -1.0"),
     _invalid("lr-nan", ("--lr", "nan"), "--lr: learning_rate must be a finite number > 0, got nan"),
     _invalid("lr-inf", ("--lr", "inf"), "--lr: learning_rate must be a finite number > 0, got inf"),

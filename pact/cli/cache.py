@@ -13,7 +13,7 @@ from pact.cache_tools.settings import OBJECTIVE_FIELDS, BuildArguments
 from pact.cache_tools.writer import SAFETY_TOKENS_NAME
 from pact.cli.common import device_name, integer_in, positive_int
 from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags
-from pact.cli.main import dispatch
+from pact.cli.main import CommandParser, dispatch
 from pact.data.rows import DataSourceArguments
 from pact.objective.settings import ObjectiveArguments
 
@@ -144,7 +144,7 @@ def _add_build(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pact-cache` parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="pact-cache", description="Build and check offline caches of PACT reference targets.")
+    parser = CommandParser(prog="pact-cache", description="Build and check offline caches of PACT reference targets.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_build(subparsers)
 

@@ -22,6 +22,34 @@ SUBCOMMANDS = ("safety_tokens", "train", "plan", "evaluate", "report", "export")
 DEBUG_HELP = "show the full traceback of an error instead of a one-line message"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `pact`, `pact-cache` and each of their subcommands (`add_subparsers` makes its children of the same
+    class): flags are never abbreviated (`--data` is not taken for `--data_seed`, nor said to be ambiguous), a
+    subcommand refuses the flags it does not know itself, and an error is the `prog: error:` line and a pointer to
+    `--help` instead of a usage dump.
+
+    `hints` maps a flag the command does not take to a sentence saying what to do instead (`pact train --data`).
+    """
+
+    def __init__(self, *args, hints: dict[str, str] | None = None, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self.hints = dict(hints or {})
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Parse as argparse does, but refuse what this parser does not know (naming it under this parser's `prog`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}", unknown=extras)
+        return namespace, extras
+
+    def error(self, message: str, unknown: list[str] | None = None):
+        """Print `prog: error: message`, a hint for a flag named in `hints`, a pointer to `--help`; exit 2."""
+        hints = [self.hints[flag] for flag in dict.fromkeys(item.split("=", 1)[0] for item in unknown or ()) if flag in self.hints]
+        lines = [f"{self.prog}: error: {message}", *hints, f"(`{self.prog} --help` lists the flags)"]
+        self.exit(EXIT_BAD_INPUT, "\n".join(lines) + "\n")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """Give `parser` and every subcommand below it a `--debug` flag (so it is accepted in any position)."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -68,7 +96,7 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pact` parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="pact",
         description="Fine-tune aligned LLMs while keeping their safety alignment (PACT).",
     )

@@ -15,6 +15,9 @@ from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
 
 DATACLASSES = (ObjectiveArguments, PactTrainingArguments)
+FROM_A_CACHE = ("pact train trains from a cache, not from a data file: build the cache once, then train from it:\n"
+                "  pact-cache build --data FILE --out CACHE\n"
+                "  pact train --cache CACHE --output_dir RUN")
 
 
 def register(subparsers) -> None:
@@ -25,6 +28,7 @@ def register(subparsers) -> None:
         description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
                     "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
                     "(docs/objective.md). Every transformers TrainingArguments flag is accepted; a YAML file may hold them (--config).",
+        hints={"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE},
     )
     defaults = add_dataclass_flags(parser, DATACLASSES)
     parser.set_defaults(func=run, parser=parser, defaults=defaults)

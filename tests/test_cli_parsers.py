@@ -1,0 +1,54 @@
+"""The parsers of `pact` and `pact-cache` as a newcomer meets them: no abbreviated flags, short errors, help that puts
+PACT's own settings first."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pact.cli import cache, main
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _parsers(child)
+
+
+@pytest.mark.parametrize("build", [main.build_parser, cache.build_parser], ids=["pact", "pact-cache"])
+def test_no_parser_takes_an_abbreviated_flag(build):
+    parsers = list(_parsers(build()))
+    assert len(parsers) > 5
+    assert [p.prog for p in parsers if p.allow_abbrev] == []
+
+
+@pytest.mark.parametrize("entry, argv, culprit", [
+    (main.main, ["train", "--data", "x.jsonl"], "unrecognized arguments: --data x.jsonl"),
+    (main.main, ["train", "--cache", "c", "--learn", "1"], "unrecognized arguments: --learn 1"),
+    (main.main, ["plan", "--lora_r", "8", "--mod", "m"], "unrecognized arguments: --mod m"),
+    (main.main, ["nope"], "invalid choice: 'nope'"),
+    (cache.main, ["build", "--mod", "m"], "unrecognized arguments: --mod m"),
+    (cache.main, ["verify"], "the following arguments are required: DIR"),
+])
+def test_a_bad_command_line_is_one_error_line_and_a_pointer_to_help(entry, argv, culprit, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        entry(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert culprit in err.splitlines()[0] and ": error: " in err.splitlines()[0]
+    assert err.splitlines()[-1].endswith("--help` lists the flags)")
+    assert "usage:" not in err and "Traceback" not in err and len(err.splitlines()) <= 5 and out == ""
+
+
+def test_train_with_a_data_file_says_how_to_build_a_cache_first(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main.main(["train", "--data=x.jsonl", "--output_dir", "run"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "pact train trains from a cache" in err
+    assert "  pact-cache build --data FILE --out CACHE\n  pact train --cache CACHE --output_dir RUN\n" in err
+    assert "could match" not in err and "--data_seed" not in err
