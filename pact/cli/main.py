@@ -31,10 +31,10 @@ class CommandParser(argparse.ArgumentParser):
     `hints` maps a flag the command does not take to a sentence saying what to do instead (`pact train --data`).
     """
 
-    def __init__(self, *args, hints: dict[str, str] | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
-        self.hints = dict(hints or {})
+        self.hints: dict[str, str] = {}
 
     def parse_known_args(self, args=None, namespace=None):
         """Parse as argparse does, but refuse what this parser does not know (naming it under this parser's `prog`)."""

@@ -28,8 +28,8 @@ def register(subparsers) -> None:
         description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
                     "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
                     "(docs/objective.md). Every transformers TrainingArguments flag is accepted; a YAML file may hold them (--config).",
-        hints={"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE},
     )
+    parser.hints = {"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE}  # read by CommandParser
     defaults = add_dataclass_flags(parser, DATACLASSES)
     parser.set_defaults(func=run, parser=parser, defaults=defaults)
 
