@@ -130,6 +130,10 @@ CASES = [
          "pact train trains from a cache, not from a data file: build the cache once, then train from it"),
     Case("train-abbreviated-flag", "`--learning 1e-3` (a flag's prefix is not taken for the flag)", "pact", _train("--learning", "1e-3"), 2,
          "pact train: error: unrecognized arguments: --learning 1e-3"),
+    Case("train-no-output-dir", "no `--output_dir` (transformers would write ./trainer_output)", "pact",
+         lambda w: ["train", "--cache", str(w.cache), *_flags(QUICK, ())], 2,
+         "--output_dir: output_dir is required: the run folder the adapter (or full model), pact_config.json and metrics.jsonl "
+         "are written to"),
     _invalid("lr-negative", ("--lr", "-1"), "--lr: learning_rate must be a finite number > 0, got -1.0"),
     _invalid("lr-nan", ("--lr", "nan"), "--lr: learning_rate must be a finite number > 0, got nan"),
     _invalid("lr-inf", ("--lr", "inf"), "--lr: learning_rate must be a finite number > 0, got inf"),
@@ -370,6 +374,12 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_train_input(case, world, capsys):
     check_case(case, world, capsys)
+
+
+def test_no_output_dir_creates_no_default_folder(world, capsys):
+    case = next(c for c in CASES if c.name == "train-no-output-dir")
+    check_case(case, world, capsys)
+    assert sorted(p.name for p in world.root.iterdir()) == ["cache", "data.jsonl", "run", "safety_tokens.json"]
 
 
 def _fail_call(monkeypatch, owner, name: str, failing_call: int, make_failure) -> None:

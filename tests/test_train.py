@@ -31,6 +31,15 @@ def _args(cache, out, **overrides) -> PactTrainingArguments:
     return PactTrainingArguments(**settings)
 
 
+def test_train_refuses_to_pick_the_run_folder_itself(float32_cache, tmp_path, monkeypatch):
+    """Without output_dir, train() refuses by name instead of writing into transformers' ./trainer_output."""
+    monkeypatch.chdir(tmp_path)
+    args = PactTrainingArguments(cache=str(float32_cache), max_steps=1, train_device="cpu", disable_tqdm=True)
+    with pytest.raises(InvalidSetting, match="output_dir is required") as err:
+        train(args)
+    assert err.value.field == "output_dir" and list(tmp_path.iterdir()) == []
+
+
 def _trainer(cache, model_dir, out, **overrides):
     """A PactTrainer over `cache` on a LoRA student of the model in `model_dir` (Python API, as a user builds it)."""
     from peft import LoraConfig, get_peft_model

@@ -38,7 +38,8 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
     """
 
     output_dir: str | None = field(default=None, metadata={
-        "aliases": ["--out"], "help": "run folder: adapter (or full model), tokenizer, pact_config.json, metrics.jsonl, curves.png"})
+        "aliases": ["--out"], "help": "run folder: adapter (or full model), tokenizer, pact_config.json, metrics.jsonl, curves.png "
+                                      "(required by `pact train`)"})
     per_device_train_batch_size: int = field(default=8, metadata={
         "aliases": ["--batch-size"], "help": "cache rows per micro-batch and process; under N processes an optimizer step takes "
                                              "batch x grad-accum x N rows, the same global batch one process with batch x N takes"})
@@ -82,6 +83,8 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
 
     def __post_init__(self) -> None:
         """Refuse a value the run cannot use (`InvalidSetting` naming the field), then let `TrainingArguments` settle the rest."""
+        # transformers names a folder when none is given (./trainer_output); `train()` refuses to write a run there unasked
+        self.output_dir_given = self.output_dir is not None
         self.check_adapter_settings()
         self._check_values()
         if self.save_steps == 0:

@@ -151,7 +151,7 @@ def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = No
           trainer_class: type[PactTrainer] = PactTrainer, online: bool = False) -> TrainResult:
     """Fine-tune the cache's reference model (or `args.model`) on `args.cache` with the PACT loss.
 
-    Writes to `args.output_dir`: the adapter (or full model) and tokenizer,
+    Writes to `args.output_dir` (required; transformers' default folder is refused): the adapter (or full model) and tokenizer,
     `pact_config.json` with every effective setting, `metrics.jsonl` (one
     object per logging step), `curves.png`, and checkpoints every `save_steps`.
     Refusals are `PactError`s (`InvalidSetting` naming the field). `trainer_class` may be a `PactTrainer` subclass.
@@ -161,6 +161,10 @@ def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = No
     objective = objective if objective is not None else ObjectiveArguments()
     if not args.cache:
         raise InvalidSetting("cache", "cache is required: the cache directory built by `pact-cache build`")
+    if not getattr(args, "output_dir_given", True):
+        raise InvalidSetting("output_dir", "output_dir is required: the run folder the adapter (or full model), pact_config.json "
+                                           "and metrics.jsonl are written to, e.g. --output_dir runs/first (nothing is written to "
+                                           "a default folder)")
     _ = args.device  # joins the launcher's process group (accelerate), if any
     world_size = current_ranks().world_size
     out = Path(args.output_dir)
