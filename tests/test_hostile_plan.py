@@ -107,6 +107,15 @@ CASES = [
           prepare=lambda w: w.write("bad.yaml", "json: true\n")),
     _case("lora-target-unknown", "`--lora-targets` naming no module", plan("--lora-targets", "nope"),
           "--lora-targets: lora_target_modules names no module of the model: 'nope'"),
+    Case("lora-target-all-linear", "`--lora-targets all-linear` (peft's every-linear-layer shorthand)", "pact",
+         plan("--lora-targets", "all-linear"), 0, "LoRA r=8 on all-linear"),
+    Case("lora-target-pattern", "`--lora-targets` one regular expression (peft's string form)", "pact",
+         plan("--lora-targets", r".*\.(q|v)_proj"), 0, r"LoRA r=8 on .*\.(q|v)_proj"),
+    _case("lora-target-pattern-no-match", "`--lora-targets` a regular expression matching no module", plan("--lora-targets", "attn.*"),
+          "--lora-targets: lora_target_modules 'attn.*': it matches no module's full name"),
+    _case("lora-target-pattern-container", "`--lora-targets` a regular expression matching an attention block",
+          plan("--lora-targets", ".*self_attn"),
+          "--lora-targets: lora_target_modules '.*self_attn': it matches 'model.layers.0.self_attn', which LoRA cannot adapt"),
 ]
 
 

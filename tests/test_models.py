@@ -360,3 +360,38 @@ def test_tokenizer_fingerprint_follows_the_chat_template():
     assert tokenizer_fingerprint(tokenizer) != original
     tokenizer.chat_template = chatml_template()
     assert tokenizer_fingerprint(tokenizer) == original
+
+
+@pytest.mark.parametrize("targets, adapted", [
+    (["all-linear"], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ([r".*\.(q|v)_proj"], {"q_proj", "v_proj"}),
+    (["q_proj", "self_attn.v_proj"], {"q_proj", "v_proj"}),
+])
+def test_lora_targets_take_peft_s_forms(tiny, targets, adapted):
+    """`lora_target_modules` takes what peft's LoraConfig(target_modules=) takes: names and dotted suffixes, one regular
+    expression over full names, and `all-linear` (every linear layer but the output head) on the tiny model."""
+    import copy
+
+    from pact.models.adapters import AdapterArguments, adapt_for_training
+
+    settings = AdapterArguments(lora_target_modules=targets)
+    settings.check_adapter_settings()
+    student = adapt_for_training(copy.deepcopy(tiny.model), settings, gradient_checkpointing=False, checkpointing_kwargs=None)
+    names = [name for name, parameter in student.named_parameters() if parameter.requires_grad]
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names} == adapted
+    assert len(names) == 2 * len(adapted) * tiny.model.config.num_hidden_layers  # every layer, and never the head
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["nowhere.*"], "lora_target_modules 'nowhere.*': it matches no module's full name"),
+    ([r"model\.layers\.0"], "it matches 'model.layers.0', which LoRA cannot adapt"),
+    (["qkv"], "lora_target_modules names no module of the model: 'qkv'"),
+])
+def test_lora_targets_matching_no_adaptable_module_are_refused(tiny, targets, message):
+    from pact.errors import InvalidSetting
+    from pact.models.adapters import check_lora_targets
+
+    with pytest.raises(InvalidSetting) as err:
+        check_lora_targets(tiny.model, targets)
+    assert message in str(err.value) and err.value.field == "lora_target_modules"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,10 @@ class AdapterArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
-        "aliases": ["--lora-targets"], "help": "module names LoRA adapts (space- or comma-separated)"})
+        "aliases": ["--lora-targets"], "help": "what LoRA adapts, in peft's terms (LoraConfig's target_modules): module names "
+                                                "or dotted name suffixes (space- or comma-separated), `all-linear` (every linear "
+                                                "layer but the output head), or one regular expression matched against a module's "
+                                                "full name (e.g. '.*\\.(q|v)_proj')"})
 
     @property
     def quantization(self) -> str | None:
@@ -46,7 +50,9 @@ class AdapterArguments:
         """Write `lora_target_modules` as a plain list (comma-separated items split) and refuse a value no run can use:
         a rank below 1, a non-positive alpha, a dropout outside [0, 1), no target module for LoRA, both quantisations,
         or a quantised base with full fine-tuning."""
-        self.lora_target_modules = [t.strip() for item in self.lora_target_modules or [] for t in str(item).split(",") if t.strip()]
+        self.lora_target_modules = [t.strip() for item in self.lora_target_modules or []
+                                    for t in (str(item).split(",") if not is_target_pattern(str(item)) else [str(item)]) if t.strip()]
+        check_target_forms(self.lora_target_modules)
         check_setting("lora_r", self.lora_r, 1, integer=True)
         check_setting("lora_alpha", self.lora_alpha, 0, low_open=True)
         check_setting("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
@@ -59,6 +65,40 @@ class AdapterArguments:
             raise InvalidSetting(name, f"{name} trains LoRA adapters on a frozen quantised base (QLoRA), and full "
                                        f"fine-tuning cannot update quantised weights; drop --full, or drop {name} to "
                                        "fine-tune every weight")
+
+
+ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer but the output head
+PATTERN_CHARACTERS = frozenset("*+?|()[]{}^$\\")  # a target holding one is a regular expression (peft's string form)
+
+
+def is_target_pattern(target: str) -> bool:
+    """Whether a LoRA target is a regular expression rather than a module name or dotted suffix."""
+    return any(character in PATTERN_CHARACTERS for character in target)
+
+
+def check_target_forms(targets: list[str]) -> None:
+    """Refuse a combination peft cannot take: `all-linear` or a regular expression beside other targets (peft takes a list
+    of names, or one string), or a regular expression that does not compile."""
+    special = [t for t in targets if t.lower() == ALL_LINEAR or is_target_pattern(t)]
+    if special and len(targets) > 1:
+        raise InvalidSetting("lora_target_modules", f"lora_target_modules {special[0]!r} stands alone (peft takes either a list of "
+                                                    f"module names or one string: all-linear or a regular expression), got "
+                                                    f"{' '.join(targets)}")
+    for target in special:
+        if target.lower() != ALL_LINEAR:
+            try:
+                re.compile(target)
+            except re.error as err:
+                raise InvalidSetting("lora_target_modules", f"lora_target_modules {target!r} is not a valid regular "
+                                                            f"expression ({err})") from err
+
+
+def peft_target_modules(targets: list[str]) -> str | list[str]:
+    """What `LoraConfig(target_modules=)` gets for `lora_target_modules`: the one string (`all-linear` or a regular
+    expression) as a string, names as a list."""
+    if len(targets) == 1 and (targets[0].lower() == ALL_LINEAR or is_target_pattern(targets[0])):
+        return targets[0]
+    return list(targets)
 
 
 def full_model_weights(folder: Path) -> list[Path]:
@@ -179,15 +219,40 @@ def _adaptable_modules(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
+def _linear_modules(model) -> list[str]:
+    """What peft's `all-linear` adapts in `model`: its linear layers less the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
+
+
 def check_lora_targets(model, targets: list[str]) -> None:
-    """Refuse `lora_target_modules` that name no adaptable module of `model` (peft matches a target against a module's
-    name or its dotted suffix), naming the unknown ones and the names that would work."""
+    """Refuse `lora_target_modules` that name no adaptable module of `model`, as peft matches them: a name against a
+    module's name or its dotted suffix, one regular expression against the full name (every module it matches must be
+    one LoRA can adapt), `all-linear` against the linear layers but the head; naming the culprit and what would work."""
     names = _adaptable_modules(model)
+    target = peft_target_modules(targets)
+    if isinstance(target, str) and target.lower() == ALL_LINEAR:
+        if not _linear_modules(model):
+            raise InvalidSetting("lora_target_modules", "lora_target_modules all-linear: the model has no linear layer but its "
+                                                        "output head")
+        return
+    if isinstance(target, str):
+        matched = [name for name, _ in model.named_modules() if name and re.fullmatch(target, name)]
+        others = [name for name in matched if name not in set(names)]
+        if not matched or others:
+            example = next((n for n in names if n.endswith("q_proj")), names[0] if names else "")
+            found = (f"it matches {others[0]!r}, which LoRA cannot adapt" if others else "it matches no module's full name")
+            raise InvalidSetting("lora_target_modules", f"lora_target_modules {target!r}: {found} (the pattern must match whole "
+                                                        f"names of linear or embedding layers, such as {example!r})")
+        return
     unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if unknown:
         candidates = sorted({name.rsplit(".", 1)[-1] for name in names})
         raise InvalidSetting("lora_target_modules", f"lora_target_modules names no module of the model: {', '.join(map(repr, unknown))} "
-                                                    f"(modules LoRA can adapt there: {', '.join(candidates[:12])})")
+                                                    f"(modules LoRA can adapt there: {', '.join(candidates[:12])}; or all-linear, "
+                                                    "or one regular expression over full module names)")
 
 
 def adapt_for_training(model, settings: AdapterArguments, gradient_checkpointing: bool, checkpointing_kwargs: dict | None):
@@ -205,5 +270,5 @@ def adapt_for_training(model, settings: AdapterArguments, gradient_checkpointing
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                         gradient_checkpointing_kwargs=checkpointing_kwargs)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=peft_target_modules(settings.lora_target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
