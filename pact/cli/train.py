@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         help="fine-tune from a reference cache (no reference model in memory)",
         description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
                     "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
-                    "(docs/objective.md). Every transformers TrainingArguments flag is accepted; a YAML file may hold them (--config).",
+                    "(docs/objective.md). The transformers TrainingArguments flags are accepted, less those the PACT loop would "
+                    "ignore (refused by name; docs/commands.md); a YAML file may hold them (--config).",
     )
     parser.hints = {"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE}  # read by CommandParser
     defaults = add_dataclass_flags(parser, DATACLASSES)

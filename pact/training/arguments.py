@@ -27,6 +27,91 @@ DEFAULT_BUCKET_WINDOW = 64  # global micro-batches per length-sorted window of t
 
 MAX_WORKERS = 256  # data loader processes a run may ask for: more than any machine has cores, far fewer than would exhaust it
 
+# Every field of `transformers.TrainingArguments`, in exactly one of three sets (tests/test_trainer_settings.py fails on a
+# field of a new transformers release until it is placed here):
+#
+# * TRAINER_SUPPORTED: the Trainer honours it in a PACT run as in any other (optimizer, schedule, precision, logging,
+#   checkpoints, hub, processes), or the run checks it itself;
+# * TRAINER_REFUSED: PactTrainer's loop ignores or replaces what it configures (its own loss, loader, sampler,
+#   evaluation and checkpoint writer); the value the loop behaves as is accepted, any other refused naming the field;
+# * TRAINER_NOT_APPLICABLE: PactTrainer sets it itself, or it configures a part of the Trainer a PACT run never uses
+#   (predictions and compute_metrics, a script's do_* switches, the launcher's rank).
+TRAINER_SUPPORTED = frozenset((
+    "output_dir", "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "optim_target_modules", "gradient_accumulation_steps", "max_grad_norm", "bf16", "fp16", "tf32", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "neftune_noise_alpha", "torch_empty_cache_steps", "logging_strategy",
+    "logging_steps", "logging_first_step", "log_on_each_node", "log_level", "log_level_replica", "disable_tqdm", "report_to",
+    "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_strategy", "eval_steps",
+    "eval_delay", "eval_on_start", "save_only_model", "save_strategy", "save_steps", "save_on_each_node", "save_total_limit",
+    "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push",
+    "hub_revision", "metric_for_best_model", "greater_is_better", "ignore_data_skip", "restore_callback_states_from_checkpoint",
+    "full_determinism", "seed", "use_cpu", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+    "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed",  # ZeRO-3 excepted (docs/scaling.md)
+    "skip_memory_metrics", "resume_from_checkpoint",
+))
+_OWN_LOADER = "PactTrainer builds its own data loader over the cache (PactTrainer.get_train_dataloader)"
+TRAINER_REFUSED = {  # field: (the value PACT's loop behaves as, why another is refused)
+    "label_smoothing_factor": (0.0, "PACT's cross-entropy is computed by its objective (pact.objective.student), which has no "
+                                    "label smoothing; only the Trainer's own compute_loss, which PactTrainer replaces, applies it"),
+    "average_tokens_across_devices": (True, "PactTrainer always divides a step's loss by the response tokens of every process"),
+    "train_sampling_strategy": ("random", "PACT's sampler shuffles the cache shard by shard and length-buckets it (--bucket_window); "
+                                          "the Trainer's samplers are never built"),
+    "data_seed": (None, "PACT's sampler is seeded by --seed"),
+    "dataloader_drop_last": (False, f"{_OWN_LOADER}, which keeps every row"),
+    "dataloader_multiprocessing_context": (None, _OWN_LOADER),
+    "dataloader_in_order": (True, f"{_OWN_LOADER}, which yields batches in order"),
+    "accelerator_config": (None, f"its batch settings act on loaders accelerate prepares; {_OWN_LOADER} and splits the "
+                                 "batches among the processes itself"),
+    "parallelism_config": (None, "PACT's loader gives each process its own micro-batches (data parallel: DDP or FSDP), so "
+                                 "tensor, context or sequence parallel ranks would each train on other rows"),
+    "per_device_eval_batch_size": (8, "PactTrainer.evaluate() batches the eval cache as training does "
+                                      "(--per_device_train_batch_size)"),
+    "bf16_full_eval": (False, "PactTrainer.evaluate() runs the model as it trains (--dtype, --bf16/--fp16); the Trainer's "
+                              "evaluation loop that would cast it is never used"),
+    "fp16_full_eval": (False, "PactTrainer.evaluate() runs the model as it trains (--dtype, --bf16/--fp16); the Trainer's "
+                              "evaluation loop that would cast it is never used"),
+    "auto_find_batch_size": (False, "PACT's loader takes --per_device_train_batch_size, not the smaller batch the Trainer "
+                                    "retries with after running out of memory, so every retry would run out of memory again"),
+    "include_num_input_tokens_seen": ("no", "PACT's batches hold no input_ids for the Trainer to count (metrics.jsonl "
+                                            "records the response tokens of every step)"),
+    "use_liger_kernel": (False, "Liger's fused linear cross-entropy replaces the model's own loss, which PACT never asks "
+                                "for: it computes the CE and the KL from the hidden states itself"),
+    "liger_kernel_config": (None, "it configures --use_liger_kernel, which a PACT run refuses"),
+    "load_best_model_at_end": (False, "PactTrainer writes each checkpoint in a staging folder renamed into place, so the "
+                                      "Trainer would record the best checkpoint under a path that no longer exists"),
+}
+TRAINER_NOT_APPLICABLE = {  # field: why it does not apply to a PACT run
+    "remove_unused_columns": "PactTrainer sets it (False): its batches are collated from the cache, not a dataset's columns",
+    "logging_nan_inf_filter": "PactTrainer sets it (False): a non-finite loss stops the run instead",
+    "label_names": "a batch carries its response spans; there is no label column",
+    "length_column_name": "only the Trainer's group_by_length sampler reads it (--train_sampling_strategy is refused)",
+    "prediction_loss_only": "PactTrainer.evaluate() reports the loss parts; there is no prediction loop",
+    "eval_do_concat_batches": "only the Trainer's prediction loop (compute_metrics) reads it",
+    "eval_use_gather_object": "only the Trainer's prediction loop (compute_metrics) reads it",
+    "eval_accumulation_steps": "only the Trainer's prediction loop (compute_metrics) reads it",
+    "include_for_metrics": "only the Trainer's prediction loop (compute_metrics) reads it",
+    "batch_eval_metrics": "only the Trainer's prediction loop (compute_metrics) reads it",
+    "use_cache": "the generation key/value cache; training runs without it",
+    "do_train": "a switch for example scripts; the Trainer does not read it",
+    "do_eval": "a switch for example scripts; the Trainer does not read it",
+    "do_predict": "a switch for example scripts; the Trainer does not read it",
+    "debug": "`--debug` is every command's show-the-traceback flag (pact.cli.flags.RESERVED_FIELDS)",
+    "local_rank": "set by the launcher (torchrun, accelerate launch)",
+}
+
+
+def check_trainer_fields(args) -> None:
+    """Refuse, naming the field and why, a `TrainingArguments` value PACT's training loop would ignore (`TRAINER_REFUSED`)."""
+    for name, (expected, reason) in TRAINER_REFUSED.items():
+        value = getattr(args, name, expected)
+        if name == "include_num_input_tokens_seen" and value is False:
+            value = "no"
+        if value != expected and not (isinstance(expected, float) and isinstance(value, (int, float)) and float(value) == expected):
+            raise InvalidSetting(name, f"{name} {value!r} would be ignored by a PACT run: {reason}; leave it at {expected!r}")
+
 
 @dataclass
 class PactTrainingArguments(TrainingArguments, AdapterArguments):
@@ -86,6 +171,7 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
         # transformers names a folder when none is given (./trainer_output); `train()` refuses to write a run there unasked
         self.output_dir_given = self.output_dir is not None
         self.check_adapter_settings()
+        check_trainer_fields(self)
         self._check_values()
         if self.save_steps == 0:
             self.save_strategy = "no"
