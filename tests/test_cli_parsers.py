@@ -52,3 +52,24 @@ def test_train_with_a_data_file_says_how_to_build_a_cache_first(capsys):
     assert "pact train trains from a cache" in err
     assert "  pact-cache build --data FILE --out CACHE\n  pact train --cache CACHE --output_dir RUN\n" in err
     assert "could match" not in err and "--data_seed" not in err
+
+
+def test_train_help_shows_pact_s_settings_before_the_trainer_s(capsys):
+    """`pact train --help`: a one-line usage, PACT's own settings first (under 150 lines before the Trainer's group),
+    the required flags marked, the transformers TrainingArguments in their own group."""
+    from pact.cli.train import TRAINER_GROUP
+
+    with pytest.raises(SystemExit) as exit_:
+        main.main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    before, trainer_group = text.split(f"\n{TRAINER_GROUP}:")
+    assert len(before.splitlines()) < 150
+    assert text.splitlines()[0] == "usage: pact train --cache CACHE --output_dir RUN [options]"
+    for flag in ("--cache CACHE", "--output_dir OUTPUT_DIR", "--lam LAM", "--lora_r LORA_R", "--objective OBJECTIVE"):
+        assert f"\n  {flag}" in before, flag
+    for flag in ("--learning_rate", "--per_device_train_batch_size", "--optim", "--label_smoothing_factor", "--save_steps"):
+        assert f"\n  {flag} " in trainer_group and f"\n  {flag} " not in before, flag
+    entries = before.split("\n  --")
+    required = sorted(entry.split()[0] for entry in entries if "(required)" in " ".join(entry.split()))
+    assert required == ["cache", "output_dir"]

@@ -21,9 +21,12 @@ from pact.errors import InvalidSetting, PactError
 RESERVED_FIELDS = ("debug",)  # TrainingArguments' `debug`: `--debug` is every command's show-the-traceback flag
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple, only: dict | None = None) -> dict:
+def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple, only: dict | None = None,
+                        groups: tuple = (), required: tuple = ()) -> dict:
     """Add a flag per field of `dataclass_types` (HfArgumentParser's names, both spellings, and aliases) and `--config`;
     returns the defaults. `only` maps a dataclass to the fields of it that get a flag (all of them when it is not there).
+    `groups` lists `(title, field names)` argument groups, shown in that order after the command's own options (a field
+    in none stays among those); the help of each field in `required` ends with `(required)`.
 
     The flags' own defaults are suppressed so `dataclasses_from_flags` can
     tell a flag given on the command line from a value of the config file;
@@ -35,12 +38,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple,
     defaults = {}
     for action in flagged:
         defaults.setdefault(action.dest, action.default)
+    containers = [(parser.add_argument_group(title), set(names)) for title, names in groups]
     for action in flagged:
         if defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
             action.help = f"{action.help or ''} (default: {defaults[action.dest]})".strip()
+        if action.dest in required:
+            action.help = f"{action.help or ''} (required)".strip()
         action.default = argparse.SUPPRESS
         action.__class__ = _recording(type(action))
-        parser._add_action(action)
+        next((group for group, names in containers if action.dest in names), parser)._add_action(action)
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (field names or flag names as keys); "
                                                         "flags on the command line override it")
     return defaults

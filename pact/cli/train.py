@@ -8,9 +8,13 @@ as `--lr` as aliases); `--config FILE.yaml|json` supplies any of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from transformers import TrainingArguments
 
 from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags, with_flag
 from pact.errors import InvalidSetting
+from pact.models.adapters import AdapterArguments
 from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
 
@@ -20,18 +24,32 @@ FROM_A_CACHE = ("pact train trains from a cache, not from a data file: build the
                 "  pact train --cache CACHE --output_dir RUN")
 
 
+REQUIRED = ("cache", "output_dir")
+TRAINER_GROUP = "Trainer settings (transformers TrainingArguments)"
+
+
+def help_groups() -> tuple:
+    """`--help`'s groups of flags: PACT's own settings (the run, the objective, the adapter) first, then the Trainer's."""
+    trainer = {f.name for f in dataclasses.fields(TrainingArguments)} - set(REQUIRED)
+    adapter = {f.name for f in dataclasses.fields(AdapterArguments)}
+    run = {f.name for f in dataclasses.fields(PactTrainingArguments)} - trainer - adapter
+    return (("PACT run settings", run), ("PACT objective (docs/objective.md)", {f.name for f in dataclasses.fields(ObjectiveArguments)}),
+            ("PACT adapter: LoRA, QLoRA or full fine-tuning", adapter), (TRAINER_GROUP, trainer))
+
+
 def register(subparsers) -> None:
     """Add `pact train`."""
     parser = subparsers.add_parser(
         "train",
         help="fine-tune from a reference cache (no reference model in memory)",
+        usage="pact train --cache CACHE --output_dir RUN [options]",
         description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
                     "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
                     "(docs/objective.md). The transformers TrainingArguments flags are accepted, less those the PACT loop would "
                     "ignore (refused by name; docs/commands.md); a YAML file may hold them (--config).",
     )
     parser.hints = {"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE}  # read by CommandParser
-    defaults = add_dataclass_flags(parser, DATACLASSES)
+    defaults = add_dataclass_flags(parser, DATACLASSES, groups=help_groups(), required=REQUIRED)
     parser.set_defaults(func=run, parser=parser, defaults=defaults)
 
 

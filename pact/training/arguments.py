@@ -123,8 +123,7 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
     """
 
     output_dir: str | None = field(default=None, metadata={
-        "aliases": ["--out"], "help": "run folder: adapter (or full model), tokenizer, pact_config.json, metrics.jsonl, curves.png "
-                                      "(required by `pact train`)"})
+        "aliases": ["--out"], "help": "run folder: adapter (or full model), tokenizer, pact_config.json, metrics.jsonl, curves.png"})
     per_device_train_batch_size: int = field(default=8, metadata={
         "aliases": ["--batch-size"], "help": "cache rows per micro-batch and process; under N processes an optimizer step takes "
                                              "batch x grad-accum x N rows, the same global batch one process with batch x N takes"})
@@ -142,7 +141,7 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
         "help": "DDP: look for parameters the loss did not use (the PACT loss uses every trainable one)"})
     disable_tqdm: bool = field(default=False, metadata={"aliases": ["--no-progress"], "help": "no progress bar"})
-    cache: str | None = field(default=None, metadata={"help": "cache directory built by `pact-cache build` (required)"})
+    cache: str | None = field(default=None, metadata={"help": "cache directory built by `pact-cache build`"})
     eval_cache: str | None = field(default=None, metadata={
         "help": "a second cache to evaluate on (eval loss, ce, kl), at the end and at every --eval_steps with --eval_strategy steps"})
     model: str | None = field(default=None, metadata={"help": "student starting point (default: the cache's reference model)"})
