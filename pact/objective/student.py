@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from pact.data.batch import CacheBatch
@@ -130,7 +130,65 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, re
     no memory cost, as transformers' own loss does.
     """
     logits = F.linear(hidden, weight).float()
-    logprob = -F.cross_entropy(logits, targets, reduction="none")
     if rest_of is None:
-        return logprob, None
-    return logprob, torch.logsumexp(logits.index_fill(1, rest_of, float("-inf")), dim=-1)
+        return -F.cross_entropy(logits, targets, reduction="none"), None
+    return _LogprobAndRest.apply(logits, targets, rest_of)
+
+
+VOCAB_BLOCKS = 8  # `_LogprobAndRest` works through the vocabulary in this many column blocks: its temporaries are 1/8 of [N, V]
+
+
+class _LogprobAndRest(torch.autograd.Function):
+    """(log softmax(logits)[target], logsumexp of the logits outside `rest_of`) of each row, keeping one [N, V] tensor
+    for the backward (the log-softmax, as the cross-entropy does) and making one in it (the gradient).
+
+    Masking S's columns out of a copy of the logits and autograd's logsumexp
+    would keep two more [N, V] tensors through the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rest_of: torch.Tensor):
+        logp = torch.log_softmax(logits, dim=-1)
+        logprob = logp.gather(1, targets[:, None]).squeeze(1)
+        outside = torch.ones(logp.shape[1], dtype=torch.bool, device=logp.device).index_fill_(0, rest_of, False)
+        log_mass = _logsumexp_where(logp, outside)
+        log_total = logits.gather(1, targets[:, None]).squeeze(1) - logprob
+        ctx.save_for_backward(logp, targets, outside, log_mass)
+        ctx.set_materialize_grads(False)
+        return logprob, log_total + log_mass
+
+    @staticmethod
+    def backward(ctx, grad_logprob: torch.Tensor | None, grad_rest: torch.Tensor | None):
+        logp, targets, outside, log_mass = ctx.saved_tensors
+        grad = torch.empty_like(logp)
+        for columns in _column_blocks(logp.shape[1]):
+            part = grad[:, columns]
+            if grad_logprob is None:
+                part.zero_()
+            else:
+                torch.exp(logp[:, columns], out=part).mul_(-grad_logprob[:, None])
+            if grad_rest is not None:
+                share = torch.exp(logp[:, columns] - log_mass[:, None]).masked_fill_(~outside[columns], 0.0)
+                part.add_(share.mul_(grad_rest[:, None]))
+        if grad_logprob is not None:
+            grad.scatter_add_(1, targets[:, None], grad_logprob[:, None])
+        return grad, None, None
+
+
+def _column_blocks(width: int) -> list[slice]:
+    """`VOCAB_BLOCKS` slices that cover `width` columns."""
+    step = -(-width // VOCAB_BLOCKS)
+    return [slice(start, start + step) for start in range(0, width, step)]
+
+
+def _logsumexp_where(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the columns `keep` marks of each row of `values` [N, V], a block of columns at a time."""
+    top = torch.full(values.shape[:1], float("-inf"), device=values.device, dtype=values.dtype)
+    total = torch.zeros_like(top)
+    for columns in _column_blocks(values.shape[1]):
+        block = values[:, columns].masked_fill(~keep[columns], float("-inf"))
+        new_top = torch.maximum(top, block.amax(dim=1))
+        shift = torch.where(torch.isfinite(new_top), new_top, torch.zeros_like(new_top))
+        total = total * torch.exp(top - shift) + block.sub_(shift[:, None]).exp_().sum(dim=1)
+        top = new_top
+    return torch.log(total) + torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -26,25 +26,29 @@ SYNTHETIC_BATCH_LIMIT = 8 << 30  # bytes of host memory the synthetic micro-batc
 ROW_OVERHEAD = 4096  # bytes of Python objects per synthetic row, beyond its tensors' data
 
 
-def synthetic_batch_bytes(batch_size: int, max_length: int, prompt_length: int, num_safety: int) -> int:
+def synthetic_batch_bytes(batch_size: int, max_length: int, prompt_length: int, num_safety: int,
+                          reference_kl: bool = False) -> int:
     """The host memory `synthetic_rows` takes: per row its token ids, its targets on the safety tokens per response step,
     and the objects holding them."""
     steps = max_length - prompt_length
-    return batch_size * (ROW_OVERHEAD + 8 * max_length + steps * (8 * num_safety + 24) + 16 * num_safety)
+    per_step = 8 * num_safety + 24 + (4 * num_safety + 4 if reference_kl else 0)
+    return batch_size * (ROW_OVERHEAD + 8 * max_length + steps * per_step + 16 * num_safety)
 
 
-def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_size: int, num_safety: int) -> list[dict]:
+def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_size: int, num_safety: int,
+                   reference_kl: bool = False) -> list[dict]:
     """A micro-batch of cache rows (`CacheReader` items) of the planned shape: `max_length` tokens each, the response
-    after the first `prompt_length`, targets on `num_safety` safety tokens. The values are arbitrary but valid.
+    after the first `prompt_length`, targets on `num_safety` safety tokens (with `reference_kl`, also what the
+    reference KL reads: the logits on all of S and the log-mass outside S). The values are arbitrary but valid.
 
     The rows are real tensors on the host: a batch that would take more than
     `SYNTHETIC_BATCH_LIMIT` is refused (`InvalidSetting` naming the batch
     size, or the length when one row is too long) before anything is allocated.
     """
-    size = synthetic_batch_bytes(batch_size, max_length, prompt_length, num_safety)
+    size = synthetic_batch_bytes(batch_size, max_length, prompt_length, num_safety, reference_kl)
     if size > SYNTHETIC_BATCH_LIMIT:
-        field_name = "max_length" if synthetic_batch_bytes(1, max_length, prompt_length, num_safety) > SYNTHETIC_BATCH_LIMIT \
-            else "per_device_train_batch_size"
+        one_row = synthetic_batch_bytes(1, max_length, prompt_length, num_safety, reference_kl)
+        field_name = "max_length" if one_row > SYNTHETIC_BATCH_LIMIT else "per_device_train_batch_size"
         raise InvalidSetting(field_name, f"{batch_size} rows of {max_length} tokens with {num_safety} safety tokens are too "
                                          f"large to plan: the plan builds one such micro-batch in host memory, "
                                          f"{size / 2**30:.1f} GiB, over its {SYNTHETIC_BATCH_LIMIT >> 30} GiB; plan fewer or "
@@ -52,7 +56,7 @@ def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_s
     generator = torch.Generator().manual_seed(0)
     steps = max_length - prompt_length
     safety = torch.arange(num_safety)
-    return [{
+    rows = [{
         "example_id": index,
         "input_ids": torch.randint(0, vocab_size, (max_length,), generator=generator),
         "response_start": prompt_length,
@@ -65,6 +69,11 @@ def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_s
         "target_logprob": -torch.rand(steps, generator=generator),
         "logsumexp": torch.zeros(steps),
     } for index in range(batch_size)]
+    if reference_kl:
+        for row in rows:
+            row["reference_logits"] = torch.randn(steps, num_safety, generator=generator)
+            row["rest_logprob"] = -torch.rand(steps, generator=generator)
+    return rows
 
 
 class DecoderScope:
@@ -130,13 +139,14 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chunk_size: int = 1024) -> Peak:
+def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chunk_size: int = 1024,
+                 objective: ObjectiveArguments | None = None) -> Peak:
     """The peak of live tensor bytes on the student's device during one optimizer step of `variant` on `rows`, after
     one step has made the optimizer's state (steady state), by category (`pact.planning.memory.CATEGORIES`).
 
     `sft`: the cross-entropy of the response tokens alone (`student_outputs`
     without safety tokens); `cached_pact`: `cached_pact_loss` on the rows,
-    as `PactTrainer` computes it; `online_pact`: `reference` fills the
+    as `PactTrainer` computes it, under `objective` (default: PACT's); `online_pact`: `reference` fills the
     batch's targets (`OnlineTargets`), then `pact_batch_loss`. The same
     code measures real tensors and, under `plan`, meta tensors.
     """
@@ -144,7 +154,7 @@ def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chu
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     safety_ids = rows[0]["safety_ids"]
     weights = torch.full((len(safety_ids),), 1.0 / len(safety_ids))
-    cfg = ObjectiveArguments()
+    cfg = objective if objective is not None else ObjectiveArguments()
     models = [student] + ([reference] if variant == "online_pact" else [])
     device = head_device(student)
     student.train()
