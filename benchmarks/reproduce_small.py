@@ -691,6 +691,9 @@ def main() -> None:
     parser.add_argument("--eval-sst2", type=int, default=200, help="held-out SST-2 rows: the last N rows (default 200)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for refusal evals (default 64)")
     parser.add_argument("--reference-only", action="store_true", help="stop after building and evaluating the reference")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the report from the runs of --methods/--seeds/--attacks that have finished "
+                             "(after processes that shared the work)")
     args = parser.parse_args()
     if args.ref_rows + args.safety_rows + args.eval_harmful > 1035 - args.eval_harmful:
         raise SystemExit("refusal rows for the reference, safety tokens, the dev split and the test split overlap; lower the counts")
@@ -707,6 +710,9 @@ def main() -> None:
     variants = [parse_variant(text) for text in args.variant]
 
     out = Path(args.out)
+    if args.report_only:
+        print(write_report(args, out, methods, variants, args.split))
+        return
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     stages.run("a distill", out / "benign_distilled.jsonl", lambda: distill_benign(args, out))
