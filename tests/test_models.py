@@ -16,7 +16,7 @@ import torch
 from helpers import chatml_template, make_tiny_model, make_tiny_tokenizer, write_tiny_gguf
 from pact.models import loading as models
 from pact.errors import PactError
-from pact.models.loading import EMBEDDED_INSTALL, EMBEDDED_MODEL, ModelNotFoundError, convert_gguf, embedded_gguf_path, load_model, load_tokenizer, model_fingerprint, pact_home, tokenizer_fingerprint
+from pact.models.loading import EMBEDDED_INSTALL, EMBEDDED_MODEL, ModelNotFoundError, convert_gguf, embedded_gguf_path, load_model, load_tokenizer, model_fingerprint, pact_home, tokenizer_fingerprint, weights_fingerprint
 from pact.devices import resolve_device, resolve_dtype
 
 
@@ -336,9 +336,10 @@ def test_fingerprints_stable_across_loads_and_differ_for_other_weights(tiny_mode
     assert other.fingerprint != first.fingerprint
     assert other.tokenizer_fingerprint == first.tokenizer_fingerprint
 
-    in_memory = model_fingerprint(first.model)  # no directory: hashes the parameters
-    assert in_memory == model_fingerprint(second.model)
-    assert in_memory != model_fingerprint(other.model)
+    assert model_fingerprint(first.model) == first.fingerprint  # found its folder through `_name_or_path`
+    in_memory = weights_fingerprint(first.model)  # the parameters themselves
+    assert in_memory == weights_fingerprint(second.model)
+    assert in_memory != weights_fingerprint(other.model)
 
 
 def test_fingerprint_ignores_non_weight_files(tiny_model_dir, tmp_path):

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from pact.devices import resolve_device, resolve_dtype
 from pact.errors import PactError
+from pact.models.parts import unwrapped
 from pact.models.quantization import guard_cpu_layers, quantization_config, require_bitsandbytes
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -219,33 +220,83 @@ def _is_weight_file(path: Path) -> bool:
 
 
 def model_fingerprint(model: PreTrainedModel, path: Path | None = None) -> str:
-    """Identify a model's weights independently of the dtype it was loaded in.
+    """Identify the weights a model was loaded from, independently of the dtype or quantisation it was loaded in and of
+    any adapters on it, so a cache built from a model is recognised by the same model as a LoRA or 4-bit student.
 
-    Hashes the weight files of `path` when it holds them (fast: no tensor
-    conversion), else every parameter of `model` cast to float32.
+    Hashes the weight files of `path` (else of `weights_folder(model)`: its local folder or Hugging Face cache
+    snapshot) when there are any (fast: no tensor conversion), else `weights_fingerprint(model)`.
     """
+    folder = Path(path) if path is not None and Path(path).is_dir() else weights_folder(model)
+    files = sorted(p for p in folder.iterdir() if _is_weight_file(p)) if folder is not None else []
+    if not files:
+        return weights_fingerprint(model)
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).iterdir() if _is_weight_file(p)) if path and Path(path).is_dir() else []
-    if files:
-        for file in files:
-            digest.update(file.name.encode())
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return "sha256:" + digest.hexdigest()
-    for name, tensor in sorted(model.state_dict().items()):
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def weights_folder(model: PreTrainedModel) -> Path | None:
+    """The local folder holding the files a model was loaded from: its `_name_or_path` when that is a folder, else the
+    Hugging Face cache's snapshot of that hub id at the commit it was loaded from (never asking the hub); None when
+    there is neither (a model built in memory)."""
+    base = unwrapped(model)
+    name = str(getattr(base.config, "_name_or_path", "") or "")
+    if not name:
+        return None
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=getattr(base.config, "_commit_hash", None), local_files_only=True))
+    except (OSError, ValueError):  # not a hub id, or not in the local cache
+        return None
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """Identify a model by its parameters in float32 under their plain-model names: a peft wrapper's prefixes and
+    `base_layer` are removed and its adapter weights left out, so a LoRA-wrapped model hashes as its base."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_base_weights(model).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
 
+_ADAPTER_PARTS = ("lora_", "modules_to_save.")
+
+
+def _base_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict of the model without its adapters, under the names the plain model gives its weights."""
+    weights = {}
+    for name, tensor in unwrapped(model).state_dict().items():
+        if any(part in name for part in _ADAPTER_PARTS):
+            continue
+        weights[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return weights
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Identify a tokenizer by its vocabulary, special tokens and chat template."""
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": tokenizer.chat_template,
-    }
+    """Identify a tokenizer by what gives its token ids their meaning: vocabulary, special tokens and chat template.
+    The pad token is left out: batches mask their padding, and scripts set one (`tok.pad_token = tok.eos_token`)."""
+    return _tokenizer_hash(tokenizer, with_pad=False)
+
+
+def tokenizer_matches(tokenizer: PreTrainedTokenizerBase, recorded: str) -> bool:
+    """Whether `recorded` (a cache's or a safety-token file's) is this tokenizer's fingerprint, in today's form or in the
+    form files written before the pad token was left out carry."""
+    return recorded in (tokenizer_fingerprint(tokenizer), _tokenizer_hash(tokenizer, with_pad=True))
+
+
+def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase, with_pad: bool) -> str:
+    """sha256 of the vocabulary, the special tokens (the pad token only `with_pad`) and the chat template."""
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items()) if with_pad or k != "pad_token"}
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": special, "chat_template": tokenizer.chat_template}
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

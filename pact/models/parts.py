@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from pact.models.quantization import dense_weight
 
 
-def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+def unwrapped(model: PreTrainedModel) -> PreTrainedModel:
     """The transformers model inside a PEFT and/or DDP wrapper (LoRA layers stay active inside it)."""
     base = getattr(model, "module", model)
     return base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -20,7 +20,7 @@ def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
 
 def _output_head(model: PreTrainedModel) -> torch.nn.Module:
     """The LM-head module of a causal LM, refusing the heads the safety-column path cannot reproduce."""
-    base = _unwrapped(model)
+    base = unwrapped(model)
     if getattr(base.config, "final_logit_softcapping", None):
         raise NotImplementedError("models with final_logit_softcapping are not supported by the safety-column path")
     head = base.get_output_embeddings()
@@ -41,7 +41,7 @@ def causal_lm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tens
 
 def decoder_stack(model: PreTrainedModel) -> torch.nn.Module:
     """The decoder stack (tokens -> final hidden states) of a causal LM, PEFT- or DDP-wrapped or not."""
-    return _unwrapped(model).get_decoder()
+    return unwrapped(model).get_decoder()
 
 
 def head_device(model: PreTrainedModel) -> torch.device:
@@ -61,7 +61,7 @@ def causal_attention_mask(model: PreTrainedModel, length: int, device: torch.dev
     the mask out, a host sync at every forward pass; a 4-D mask is used as given. The mask is one [L, L] for the whole
     batch, where transformers' padding mask is [B, 1, L, L].
     """
-    base = _unwrapped(model)
+    base = unwrapped(model)
     config = base.config
     plain = (getattr(config, "is_causal", True) and not getattr(config, "sliding_window", None)
              and not getattr(config, "attention_chunk_size", None)

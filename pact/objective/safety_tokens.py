@@ -43,7 +43,7 @@ from pact.data.sources import DataError
 from pact.checks import check_device, check_setting
 from pact.devices import DTYPES
 from pact.errors import InvalidSetting, PactError
-from pact.models.loading import LoadedModel, pad_token_id, tokenizer_fingerprint
+from pact.models.loading import LoadedModel, pad_token_id, tokenizer_fingerprint, tokenizer_matches
 from pact.models.parts import causal_lm_parts, float32_logits
 from pact.objective.reference import response_hidden_states
 
@@ -189,10 +189,9 @@ class SafetyTokens:
         what it decodes the id to.
         """
         made_for = self.fingerprints.get("tokenizer")
-        actual = tokenizer_fingerprint(tokenizer)
-        if made_for and made_for != actual:
+        if made_for and not tokenizer_matches(tokenizer, made_for):
             raise _field_error(source, "fingerprints.tokenizer",
-                               f"is {made_for} but this model's tokenizer is {actual}: the safety tokens were computed "
+                               f"is {made_for} but this model's tokenizer is {tokenizer_fingerprint(tokenizer)}: the safety tokens were computed "
                                "for another tokenizer; compute them for this model with `pact safety-tokens --aligned MODEL`")
         size = len(tokenizer)
         outside = next((k for k, i in enumerate(self.ids) if i >= size), None)

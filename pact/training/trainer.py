@@ -32,7 +32,6 @@ rather than trained unsharded.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -44,72 +43,21 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
 from pact.cache_tools import CacheReader
-from pact.cache_tools.layout import FORMAT_VERSION
 from pact.cache_tools.reader import ShardShuffleSampler
 from pact.data.batch import CacheBatch
 from pact.distributed import run_on_main
 from pact.errors import CheckFailed, PactError, os_error_reason
-from pact.models.loading import model_fingerprint, pad_token_id, tokenizer_fingerprint
+from pact.models.loading import pad_token_id
 from pact.objective.loss import PactOutput, pact_batch_loss
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import CachedTargets, TargetSource
 from pact.training.arguments import DEFAULT_BUCKET_WINDOW
+from pact.training.compatibility import StudentIdentity, check_cache_serves, check_compatibility
 from pact.training.batches import CacheRows, GlobalMicroBatches, cached_order, keep_batch, raise_batch_error
 from pact.training.run_folder import CHECKPOINT_PREFIX, new_checkpoint_staging
 from pact.training.step_guard import Fetched, StepGuard
 
 LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logged per step, token-mean over the step
-
-
-def check_compatibility(manifest: dict, fingerprints: tuple[str, str], cfg: ObjectiveArguments, force: bool) -> list[str]:
-    """Refuse a model, tokenizer or objective setting the cache was not built for.
-
-    `fingerprints` are the model's and the tokenizer's. Returns warnings
-    (fingerprint mismatches overridden by `force`); raises `PactError`
-    otherwise. The gate's p0 and Tg and the top-k temperature are baked into
-    the cache and never overridable.
-    """
-    gate = manifest.get("gate", {})
-    for key, value in (("p0", cfg.p0), ("gate_temperature", cfg.gate_temperature)):
-        if key in gate and not math.isclose(float(gate[key]), float(value)):
-            raise PactError(f"the cache was built with gate {key}={gate[key]} but training asks for {value}; rebuild the cache")
-    if manifest.get("objective_temperature") is not None and manifest.get("top_k") and not math.isclose(float(manifest["objective_temperature"]), cfg.temperature):
-        raise PactError(f"the cache's top-k columns were chosen for T={manifest['objective_temperature']}, training asks for T={cfg.temperature}")
-    expected = manifest.get("fingerprints", {})
-    problems = [
-        f"{what} fingerprint differs from the cache's ({have} vs {want})"
-        for what, have, want in zip(("model", "tokenizer"), fingerprints, (expected.get("model"), expected.get("tokenizer")))
-        if want is not None and have != want
-    ]
-    if problems and not force:
-        raise PactError("; ".join(problems) + " (pass --force to train anyway)")
-    return problems
-
-
-def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
-    """Refuse a cache that lacks what the objective needs: the reference KL (refkl, refkl+tokenwise) reads the
-    reference's logits on all of S and its probability outside S, which format 3 caches built without --top-k hold;
-    older caches still train the other objectives."""
-    layout = reader.layout
-    if cfg.uses_reference_kl and not layout.stores_reference:
-        why = (f"it was built with --top-k {layout.top_k}" if layout.top_k else
-               f"it is a format version {layout.format_version} cache, older than this pact's {FORMAT_VERSION}")
-        raise PactError(f"the cache {reader.directory} cannot train --objective {cfg.objective}: {why}, so it holds no "
-                        "reference logits on every safety token nor the reference's probability outside them; rebuild it "
-                        f"with `pact-cache build --out {reader.directory} --overwrite` (with the same --model, --data and "
-                        "--safety-tokens, without --top-k), or train an objective it holds (pact, tokenwise, pact+tokenwise)")
-
-
-def _base_model(model):
-    """The model under a PEFT wrapper (or `model` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def fingerprint_of(model) -> str:
-    """The fingerprint the cache compares with: of the weight files the model was loaded from, else of its weights."""
-    base = _base_model(model)
-    source = Path(str(getattr(base.config, "_name_or_path", "") or "")).expanduser()
-    return model_fingerprint(base, source if source.is_dir() else None)
 
 
 class PactTrainer(Trainer):
@@ -134,11 +82,10 @@ class PactTrainer(Trainer):
         self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         self.eval_cache = eval_cache if eval_cache is None or isinstance(eval_cache, CacheReader) else CacheReader(eval_cache)
         self.objective = objective if objective is not None else ObjectiveArguments()
-        fingerprints = (model_fingerprint or fingerprint_of(model), tokenizer_fingerprint(processing_class))
-        self._fingerprints = fingerprints
-        self.warnings = check_compatibility(self.cache.manifest, fingerprints, self.objective, force)
+        self.student_identity = StudentIdentity(model, processing_class, model_fingerprint)
+        self.warnings = check_compatibility(self.cache.manifest, self.student_identity, self.objective, force)
         if self.eval_cache is not None:
-            check_compatibility(self.eval_cache.manifest, fingerprints, self.objective, force)
+            check_compatibility(self.eval_cache.manifest, self.student_identity, self.objective, force)
             _check_same_safety_tokens(self.cache, self.eval_cache)
         self.safety_ids, self.safety_weights = self.cache.safety_ids, self.cache.safety_weights
         self.targets = targets if targets is not None else CachedTargets(self.safety_ids)
@@ -230,8 +177,7 @@ class PactTrainer(Trainer):
         """Evaluate on `cache` (a directory or `CacheReader`) from now on, once it is checked against the training cache."""
         reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         if reader is not self.eval_cache:
-            fingerprints = (self._fingerprints[0], self._fingerprints[1])
-            check_compatibility(reader.manifest, fingerprints, self.objective, force=True)
+            check_compatibility(reader.manifest, self.student_identity, self.objective, force=True)
             _check_same_safety_tokens(self.cache, reader)
             if isinstance(self.targets, CachedTargets):
                 check_cache_serves(reader, self.objective)
