@@ -4,6 +4,7 @@ RUN_DIR/eval.json and the report's table and PNG."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import write_jsonl
@@ -125,3 +126,75 @@ def test_report_names_a_run_without_eval_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert EVAL_FILE in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def moved_base_run(float32_cache, tiny_model_dir, tmp_path_factory):
+    """A 1-step LoRA run trained on a copy of the tiny model in another folder (the cache names the original), and that
+    copy: evaluating the run must find the copy, its own base, with no --model."""
+    import shutil
+
+    from pact.training.arguments import PactTrainingArguments
+    from pact.training.train import train
+
+    root = tmp_path_factory.mktemp("moved-base")
+    base = Path(shutil.copytree(tiny_model_dir, root / "base"))
+    run = root / "run"
+    train(PactTrainingArguments(cache=str(float32_cache), output_dir=str(run), model=str(base), max_steps=1,
+                                per_device_train_batch_size=4, train_device="cpu", disable_tqdm=True))
+    return run, base
+
+
+def test_eval_adapter_reads_its_base_model(moved_base_run, float32_cache, tmp_path, capsys):
+    """Without --model, every measurement that takes --adapter (task, refusal, drift) loads the run's own base model: the
+    run's pact_config.json model_source, else adapter_config.json's base_model_name_or_path; no warning."""
+    run, base = moved_base_run
+    data, prompts = write_jsonl(tmp_path / "d.jsonl", SENTIMENT), write_jsonl(tmp_path / "p.jsonl", HARMFUL)
+    commands = (["eval", "task", "--data", str(data)], ["eval", "refusal", "--prompts", str(prompts), "--max-new-tokens", "2"],
+                ["eval", "drift", "--cache", str(float32_cache)])
+    for command in commands:
+        assert cli.main([*command, "--adapter", str(run), "--json", "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["model"] == str(base) and "warning" not in captured.err, command
+    shared = tmp_path / "shared"  # the adapter alone, without the run's pact_config.json
+    shared.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (shared / name).write_bytes((run / name).read_bytes())
+    assert json.loads((shared / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert cli.main(["eval", "task", "--data", str(data), "--adapter", str(shared), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(base)
+
+
+def test_eval_adapter_on_another_model_warns_naming_both(moved_base_run, tmp_path, capsys):
+    """A --model other than the adapter's base (same shapes, other weights) is used as asked, with a warning naming both;
+    the same weights under the recorded path give none."""
+    from helpers import make_tiny_model
+
+    run, base = moved_base_run
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    data = write_jsonl(tmp_path / "d.jsonl", SENTIMENT)
+    assert cli.main(["eval", "task", "--data", str(data), "--adapter", str(run), "--model", str(other), "--json",
+                     "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model"] == str(other)
+    assert f"--model {other} is not the base model --adapter {run} was trained on ({base})" in captured.err
+    assert cli.main(["eval", "task", "--data", str(data), "--adapter", str(run), "--model", str(base) + "/", "--json",
+                     "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_eval_adapter_naming_no_base_is_refused(moved_base_run, tmp_path, capsys):
+    """An adapter folder naming no base model, or a pact_config.json whose model_source is not text, is refused (exit 2)
+    naming the file before any model loads."""
+    run, _ = moved_base_run
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = json.loads((run / "adapter_config.json").read_text())
+    (bare / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    (bare / "adapter_model.safetensors").write_bytes((run / "adapter_model.safetensors").read_bytes())
+    prompts = str(write_jsonl(tmp_path / "p.jsonl", HARMFUL))
+    assert cli.main(["eval", "refusal", "--prompts", prompts, "--adapter", str(bare), "--device", "cpu"]) == 2
+    assert "names the base model the adapter was trained on; pass it as --model" in capsys.readouterr().err
+    (bare / "pact_config.json").write_text(json.dumps({"model_source": 7}))
+    assert cli.main(["eval", "refusal", "--prompts", prompts, "--adapter", str(bare), "--device", "cpu"]) == 2
+    assert f"{bare / 'pact_config.json'}: field 'model_source' must be a model name or path" in capsys.readouterr().err

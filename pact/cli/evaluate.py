@@ -44,6 +44,22 @@ def _adapter_files(adapter: str | None) -> dict[str, list[Path]]:
     return {"--adapter": check_adapter_dir(adapter)} if adapter else {}
 
 
+def _model_and_inputs(target: EvalModelArguments, default: str | None = None,
+                      default_flag: str = "--model") -> tuple[str | None, dict[str, list[Path]]]:
+    """The model a measurement loads and the files of it and of `--adapter`, all checked before anything loads:
+    `--model`, else the base model `--adapter` was trained on (`pact.models.adapters.adapter_base_model`), else
+    `default` (named `default_flag` in messages; None: the embedded model)."""
+    from pact.models.adapters import adapter_base_model
+
+    adapter = _adapter_files(target.adapter)
+    if target.model:
+        return target.model, {**adapter, **_model_files("--model", target.model)}
+    if target.adapter:
+        base = adapter_base_model(target.adapter)
+        return base, {**adapter, **_model_files("the adapter's base model (--model)", base)}
+    return default, _model_files(default_flag, default)
+
+
 def _save_to_output(args: EvalOutputArguments) -> list[tuple[str, Path]]:
     """[("--save-to", RUN_DIR/eval.json)], or [] without the flag; a --save-to naming a file is a `PactError`."""
     if not args.save_to:
@@ -155,12 +171,12 @@ def run_refusal(args: RefusalEvalArguments, source: DataSourceArguments, target:
     from pact.models.adapters import load_student
     from pact.models.loading import load_model
 
-    inputs = {"--prompts": input_files(args.prompts), **_model_files("--model", target.model),
-              **_model_files("--judge", args.judge), **_adapter_files(target.adapter)}
+    model, model_inputs = _model_and_inputs(target)
+    inputs = {"--prompts": input_files(args.prompts), **model_inputs, **_model_files("--judge", args.judge)}
     _check_outputs(output, inputs, [("--out", check_output_file("--out", args.out))] if args.out else [])
     prompts, report = load_prompts(args.prompts, skip_invalid=args.skip_invalid, limit=args.limit, **source.data_options())
     _report_skipped(report)
-    loaded = load_student(target.model, target.adapter, target.device, target.dtype)
+    loaded = load_student(model, target.adapter, target.device, target.dtype)
     judge = None
     if args.judge:
         guard = load_model(args.judge, device=target.device, dtype=target.dtype)
@@ -192,13 +208,13 @@ def run_task(args: TaskEvalArguments, source: DataSourceArguments, target: EvalM
     from pact.evaluation.task import evaluate_task, label_set
     from pact.models.adapters import load_student
 
-    _check_outputs(output, {"--data": input_files(args.data), **_model_files("--model", target.model),
-                          **_adapter_files(target.adapter)})
+    model, model_inputs = _model_and_inputs(target)
+    _check_outputs(output, {"--data": input_files(args.data), **model_inputs})
     conversations, report = load_conversations(args.data, skip_invalid=args.skip_invalid, limit=args.limit,
                                                **source.data_options())
     _report_skipped(report)
     labels = label_set(conversations, source=report.path)
-    loaded = load_student(target.model, target.adapter, target.device, target.dtype)
+    loaded = load_student(model, target.adapter, target.device, target.dtype)
     result = evaluate_task(loaded.model, loaded.tokenizer, conversations, args.batch_size, progress=not output.json,
                            labels=labels)
     summary = {**result.to_dict(), "data": str(args.data), "model": loaded.source, "adapter": target.adapter}
@@ -221,21 +237,21 @@ def run_drift(args: DriftEvalArguments, target: EvalModelArguments, output: Eval
     from pact.models.loading import load_tokenizer, tokenizer_fingerprint
 
     reader = CacheReader(args.cache)
-    model = target.model or reader.manifest.get("model_source")
+    model, model_inputs = _model_and_inputs(target, reader.manifest.get("model_source"), "the cache's model_source (--model)")
     if not model:
         raise PactError(f"--cache {args.cache}: the manifest names no model_source; pass --model")
-    _check_outputs(output, {"--cache": check_cache_files(reader), **_adapter_files(target.adapter),
-                          **_model_files("--model" if target.model else "the cache's model_source (--model)", model)})
+    _check_outputs(output, {"--cache": check_cache_files(reader), **model_inputs})
     check_tokenizer(reader.manifest, tokenizer_fingerprint(load_tokenizer(model)), model, args.cache)
     loaded = load_student(model, target.adapter, target.device, target.dtype)
     result = safety_drift(loaded.model, reader, pad_token_id(loaded.tokenizer), batch_size=args.batch_size, progress=not output.json)
+    summary = {**result.to_dict(), "cache": str(args.cache), "model": loaded.source, "adapter": target.adapter}
     if output.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps(summary))
     else:
         print(f"safety-token drift: mean KL {result.kl_mean:.6f} over {result.tokens} response tokens; "
               f"mean log-prob shift of the cached response {result.logprob_shift_mean:+.6f}")
         rows = zip(result.by_position[:16], result.logprob_shift_by_position, result.tokens_by_position)
         for t, (value, shift, count) in enumerate(rows):
             print(f"  step {t:3d}: KL {value:.6f}  log-prob shift {shift:+.6f}  ({count} tokens)")
-    _save(output, "drift", {**result.to_dict(), "cache": str(args.cache), "model": loaded.source, "adapter": target.adapter})
+    _save(output, "drift", summary)
     return 0

@@ -31,10 +31,13 @@ class EvalModelArguments:
     """The model a measurement evaluates: a model, optionally a PEFT adapter on it, where and in which dtype."""
 
     model: str | None = field(default=None, metadata={
-        "help": f"model to evaluate: local directory, hub id, .gguf file or {EMBEDDED_MODEL!r} (default: the embedded "
-                "model; for `eval drift`, the cache's reference model)"})
+        "help": f"model to evaluate: local directory, hub id, .gguf file or {EMBEDDED_MODEL!r} (default: with --adapter, "
+                "the base model the adapter was trained on; else the embedded model, or for `eval drift` the cache's "
+                "reference model)"})
     adapter: str | None = field(default=None, metadata={
-        "help": "PEFT adapter directory to apply on top of --model (e.g. a `pact train --out` directory)"})
+        "help": "PEFT adapter directory to apply on top of its base model (e.g. a `pact train --output_dir` directory; "
+                "the base is read from its pact_config.json, else adapter_config.json; a --model other than that base "
+                "is used with a warning)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "weight dtype of the model (and of --judge): auto (bfloat16 on a GPU that supports it, float16 on an older "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import torch
 
 from pact.checks import check_setting
 from pact.errors import InvalidSetting, PactError
-from pact.models.loading import load_model
+from pact.files import atomic_write
+from pact.models.loading import EMBEDDED_MODEL, load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+RUN_RECORD = "pact_config.json"  # the settings `pact train` records beside its adapter (pact.training.run_folder.RUN_CONFIG)
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF (Q4_1) was quantised from
 
 
 @dataclass
@@ -199,12 +203,110 @@ def _apply_adapter(loaded, adapter: str, flag: str) -> None:
                         "(an adapter fits only the base model it was trained on: pass that one as --model)") from err
 
 
-def load_student(model_source: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+def share_base_model(folder: Path, source: str) -> None:
+    """Make the adapter_config.json saved in `folder` (by a run that loaded the model `source`) name its base as others
+    load it: the embedded model by its hub id, not its converted folder (a path with a hash, on this machine only).
+
+    Done once the adapter is saved, not on the peft config before: peft's
+    save looks a hub id up on the hub, a warning at every checkpoint
+    offline. A model loaded by hub id is recorded by that id and a local
+    folder by its path already; a full model (no adapter_config.json) is left
+    as it is.
+    """
+    config_file = Path(folder) / ADAPTER_CONFIG
+    if source != EMBEDDED_MODEL or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    atomic_write(config_file, json.dumps(config, indent=2, sort_keys=True).encode())
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the hub model `hub_id` (its config.json), without asking the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def loadable_base_name(name: str) -> str:
+    """A recorded base model name as this machine loads it: the embedded model's hub id (`share_base_model`) stands for
+    the embedded model unless the local Hugging Face cache holds the hub model itself; any other name is unchanged."""
+    return EMBEDDED_MODEL if name == EMBEDDED_HUB_ID and not _in_hub_cache(name) else name
+
+
+def recorded_text(path: Path, key: str) -> str | None:
+    """The text field `key` of the JSON object in `path` (None when absent or empty); `PactError` naming the file when
+    it is not a JSON object or the field is not text."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise PactError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise PactError(f"{path}: not a JSON object")
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise PactError(f"{path}: field '{key}' must be a model name or path (text), got {json.dumps(value)}")
+    return value or None
+
+
+def recorded_base_model(adapter: str | Path) -> str | None:
+    """The base model an adapter folder records, as written: its run's `pact_config.json` `model_source` (what
+    `pact train` loaded, e.g. `smollm2-135m-instruct`), else adapter_config.json's `base_model_name_or_path` (any peft
+    adapter; `share_base_model`), else None."""
+    folder = Path(adapter).expanduser()
+    record = folder / RUN_RECORD
+    source = recorded_text(record, "model_source") if record.is_file() else None
+    return source or recorded_text(folder / ADAPTER_CONFIG, "base_model_name_or_path")
+
+
+def adapter_base_model(adapter: str | Path, flag: str = "--adapter") -> str:
+    """The base model the adapter folder `adapter` was trained on (`recorded_base_model`), as this machine loads it
+    (`loadable_base_name`); a `PactError` when the folder names none, since an adapter fits only its own base."""
+    name = recorded_base_model(adapter)
+    if name is None:
+        raise PactError(f"{flag} {adapter}: neither {RUN_RECORD} (model_source) nor {ADAPTER_CONFIG} "
+                        "(base_model_name_or_path) names the base model the adapter was trained on; pass it as --model")
+    return loadable_base_name(name)
+
+
+def _model_identity(name: str) -> str:
+    """What a model name stands for, for comparing two names: the embedded model's name, a local path made absolute,
+    else the name itself (a hub id)."""
+    name = loadable_base_name(name)
+    path = Path(name).expanduser()
+    return name if name == EMBEDDED_MODEL or not path.exists() else str(path.resolve())
+
+
+def base_for_adapter(model_source: str | None, adapter: str, flag: str = "--adapter") -> str:
+    """The model to apply a checked adapter folder to: `model_source` when given, else the adapter's own base
+    (`adapter_base_model`).
+
+    A `model_source` other than the base the adapter records is used as
+    asked, with a warning on stderr naming both, not refused: names cannot
+    tell the same weights apart (a moved folder, a copy, the hub id and the
+    embedded model), the recorded base may not exist here, and an adapter
+    whose shapes do not fit the model is refused when it is applied.
+    """
+    if model_source is None:
+        return adapter_base_model(adapter, flag)
+    recorded = recorded_base_model(adapter)
+    if recorded is not None and _model_identity(recorded) != _model_identity(model_source):
+        print(f"warning: --model {model_source} is not the base model {flag} {adapter} was trained on ({recorded}); "
+              "applying the adapter to --model as asked (drop --model to use the adapter's base)", file=sys.stderr)
+    return model_source
+
+
+def load_student(model_source: str | None, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
                  flag: str = "--adapter"):
     """Load a model with weights in `dtype` (see `pact.devices.resolve_dtype`) and optionally apply a PEFT adapter directory
-    on top (checked first: see `check_adapter_dir`; `flag` is how the command named it)."""
+    on top (checked first: see `check_adapter_dir`; `flag` is how the command named it).
+
+    Without `model_source`: the adapter's own base model (`base_for_adapter`),
+    or the embedded model when there is no adapter.
+    """
     if adapter:
         check_adapter_dir(adapter, flag)
+        model_source = base_for_adapter(model_source, adapter, flag)
     loaded = load_model(model_source, device=device, dtype=dtype)
     if adapter:
         _apply_adapter(loaded, adapter, flag)

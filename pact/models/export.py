@@ -5,14 +5,13 @@ as a plain full model (safetensors weights, config, tokenizer) that
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from pact.errors import PactError, os_error_reason
-from pact.models.adapters import ADAPTER_CONFIG, check_adapter_dir, load_student
+from pact.models.adapters import ADAPTER_CONFIG, adapter_base_model, check_adapter_dir, load_student
 
 RUN = "RUN"  # how `pact export` names the run folder in messages (its positional argument)
 
@@ -24,15 +23,6 @@ def _check_adapter(run: Path) -> None:
         what = "a full model (config.json), nothing to merge; use it as it is" if (run / "config.json").is_file() else "no adapter"
         raise PactError(f"{run}: no {ADAPTER_CONFIG}, so this is {what}")
     check_adapter_dir(run, RUN)
-
-
-def _base_of(run: Path) -> str:
-    """The base model a checked adapter folder names (`base_model_name_or_path` of its adapter_config.json)."""
-    config_file = run / ADAPTER_CONFIG
-    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise PactError(f"{config_file}: no base_model_name_or_path; pass the base model with --model")
-    return base
 
 
 def _check_out(out: Path, run: Path) -> None:
@@ -61,7 +51,8 @@ def _new_staging(out: Path) -> Path:
 
 
 def merged_model(run: str | Path, model: str | None = None, device: str = "cpu"):
-    """The run's adapter merged into its base model (`model`, or the one the adapter names), and the run's tokenizer.
+    """The run's adapter merged into its base model (`model`, or the one the run records: `adapter_base_model`), and
+    the run's tokenizer.
 
     The adapter folder is checked first (`_check_adapter`), so a damaged run is
     named before any model loads.
@@ -70,7 +61,7 @@ def merged_model(run: str | Path, model: str | None = None, device: str = "cpu")
 
     run = Path(run).expanduser()
     _check_adapter(run)
-    loaded = load_student(model or _base_of(run), str(run), device=device, dtype="float32", flag=RUN)
+    loaded = load_student(model, str(run), device=device, dtype="float32", flag=RUN)
     tokenizer = AutoTokenizer.from_pretrained(run) if (run / "tokenizer_config.json").is_file() else loaded.tokenizer
     return loaded.model.merge_and_unload(), tokenizer
 
@@ -81,7 +72,7 @@ def export_merged(run: str | Path, out: str | Path, model: str | None = None, de
     run, out = Path(run).expanduser(), Path(out).expanduser()
     _check_adapter(run)
     if model is None:
-        _base_of(run)  # an adapter folder naming its base, checked before anything is created
+        adapter_base_model(run, RUN)  # an adapter folder naming its base, checked before anything is created
     _check_out(out, run)
     merged, tokenizer = merged_model(run, model, device)
     staging = _new_staging(out)
