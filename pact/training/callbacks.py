@@ -1,4 +1,5 @@
-"""What a run writes as it trains: `metrics.jsonl` (one object per logged step) and `curves.png`.
+"""What a run writes as it trains: `metrics.jsonl` (one object per logged step), `curves.png`, and the one line at its
+start that says what the logged `kl` measures.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from pact.files import atomic_write
+from pact.objective.settings import REFKL_OBJECTIVES, ObjectiveArguments
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,6 +55,31 @@ class MetricsCallback(TrainerCallback):
         """Plot `curves.png` (unless the caller saves it with the final weights)."""
         if state.is_world_process_zero and self.records and self.curves_at_end:
             plot_curves(self.records, self.out / "curves.png")
+
+
+def kl_explanation_of(objective: str) -> str:
+    """One sentence on what the logged `kl` of the objective named `objective` measures and where it starts: PACT's KL
+    (under pact, tokenwise, pact+tokenwise) is taken against a gated, weighted target, not the reference's own
+    distribution, so it is above 0 at step 1 although the student starts as the reference (docs/objective.md)."""
+    if objective in REFKL_OBJECTIVES:
+        return ("kl is the KL to the reference's own distribution over the safety tokens and the rest of the vocabulary, "
+                "so it starts near 0, where the student equals the reference (docs/objective.md, section 5).")
+    return ("kl is PACT's safety-token KL to a target that weights the reference's safety-token logits and mixes in its "
+            "post-only view, not to the reference itself, so it is above 0 from step 1 while the student still equals the "
+            "reference (docs/objective.md, section 2).")
+
+
+class KlExplanation(TrainerCallback):
+    """Prints `kl_explanation_of` the run's objective once, as training starts, from the main process: a first logged
+    `kl` of several nats while the student still equals the reference otherwise looks like a bug."""
+
+    def __init__(self, objective: ObjectiveArguments):
+        self.text = kl_explanation_of(objective.objective)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Print the sentence (main process only)."""
+        if state.is_world_process_zero:
+            print(self.text, flush=True)
 
 
 def _first_records(path: Path, steps: int) -> list[dict]:
