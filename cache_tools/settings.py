@@ -32,7 +32,26 @@ def check_build_numbers(batch_size: int, rows_per_shard: int, threads: int | Non
 
 
 @dataclass
-class BuildArguments:
+class ExampleArguments:
+    """What a cache built from data holds besides the data itself: the safety tokens, and how rows become examples
+    (their length, which turns are responses). Shared by `pact-cache build` and `pact train --data`."""
+
+    safety_tokens: str | None = field(default=None, metadata={
+        "help": "safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with "
+                "the cache)"})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "truncate sequences to L tokens, cutting the response"})
+    train_on: str = field(default="all", metadata={
+        "help": "which assistant turns of a conversation are responses (CE and the KL on each): all (as TRL) or only the last"})
+
+    def check_example_settings(self) -> None:
+        """Refuse a length or `train_on` no build can use, naming the field."""
+        check_setting("max_length", self.max_length, 1, integer=True)
+        if self.train_on not in TRAIN_ON:
+            raise InvalidSetting("train_on", f"train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+
+
+@dataclass
+class BuildArguments(ExampleArguments):
     """Every setting of `pact-cache build` but how the data is read (`DataSourceArguments`) and the objective's
     constants (`ObjectiveArguments`: p0, gate_temperature, temperature). Construction refuses a value no build can use
     (`InvalidSetting` naming the field)."""
@@ -43,16 +62,10 @@ class BuildArguments:
     data: str | None = field(default=None, metadata={
         "help": "training data: a file (.jsonl/.json/.csv/.tsv/.parquet/.arrow, optionally compressed), a save_to_disk "
                 "folder or a hub dataset (owner/name, or hub:ID); rows in any --format (default: the bundled demo benign set)"})
-    safety_tokens: str | None = field(default=None, metadata={
-        "help": "safety-token file from `pact safety-tokens` (default: computed from the bundled refusals and stored with "
-                "the cache)"})
     top_k: int | None = field(default=None, metadata={
         "help": "store only the K safety tokens with the largest w*exp(logit/T) per step (approximate; default: all with "
                 "weight > 0, exact)"})
-    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "truncate sequences to L tokens, cutting the response"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N rows of the data"})
-    train_on: str = field(default="all", metadata={
-        "help": "which assistant turns of a conversation are responses (CE and the KL on each): all (as TRL) or only the last"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip rows that cannot be read or encoded instead of stopping"})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "examples per forward pass"})
     rows_per_shard: int = field(default=DEFAULT_ROWS_PER_SHARD, metadata={
@@ -80,13 +93,12 @@ class BuildArguments:
         if not self.out:
             raise InvalidSetting("out", "out is required: the cache directory to create")
         check_build_numbers(self.batch_size, self.rows_per_shard, self.threads, self.top_k, self.zstd_level)
-        check_setting("max_length", self.max_length, 1, integer=True)
+        self.check_example_settings()
         if self.limit is not None:
             check_setting("limit", self.limit, 1, integer=True)
         check_setting("num_shards", self.num_shards, 1, integer=True)
         check_setting("shard_index", self.shard_index, 0, integer=True)
-        for name, value, choices in (("train_on", self.train_on, TRAIN_ON), ("dtype", self.dtype, DTYPES),
-                                     ("model_dtype", self.model_dtype, MODEL_DTYPES)):
+        for name, value, choices in (("dtype", self.dtype, DTYPES), ("model_dtype", self.model_dtype, MODEL_DTYPES)):
             if value not in choices:
                 raise InvalidSetting(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
         check_device("device", self.device)

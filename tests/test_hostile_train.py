@@ -125,9 +125,13 @@ RESUME_REWRITES = tuple(f"run/{name}" for name in ("pact_config.json", "metrics.
 
 
 CASES = [
-    Case("train-from-a-data-file", "`--data` (pact train reads a cache, not a data file)", "pact",
-         lambda w: ["train", "--data", str(w.data), "--output_dir", str(w.path("out"))], 2,
-         "pact train trains from a cache, not from a data file: build the cache once, then train from it"),
+    Case("train-data-into-a-cache-of-other-data", "`--data` with `--cache` naming a cache built from other examples", "pact",
+         lambda w: ["train", "--data", str(w.data), "--cache", str(w.cache), "--model", str(w.model), "--max_length", "200",
+                    "--output_dir", str(w.path("out")), "--device", "cpu"], 2,
+         "was not built from this data: its examples differ from this data's"),
+    Case("train-file-flag-of-another-tool", "`--train_file` (another tool's name for the data)", "pact",
+         lambda w: ["train", "--train_file", str(w.data), "--output_dir", str(w.path("out"))], 2,
+         "pact train takes its training data as --data FILE (a file, a save_to_disk folder or a hub dataset), or a cache as --cache DIR"),
     Case("train-abbreviated-flag", "`--learning 1e-3` (a flag's prefix is not taken for the flag)", "pact", _train("--learning", "1e-3"), 2,
          "pact train: error: unrecognized arguments: --learning 1e-3"),
     Case("train-no-output-dir", "no `--output_dir` (transformers would write ./trainer_output)", "pact",

@@ -36,16 +36,13 @@ def _safety_tokens(args: BuildArguments, tokenizer):
 
 
 def _default_safety_tokens(args: BuildArguments, loaded):
-    """Safety tokens computed from the bundled refusals, for a build given none (the aligned model against itself)."""
-    from pact.data.rows import load_conversations
+    """Safety tokens computed from the bundled refusals, for a build given none (`default_safety_tokens`)."""
     from pact.data.sources import DEMO_REFUSALS, demo_data_path
-    from pact.objective.safety_tokens import compute_safety_tokens
+    from pact.objective.safety_tokens import default_safety_tokens
 
-    refusals = demo_data_path(DEMO_REFUSALS)
-    conversations, _ = load_conversations(refusals)
-    print(f"pact-cache: no --safety-tokens given; computing them from {refusals} (aligned model vs itself "
-          "under a plain template; see `pact safety-tokens` for a base model)", file=sys.stderr)
-    return compute_safety_tokens(loaded, None, conversations, progress=not args.quiet, data_path=str(refusals))
+    print(f"pact-cache: no --safety-tokens given; computing them from {demo_data_path(DEMO_REFUSALS)} (aligned model vs "
+          "itself under a plain template; see `pact safety-tokens` for a base model)", file=sys.stderr)
+    return default_safety_tokens(loaded, progress=not args.quiet)
 
 
 def _build(flags) -> int:

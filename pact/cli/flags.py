@@ -40,7 +40,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple,
         defaults.setdefault(action.dest, action.default)
     containers = [(parser.add_argument_group(title), set(names)) for title, names in groups]
     for action in flagged:
-        if defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's `--no_x` repeats `--x`'s help
+            action.help = f"the same as --{action.dest} false"
+        elif defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
             action.help = f"{action.help or ''} (default: {defaults[action.dest]})".strip()
         if action.dest in required:
             action.help = f"{action.help or ''} (required)".strip()

@@ -12,28 +12,30 @@ import dataclasses
 
 from transformers import TrainingArguments
 
+from pact.cache_tools.settings import ExampleArguments
 from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags, with_flag
+from pact.data.rows import DataSourceArguments
 from pact.errors import InvalidSetting
 from pact.models.adapters import AdapterArguments
 from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
 
 DATACLASSES = (ObjectiveArguments, PactTrainingArguments)
-FROM_A_CACHE = ("pact train trains from a cache, not from a data file: build the cache once, then train from it:\n"
-                "  pact-cache build --data FILE --out CACHE\n"
-                "  pact train --cache CACHE --output_dir RUN")
-
-
-REQUIRED = ("cache", "output_dir")
+ELSEWHERE = "pact train takes its training data as --data FILE (a file, a save_to_disk folder or a hub dataset), or a cache as --cache DIR"
+REQUIRED = ("output_dir",)
 TRAINER_GROUP = "Trainer settings (transformers TrainingArguments)"
 
 
 def help_groups() -> tuple:
-    """`--help`'s groups of flags: PACT's own settings (the run, the objective, the adapter) first, then the Trainer's."""
+    """`--help`'s groups of flags: PACT's own settings (the run, the data, the objective, the adapter) first, then the
+    Trainer's."""
     trainer = {f.name for f in dataclasses.fields(TrainingArguments)} - set(REQUIRED)
     adapter = {f.name for f in dataclasses.fields(AdapterArguments)}
-    run = {f.name for f in dataclasses.fields(PactTrainingArguments)} - trainer - adapter
-    return (("PACT run settings", run), ("PACT objective (docs/objective.md)", {f.name for f in dataclasses.fields(ObjectiveArguments)}),
+    data = {f.name for kind in (ExampleArguments, DataSourceArguments) for f in dataclasses.fields(kind)}
+    run = {f.name for f in dataclasses.fields(PactTrainingArguments)} - trainer - adapter - data
+    return (("PACT run settings (--cache or --data, and --output_dir)", run),
+            ("PACT data: how --data becomes the cache (built on first use, then reused)", data),
+            ("PACT objective (docs/objective.md)", {f.name for f in dataclasses.fields(ObjectiveArguments)}),
             ("PACT adapter: LoRA, QLoRA or full fine-tuning", adapter), (TRAINER_GROUP, trainer))
 
 
@@ -41,14 +43,14 @@ def register(subparsers) -> None:
     """Add `pact train`."""
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune from a reference cache (no reference model in memory)",
-        usage="pact train --cache CACHE --output_dir RUN [options]",
+        help="fine-tune from a reference cache, or from data whose cache it builds once (no reference model in memory)",
+        usage="pact train (--cache CACHE | --data FILE) --output_dir RUN [options]",
         description="Fine-tune the cache's reference model with CE + lambda * safety-token KL (or the token-wise constrained "
                     "objective: --objective tokenwise|pact+tokenwise), reading targets from the cache "
-                    "(docs/objective.md). The transformers TrainingArguments flags are accepted, less those the PACT loop would "
+                    "(docs/objective.md); given --data instead, the cache of that data is built on first use and reused. The transformers TrainingArguments flags are accepted, less those the PACT loop would "
                     "ignore (refused by name; docs/commands.md); a YAML file may hold them (--config).",
     )
-    parser.hints = {"--data": FROM_A_CACHE, "--data_path": FROM_A_CACHE, "--data-path": FROM_A_CACHE}  # read by CommandParser
+    parser.hints = {flag: ELSEWHERE for flag in ("--data_path", "--data-path", "--train_file", "--dataset", "--dataset_name")}
     defaults = add_dataclass_flags(parser, DATACLASSES, groups=help_groups(), required=REQUIRED)
     parser.set_defaults(func=run, parser=parser, defaults=defaults)
 

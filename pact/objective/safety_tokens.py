@@ -445,3 +445,14 @@ def _standardise(v: torch.Tensor) -> torch.Tensor:
         std = kept.std(unbiased=True) if kept.numel() > 1 else kept.new_zeros(())
         v[mask] = (kept - kept.mean()) / (std + _EPS)
     return v / (v.norm() + _EPS)
+
+
+def default_safety_tokens(aligned: LoadedModel, progress: bool = True) -> SafetyTokens:
+    """The safety tokens a cache gets when it is given none: computed from the bundled refusals with the aligned model
+    against itself under a plain template (for a base model, `pact safety-tokens --base`)."""
+    from pact.data.rows import load_conversations
+    from pact.data.sources import DEMO_REFUSALS, demo_data_path
+
+    refusals = demo_data_path(DEMO_REFUSALS)
+    conversations, _ = load_conversations(refusals)
+    return compute_safety_tokens(aligned, None, conversations, progress=progress, data_path=str(refusals))

@@ -12,7 +12,9 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from pact.cache_tools.settings import ExampleArguments
 from pact.checks import check_setting, parse_bytes
+from pact.data.rows import DataSourceArguments, check_format
 from pact.devices import DTYPES, dtype_name, resolve_device, resolve_dtype
 from pact.distributed import launcher_ranks, rank_device
 from pact.errors import InvalidSetting, PactError
@@ -114,8 +116,9 @@ def check_trainer_fields(args) -> None:
 
 
 @dataclass
-class PactTrainingArguments(TrainingArguments, AdapterArguments):
-    """`TrainingArguments` with the cache, the student and the LoRA settings (`AdapterArguments`) of a PACT run.
+class PactTrainingArguments(TrainingArguments, AdapterArguments, ExampleArguments, DataSourceArguments):
+    """`TrainingArguments` with the cache (or the data to make it from: `data`, `ExampleArguments`,
+    `DataSourceArguments`), the student and the LoRA settings (`AdapterArguments`) of a PACT run.
 
     Defaults follow the paper's released configuration (LoRA r=8, alpha 32 on
     q_proj and v_proj, lr 3e-5); a run logs every step and saves checkpoints
@@ -141,10 +144,17 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
         "help": "DDP: look for parameters the loss did not use (the PACT loss uses every trainable one)"})
     disable_tqdm: bool = field(default=False, metadata={"aliases": ["--no-progress"], "help": "no progress bar"})
-    cache: str | None = field(default=None, metadata={"help": "cache directory built by `pact-cache build`"})
+    cache: str | None = field(default=None, metadata={
+        "help": "cache directory built by `pact-cache build`; with --data, the folder to build it in (or reuse it from)"})
+    data: str | None = field(default=None, metadata={
+        "help": "train on this data instead of a cache built beforehand: a file (.jsonl/.json/.csv/.parquet/...), a "
+                "save_to_disk folder or a hub dataset, rows in any --format; its reference cache is built on first use "
+                "under $PACT_HOME/caches (or --cache) and reused by later runs on the same data and model"})
     eval_cache: str | None = field(default=None, metadata={
         "help": "a second cache to evaluate on (eval loss, ce, kl), at the end and at every --eval_steps with --eval_strategy steps"})
-    model: str | None = field(default=None, metadata={"help": "student starting point (default: the cache's reference model)"})
+    model: str | None = field(default=None, metadata={
+        "help": "student starting point (default: the cache's reference model); with --data also the reference the cache "
+                "is built from (default: the embedded SmolLM2-135M-Instruct)"})
     force: bool = field(default=False, metadata={"help": "train even if the model or tokenizer fingerprint differs from the cache's"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
     train_device: str = field(default="auto", metadata={
@@ -170,6 +180,8 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments):
         # transformers names a folder when none is given (./trainer_output); `train()` refuses to write a run there unasked
         self.output_dir_given = self.output_dir is not None
         self.check_adapter_settings()
+        self.check_example_settings()
+        check_format(self.data_format)
         check_trainer_fields(self)
         self._check_values()
         if self.save_steps == 0:

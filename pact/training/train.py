@@ -28,13 +28,15 @@ from pact.checks import parse_bytes
 from pact.data.chat import assistant_header_ids
 from pact.distributed import current_ranks, run_on_main
 from pact.errors import InvalidSetting, PactError, os_error_reason
-from pact.models.adapters import adapt_for_training
+from pact.models.adapters import adapt_for_training, share_base_model
 from pact.models.loading import LoadedModel, load_model, pad_token_id
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import OnlineTargets
 from pact.planning.plan import plan_checkpointing
 from pact.training.arguments import PactTrainingArguments
-from pact.training.callbacks import MetricsCallback, plot_curves
+from pact.training.callbacks import KlExplanation, MetricsCallback, plot_curves
+from pact.training.data_cache import cache_from_data
+from pact.training.model_card import write_model_card
 from pact.training.run_folder import (
     STAGING_MARKER, check_resume_settings, new_staging, prepare_output, run_record, save_run_record,
 )
@@ -111,9 +113,10 @@ def total_steps(args: PactTrainingArguments, rows: int, world_size: int) -> int:
     return math.ceil(args.num_train_epochs * math.ceil(micro_batches / args.gradient_accumulation_steps))
 
 
-def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
-    """Save the weights, tokenizer and `curves.png` into a new staging folder inside `out` (`new_staging`), then move each
-    file into place (one atomic rename per file), so a crash or a full disk never leaves a torn adapter in `out`."""
+def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict], source: str) -> None:
+    """Save the weights, tokenizer, `curves.png` and the model card (the adapter naming its base as others load it: a run
+    of the model `source`) into a new staging folder inside `out` (`new_staging`), then move each file into place (one
+    atomic rename per file), so a crash or a full disk never leaves a torn adapter in `out`."""
     what = f"the trained {'model' if trainer.args.full else 'adapter'} to {out}"
     try:
         staging = Path(run_on_main(lambda: str(new_staging(out, "final"))))
@@ -124,6 +127,9 @@ def _save_outputs(trainer: PactTrainer, out: Path, metrics: list[dict]) -> None:
         trainer.save_model(str(staging))
         if trainer.args.should_save and metrics:
             plot_curves(metrics, staging / "curves.png")
+        if trainer.args.should_save:
+            share_base_model(staging, source)
+            write_model_card(staging, out, trainer.cache.manifest, metrics)
     except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise PactError(f"cannot write {what}: {os_error_reason(err)}; nothing was replaced, earlier checkpoints are intact "
@@ -147,20 +153,35 @@ def _online_targets(student, loaded: LoadedModel, reader: CacheReader, objective
                          pad_token_id(loaded.tokenizer))
 
 
+def _cache_of_run(args: PactTrainingArguments, objective: ObjectiveArguments) -> tuple[CacheReader, LoadedModel | None]:
+    """The run's cache: `args.cache`, or the cache of `args.data` (`cache_from_data`: built with the reference model on
+    the training device, or reused), then named in `args.cache` so the run's record says which. Returns the reference
+    model too when the student starts from it (it is freed here for a quantised student, which is loaded anew)."""
+    if not args.data:
+        return CacheReader(args.cache), None
+    reference = load_model(args.model, device=str(args.device), dtype=args.dtype)
+    reader = cache_from_data(args.data, reference, args, args, objective, cache=args.cache, progress=not args.disable_tqdm)
+    args.cache = str(reader.directory)
+    return reader, None if args.quantization else reference
+
+
 def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = None,
           trainer_class: type[PactTrainer] = PactTrainer, online: bool = False) -> TrainResult:
-    """Fine-tune the cache's reference model (or `args.model`) on `args.cache` with the PACT loss.
+    """Fine-tune the cache's reference model (or `args.model`) on `args.cache` with the PACT loss; given `args.data`
+    instead, on the cache of that data (built on first use with `args.model` as the reference, reused after).
 
     Writes to `args.output_dir` (required; transformers' default folder is refused): the adapter (or full model) and tokenizer,
     `pact_config.json` with every effective setting, `metrics.jsonl` (one
-    object per logging step), `curves.png`, and checkpoints every `save_steps`.
+    object per logging step), `curves.png`, `README.md` (the model card: `pact.training.model_card`), and
+    checkpoints every `save_steps`.
     Refusals are `PactError`s (`InvalidSetting` naming the field). `trainer_class` may be a `PactTrainer` subclass.
     `online` computes the targets live instead (`OnlineTargets`: the student with its LoRA adapters off is the
     reference), on the cache's rows: the online objective, the control that shows the cache changes nothing.
     """
     objective = objective if objective is not None else ObjectiveArguments()
-    if not args.cache:
-        raise InvalidSetting("cache", "cache is required: the cache directory built by `pact-cache build`")
+    if not args.cache and not args.data:
+        raise InvalidSetting("cache", "cache or data is required: the cache directory built by `pact-cache build`, or the "
+                                      "training data to build it from (data)")
     if not getattr(args, "output_dir_given", True):
         raise InvalidSetting("output_dir", "output_dir is required: the run folder the adapter (or full model), pact_config.json "
                                            "and metrics.jsonl are written to, e.g. --output_dir runs/first (nothing is written to "
@@ -168,17 +189,18 @@ def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = No
     _ = args.device  # joins the launcher's process group (accelerate), if any
     world_size = current_ranks().world_size
     out = Path(args.output_dir)
-    reader = CacheReader(args.cache)
     checkpoint = run_on_main(lambda: prepare_output(out, args.resume, args.resume_from_checkpoint))
-    # A quantised student is loaded straight onto its device (bitsandbytes quantises there); the Trainer moves any other.
-    loaded = load_model(args.model or reader.manifest["model_source"], device=str(args.device) if args.quantization else "cpu",
-                        dtype=args.dtype, quantization=args.quantization)
+    reader, loaded = _cache_of_run(args, objective)
+    if loaded is None:
+        # A quantised student is loaded straight onto its device (bitsandbytes quantises there); the Trainer moves any other.
+        loaded = load_model(args.model or reader.manifest["model_source"], device=str(args.device) if args.quantization else "cpu",
+                            dtype=args.dtype, quantization=args.quantization)
     _choose_checkpointing(args, loaded.model.config, reader)
     student = _student(loaded, args)
     metrics = MetricsCallback(out, curves_at_end=False)
     trainer = trainer_class(student, args, cache=reader, processing_class=loaded.tokenizer, objective=objective,
                             eval_cache=args.eval_cache, force=args.force, model_fingerprint=loaded.fingerprint,
-                            ce_chunk_size=args.ce_chunk_size, callbacks=[metrics],
+                            ce_chunk_size=args.ce_chunk_size, callbacks=[metrics, KlExplanation(objective)],
                             targets=_online_targets(student, loaded, reader, objective, args) if online else None)
     if trainer.is_world_process_zero():
         for warning in trainer.warnings:
@@ -189,7 +211,7 @@ def train(args: PactTrainingArguments, objective: ObjectiveArguments | None = No
         check_resume_settings(out, checkpoint, record)
     run_on_main(lambda: save_run_record(out, record))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    _save_outputs(trainer, out, metrics.records)
+    _save_outputs(trainer, out, metrics.records, loaded.source)
     eval_metrics = trainer.evaluate() if trainer.eval_cache is not None else None
     if args.push_to_hub:
         trainer.push_to_hub(commit_message=f"pact train: {trainer.state.global_step} steps")
