@@ -17,6 +17,7 @@ from pact.checks import check_setting
 from pact.errors import InvalidSetting, PactError
 from pact.files import atomic_write
 from pact.models.loading import EMBEDDED_MODEL, load_model
+from pact.models.quantization import is_quantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -361,16 +362,24 @@ def adapt_for_training(model, settings: AdapterArguments, gradient_checkpointing
     """`model` as `pact train` trains it (and `pact plan` measures it) under `settings`: itself (`full`) or wrapped with
     LoRA adapters (targets checked first), a quantised base prepared by peft for k-bit training first (frozen, norms and
     head in float32). Gradient checkpointing itself is turned on by the Trainer (or the planner)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig
 
     if gradient_checkpointing:
         model.config.use_cache = False
     if settings.full:
         return model
     check_lora_targets(model, settings.lora_target_modules)
-    if settings.quantization:
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                        gradient_checkpointing_kwargs=checkpointing_kwargs)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=peft_target_modules(settings.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return with_peft_config(model, lora, gradient_checkpointing, checkpointing_kwargs)
+
+
+def with_peft_config(model, peft_config, gradient_checkpointing: bool = False, checkpointing_kwargs: dict | None = None):
+    """`model` wrapped by peft with `peft_config` (any `peft.PeftConfig`, as TRL's trainers take it), a quantised base
+    prepared for k-bit training first (frozen, norms and head in float32), as peft documents for QLoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=checkpointing_kwargs)
+    return get_peft_model(model, peft_config)

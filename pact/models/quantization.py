@@ -124,3 +124,11 @@ def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
         return bnb.dequantize_4bit(weight.data, weight.quant_state)
     scales = weight.SCB if weight.SCB is not None else layer.state.SCB  # the layer's first forward moves them to its state
     return bnb.int8_vectorwise_dequant(weight.data, scales)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether a model (or the model under a peft wrapper) holds quantised weights: loaded through a transformers
+    quantiser, or marked `is_loaded_in_4bit`/`is_loaded_in_8bit` as peft checks (the planner's packed stand-ins are)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    marked = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    return bool(marked) or getattr(base, "hf_quantizer", None) is not None

@@ -5,6 +5,7 @@ validated in `__post_init__` so every front end (a command, the Python API, a YA
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from pact.models.quantization import require_bitsandbytes
 SEED_LIMIT = 2**32 - 1  # what numpy, and so transformers' set_seed, accept
 SCHEDULERS = tuple(s.value for s in SchedulerType)
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_CE_CHUNK = 1024  # response positions per chunk of the cross-entropy
 DEFAULT_BUCKET_WINDOW = 64  # global micro-batches per length-sorted window of the train order
 
 
@@ -105,14 +107,34 @@ TRAINER_NOT_APPLICABLE = {  # field: why it does not apply to a PACT run
 }
 
 
-def check_trainer_fields(args) -> None:
-    """Refuse, naming the field and why, a `TrainingArguments` value PACT's training loop would ignore (`TRAINER_REFUSED`)."""
+def ignored_trainer_fields(args) -> list[tuple[str, str]]:
+    """The `TrainingArguments` values of `args` PACT's training loop would ignore (`TRAINER_REFUSED`), as `(field,
+    sentence saying why)`. `args` may be constructed already (a TRL `SFTConfig`, axolotl's): a field's default as
+    `TrainingArguments` settles it is not one."""
+    settled = _settled_defaults()
+    ignored = []
     for name, (expected, reason) in TRAINER_REFUSED.items():
         value = getattr(args, name, expected)
         if name == "include_num_input_tokens_seen" and value is False:
             value = "no"
+        if value == getattr(settled, name, expected):
+            continue
         if value != expected and not (isinstance(expected, float) and isinstance(value, (int, float)) and float(value) == expected):
-            raise InvalidSetting(name, f"{name} {value!r} would be ignored by a PACT run: {reason}; leave it at {expected!r}")
+            ignored.append((name, f"{name} {value!r} would be ignored by a PACT run: {reason}; leave it at {expected!r}"))
+    return ignored
+
+
+def check_trainer_fields(args) -> None:
+    """Refuse, naming the field and why, the first `TrainingArguments` value PACT's training loop would ignore."""
+    for name, message in ignored_trainer_fields(args)[:1]:
+        raise InvalidSetting(name, message)
+
+
+@functools.cache
+def _settled_defaults() -> TrainingArguments:
+    """`TrainingArguments` at their defaults once construction settled them (`accelerator_config` becomes an
+    `AcceleratorConfig`, ...): what a constructed `args` holds for a field it was not given."""
+    return TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
 
 
 @dataclass
@@ -163,7 +185,7 @@ class PactTrainingArguments(TrainingArguments, AdapterArguments, ExampleArgument
         "help": "the student's weight dtype: auto (bfloat16 on a GPU that supports it, float16 on an older one, float32 on CPU), "
                 "bfloat16, float16 (GPU and LoRA only; implies --fp16, the Trainer's loss scaling) or float32; "
                 "logits are float32 whatever it is"})
-    ce_chunk_size: int = field(default=1024, metadata={"help": "response positions per chunk of the cross-entropy (memory only)"})
+    ce_chunk_size: int = field(default=DEFAULT_CE_CHUNK, metadata={"help": "response positions per chunk of the cross-entropy (memory only)"})
     bucket_window: int = field(default=DEFAULT_BUCKET_WINDOW, metadata={
         "help": "less padding: within each cache shard, windows of N global micro-batches are sorted by row length, cut into "
                 "batches and the batches shuffled (seeded; each row once per epoch); 0: the plain shard-aware shuffle"})

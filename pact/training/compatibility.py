@@ -15,6 +15,7 @@ from pact.cache_tools.layout import FORMAT_VERSION
 from pact.errors import PactError
 from pact.models.loading import model_fingerprint, tokenizer_fingerprint, tokenizer_matches, weights_fingerprint
 from pact.models.parts import unwrapped
+from pact.models.quantization import is_quantized
 from pact.objective.settings import ObjectiveArguments
 
 OVERRIDE = "pass force=True to train anyway (to PactTrainer or PactTrainingArguments; --force on the command line)"
@@ -39,7 +40,7 @@ class StudentIdentity:
         """Whether the cache's model fingerprint `recorded` is this model's base weights."""
         if recorded == self.fingerprint:
             return True
-        if getattr(unwrapped(self.model), "is_quantized", False):
+        if is_quantized(self.model):
             return False  # its tensors are quantised: only its weight files can match
         if self._weights is None:
             self._weights = weights_fingerprint(self.model)

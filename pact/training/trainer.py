@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,8 +52,9 @@ from pact.models.loading import pad_token_id
 from pact.objective.loss import PactOutput, pact_batch_loss
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import CachedTargets, TargetSource
-from pact.training.arguments import DEFAULT_BUCKET_WINDOW
+from pact.training.arguments import DEFAULT_BUCKET_WINDOW, DEFAULT_CE_CHUNK, PactTrainingArguments, ignored_trainer_fields
 from pact.training.compatibility import StudentIdentity, check_cache_serves, check_compatibility
+from pact.training.inputs import check_taken, default_output_dir, resolve_inputs
 from pact.training.batches import CacheRows, GlobalMicroBatches, cached_order, keep_batch, raise_batch_error
 from pact.training.run_folder import CHECKPOINT_PREFIX, new_checkpoint_staging
 from pact.training.step_guard import Fetched, StepGuard
@@ -61,28 +63,38 @@ LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logge
 
 
 class PactTrainer(Trainer):
-    """A `Trainer` for the PACT loss on a reference cache.
+    """A `Trainer` for the PACT loss on a reference cache, taking what TRL's `SFTTrainer` takes.
 
-    `cache` (a directory or a `CacheReader`) is the training set;
-    `objective` the loss's constants; `eval_cache` an optional cache that
-    `evaluate()` reports `eval_loss`, `eval_ce`, `eval_kl` and `eval_tokenwise`
-    on; `targets` where a batch's targets come from (`pact.objective.targets`:
-    the cache's by default, `OnlineTargets` for a live reference). The
-    constructor refuses a model or tokenizer the cache was not built for
-    (`force=True` overrides fingerprints only, with warnings in
-    `self.warnings`) and gate settings other than the cache's. Pass the
-    tokenizer as `processing_class`: it is checked and saved with the weights.
+    `model` is a model or a name (folder, hub id, `.gguf`, the embedded default); `args` `PactTrainingArguments` (or
+    plain `TrainingArguments`; none: a run folder named after the model); `train_dataset` the training data: a cache
+    (folder or `CacheReader`), or data (a `datasets.Dataset`, data file or hub dataset in any supported row format),
+    whose reference cache is built with `model` as the reference on first use and reused after (it says where);
+    `eval_dataset` likewise (`evaluate()` reports `eval_loss`, `eval_ce`, `eval_kl` and `eval_tokenwise` on it);
+    `processing_class` the tokenizer (default: the model's), checked and saved with the weights; `peft_config` a
+    `peft.PeftConfig` to wrap the model with. `cache` / `eval_cache` name caches explicitly; `objective` holds the
+    loss's constants; `targets` where a batch's targets come from (`pact.objective.targets`: the cache's by default,
+    `OnlineTargets` for a live reference). The constructor refuses a model or tokenizer the cache was not built for
+    (`force=True` overrides fingerprints only, with warnings in `self.warnings`) and gate settings other than the cache's.
     """
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model, args, *, cache, processing_class, objective: ObjectiveArguments | None = None, eval_cache=None,
-                 force: bool = False, model_fingerprint: str | None = None, ce_chunk_size: int = 1024,
-                 targets: TargetSource | None = None, **kwargs):
-        self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
-        self.eval_cache = eval_cache if eval_cache is None or isinstance(eval_cache, CacheReader) else CacheReader(eval_cache)
+    def __init__(self, model, args=None, *, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None,
+                 cache=None, objective: ObjectiveArguments | None = None, eval_cache=None, force: bool = False,
+                 model_fingerprint: str | None = None, ce_chunk_size: int | None = None, targets: TargetSource | None = None,
+                 **kwargs):
+        args = args if args is not None else PactTrainingArguments(output_dir=default_output_dir(model))
+        check_taken(kwargs, args)
+        if not isinstance(args, PactTrainingArguments):  # made by another tool (TRL's SFTConfig, axolotl): said, not refused
+            for _, message in ignored_trainer_fields(args):
+                warnings.warn(message, stacklevel=2)
         self.objective = objective if objective is not None else ObjectiveArguments()
-        self.student_identity = StudentIdentity(model, processing_class, model_fingerprint)
+        inputs = resolve_inputs(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset, cache=cache,
+                                eval_cache=eval_cache, processing_class=processing_class, peft_config=peft_config,
+                                objective=self.objective, model_fingerprint_=model_fingerprint)
+        model, processing_class = inputs.model, inputs.tokenizer
+        self.cache, self.eval_cache = inputs.cache, inputs.eval_cache
+        self.student_identity = StudentIdentity(model, processing_class, inputs.fingerprint)
         self.warnings = check_compatibility(self.cache.manifest, self.student_identity, self.objective, force)
         if self.eval_cache is not None:
             check_compatibility(self.eval_cache.manifest, self.student_identity, self.objective, force)
@@ -93,8 +105,8 @@ class PactTrainer(Trainer):
             if reader is not None:
                 check_cache_serves(reader, self.objective)
         self.pad_id = pad_token_id(processing_class)
-        self.ce_chunk_size = ce_chunk_size
-        kwargs.setdefault("data_collator", keep_batch)
+        self.ce_chunk_size = ce_chunk_size if ce_chunk_size is not None else getattr(args, "ce_chunk_size", DEFAULT_CE_CHUNK)
+        kwargs["data_collator"] = keep_batch
         eval_rows = CacheRows(self.eval_cache, self.pad_id) if self.eval_cache is not None else None
         super().__init__(model=model, args=args, train_dataset=CacheRows(self.cache, self.pad_id), processing_class=processing_class,
                          eval_dataset=eval_rows, **kwargs)

@@ -1,0 +1,108 @@
+"""`PactTrainer` takes what TRL's `SFTTrainer` takes: a model or its name, `train_dataset` / `eval_dataset` as a
+`datasets.Dataset` in TRL's conversational or prompt-completion format (the cache is built on first use and reused),
+`processing_class`, `peft_config`; and, with TRL installed, an `SFTConfig` as `args`, its unsupported settings refused
+by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cache_support import TINY_MAX_LENGTH, single_thread
+
+from pact import PactTrainer, PactTrainingArguments
+from pact.data.sources import demo_data_path
+from pact.errors import PactError
+
+ROWS = 8
+
+
+def _messages() -> list[dict]:
+    """The first demo rows in TRL's conversational format (`messages`)."""
+    rows = [json.loads(line) for line in demo_data_path("benign").read_text().splitlines()[:ROWS]]
+    return [{"messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                          {"role": "assistant", "content": r["output"]}]} for r in rows]
+
+
+def _prompt_completion() -> list[dict]:
+    """The same rows in TRL's prompt-completion format."""
+    return [{"prompt": [row["messages"][0]], "completion": [row["messages"][1]]} for row in _messages()]
+
+
+def _lora():
+    """The LoRA a TRL script passes as peft_config."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _args(out, safety_file, **overrides) -> PactTrainingArguments:
+    """Two quick CPU steps."""
+    settings = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, seed=1,
+                    train_device="cpu", disable_tqdm=True, report_to=[], safety_tokens=str(safety_file),
+                    max_length=TINY_MAX_LENGTH)
+    settings.update(overrides)
+    return PactTrainingArguments(**settings)
+
+
+def test_a_trl_script_trains_from_a_dataset_by_model_name_with_peft_config(tiny_model_dir, tiny_safety_file, tmp_path,
+                                                                           monkeypatch, capfd):
+    """The SFTTrainer call with PactTrainer in its place: the cache of the dataset is built once (and said where); the
+    same rows in prompt-completion form are the same examples, so the second trainer reuses that cache; both train the
+    same first step, evaluate on an eval Dataset, and the model is peft-wrapped by peft_config."""
+    from datasets import Dataset
+
+    monkeypatch.setenv("PACT_HOME", str(tmp_path / "home"))
+    with single_thread():
+        first = PactTrainer(str(tiny_model_dir), _args(tmp_path / "a", tiny_safety_file),
+                            train_dataset=Dataset.from_list(_messages()), eval_dataset=Dataset.from_list(_messages()[:4]),
+                            peft_config=_lora())
+        err = capfd.readouterr().err
+        assert "building the reference cache of the datasets.Dataset at " in err
+        caches = sorted((tmp_path / "home" / "caches").iterdir())
+        assert len(caches) == 2 and all(path.name.startswith("dataset-") for path in caches)
+        assert hasattr(first.model, "peft_config") and first.warnings == []
+        first.train()
+        losses = [entry["loss"] for entry in first.state.log_history if "loss" in entry]
+        metrics = first.evaluate()
+
+        second = PactTrainer(str(tiny_model_dir), _args(tmp_path / "b", tiny_safety_file),
+                             train_dataset=Dataset.from_list(_prompt_completion()), peft_config=_lora())
+        assert f"using the cache at {second.cache.directory}" in capfd.readouterr().err
+        assert second.cache.directory in caches and len(list((tmp_path / "home" / "caches").iterdir())) == 2
+        second.train()
+    assert [entry["loss"] for entry in second.state.log_history if "loss" in entry] == pytest.approx(losses, rel=1e-5)
+    assert metrics["eval_tokens"] > 0 and metrics["eval_loss"] == metrics["eval_loss"]
+
+
+def test_arguments_the_pact_loop_would_not_honour_are_refused_by_name(tiny_model_dir, float32_cache, tmp_path):
+    """A loss function, a formatting function or a data collator would be ignored: each is refused naming it, and so is
+    a cache given twice."""
+    for name in ("compute_loss_func", "formatting_func", "data_collator"):
+        with pytest.raises(PactError, match=f"PactTrainer does not take {name}="):
+            PactTrainer(str(tiny_model_dir), _args(tmp_path / name, "unused"), cache=float32_cache, **{name: print})
+    with pytest.raises(PactError, match="train_dataset= and a cache were both given"):
+        PactTrainer(str(tiny_model_dir), _args(tmp_path / "twice", "unused"), cache=float32_cache, train_dataset=float32_cache)
+
+
+def test_trl_sft_config_is_taken_as_args_and_its_unsupported_settings_refused(tiny, float32_cache, tmp_path):
+    """With the real TRL: an `SFTConfig` (a TrainingArguments) trains PACT on a cache; a Trainer setting the loop ignores
+    is warned about by name; `packing=True` and `completion_only_loss=False` are refused by name."""
+    trl = pytest.importorskip("trl")
+    import copy
+
+    config = dict(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=4, use_cpu=True,
+                  report_to=[], disable_tqdm=True)
+    with single_thread():
+        trainer = PactTrainer(copy.deepcopy(tiny.model), trl.SFTConfig(**config), train_dataset=float32_cache,
+                              processing_class=tiny.tokenizer, peft_config=_lora())
+        trainer.train()
+    assert trainer.state.global_step == 1
+    with pytest.warns(UserWarning, match="label_smoothing_factor 0.3 would be ignored by a PACT run"):
+        PactTrainer(copy.deepcopy(tiny.model), trl.SFTConfig(**config, label_smoothing_factor=0.3), train_dataset=float32_cache,
+                    processing_class=tiny.tokenizer)
+    for name, value in (("packing", True), ("completion_only_loss", False)):
+        with pytest.raises(PactError, match=f"args.{name}={value!r} cannot be honoured by PactTrainer"):
+            PactTrainer(copy.deepcopy(tiny.model), trl.SFTConfig(**config, **{name: value}), train_dataset=float32_cache,
+                        processing_class=tiny.tokenizer)
