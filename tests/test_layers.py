@@ -23,7 +23,7 @@ LAYERS = (
     {"cache": ("pact.cache_tools",)},
     {"planning": ("pact.planning",), "evaluation": ("pact.evaluation",)},
     {"training": ("pact.training",)},
-    {"commands": ("pact.cli",)},
+    {"commands": ("pact.cli",), "integrations": ("pact.integrations",)},
 )
 PUBLIC_API = "pact"  # `pact/__init__.py` re-exports the layers' public names: it sits above them all
 

@@ -234,14 +234,14 @@ def run_drift(args: DriftEvalArguments, target: EvalModelArguments, output: Eval
     from pact.cache_tools import CacheReader
     from pact.evaluation.drift import check_cache_files, check_tokenizer, safety_drift
     from pact.models.adapters import load_student
-    from pact.models.loading import load_tokenizer, tokenizer_fingerprint
+    from pact.models.loading import load_tokenizer
 
     reader = CacheReader(args.cache)
     model, model_inputs = _model_and_inputs(target, reader.manifest.get("model_source"), "the cache's model_source (--model)")
     if not model:
         raise PactError(f"--cache {args.cache}: the manifest names no model_source; pass --model")
     _check_outputs(output, {"--cache": check_cache_files(reader), **model_inputs})
-    check_tokenizer(reader.manifest, tokenizer_fingerprint(load_tokenizer(model)), model, args.cache)
+    check_tokenizer(reader.manifest, load_tokenizer(model), model, args.cache)
     loaded = load_student(model, target.adapter, target.device, target.dtype)
     result = safety_drift(loaded.model, reader, pad_token_id(loaded.tokenizer), batch_size=args.batch_size, progress=not output.json)
     summary = {**result.to_dict(), "cache": str(args.cache), "model": loaded.source, "adapter": target.adapter}

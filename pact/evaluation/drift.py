@@ -17,6 +17,7 @@ from pact.cache_tools.errors import CacheError
 from pact.cache_tools.writer import MANIFEST_NAME
 from pact.data.batch import collate_rows
 from pact.errors import PactError
+from pact.models.loading import tokenizer_fingerprint, tokenizer_matches
 from pact.objective.kl import pact_kl
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.student import student_outputs
@@ -62,12 +63,13 @@ def check_cache_files(reader) -> list[Path]:
     return files
 
 
-def check_tokenizer(manifest: dict, tokenizer_fingerprint: str, model_source: str, cache: str | Path) -> None:
+def check_tokenizer(manifest: dict, tokenizer, model_source: str, cache: str | Path) -> None:
     """Refuse a model whose tokenizer differs from the one the cache was built with (its token ids mean other tokens)."""
     expected = manifest.get("fingerprints", {}).get("tokenizer")
-    if expected is not None and tokenizer_fingerprint != expected:
+    if expected is not None and not tokenizer_matches(tokenizer, expected):
+        have = tokenizer_fingerprint(tokenizer)
         raise PactError(f"--model {model_source}: its tokenizer differs from the one the cache {cache} was built with "
-                        f"(by {manifest.get('model_source')!r}; {tokenizer_fingerprint[:19]}... vs {expected[:19]}...); "
+                        f"(by {manifest.get('model_source')!r}; {have[:19]}... vs {expected[:19]}...); "
                         "drift compares token ids, so measure a model sharing the cache's tokenizer")
 
 
