@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from test_cache_support import TINY_MAX_LENGTH, single_thread
 
-from pact import PactTrainer, PactTrainingArguments
+from pact import CacheReader, PactTrainer, PactTrainingArguments, build_cache
+from pact.data.chat import load_examples
 from pact.data.sources import demo_data_path
 from pact.errors import PactError
 
@@ -74,6 +76,41 @@ def test_a_trl_script_trains_from_a_dataset_by_model_name_with_peft_config(tiny_
         second.train()
     assert [entry["loss"] for entry in second.state.log_history if "loss" in entry] == pytest.approx(losses, rel=1e-5)
     assert metrics["eval_tokens"] > 0 and metrics["eval_loss"] == metrics["eval_loss"]
+
+
+def test_a_peft_model_the_user_built_trains_from_a_dataset_without_force(tiny_model_dir, tiny, tiny_safety, tiny_safety_file,
+                                                                         tmp_path, monkeypatch):
+    """The TRL script of the issue: `AutoModelForCausalLM.from_pretrained`, `get_peft_model` with random-B adapters (so
+    they change the outputs), `tok.pad_token` set, a `Dataset` in: the cache is built from the base weights (adapters
+    off), its fingerprints are the folder's, and training starts with no `force` and no warning."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("PACT_HOME", str(tmp_path / "home"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), _lora())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    with single_thread():
+        trainer = PactTrainer(model, _args(tmp_path / "run", tiny_safety_file), train_dataset=Dataset.from_list(_messages()),
+                              processing_class=tokenizer)
+        assert trainer.warnings == []
+        assert trainer.cache.manifest["fingerprints"]["model"] == tiny.fingerprint
+        examples, _ = load_examples(Dataset.from_list(_messages()), tiny.tokenizer, max_length=TINY_MAX_LENGTH)
+        build_cache(tiny, examples, tiny_safety, tmp_path / "plain", dtype=trainer.cache.manifest["dtype"], progress=False)
+        plain = CacheReader(tmp_path / "plain")
+        for index in range(len(plain)):  # built with the adapters off: the base model's targets
+            for key, value in plain[index].items():
+                np.testing.assert_array_equal(np.asarray(trainer.cache[index][key]), np.asarray(value), err_msg=key)
+        trainer.train()
+    assert trainer.state.global_step == 2
 
 
 def test_arguments_the_pact_loop_would_not_honour_are_refused_by_name(tiny_model_dir, float32_cache, tmp_path):

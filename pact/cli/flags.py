@@ -40,8 +40,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, dataclass_types: tuple,
         defaults.setdefault(action.dest, action.default)
     containers = [(parser.add_argument_group(title), set(names)) for title, names in groups]
     for action in flagged:
-        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's `--no_x` repeats `--x`'s help
-            action.help = f"the same as --{action.dest} false"
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's `--no_x`: kept, but `--x false` is shown
+            action.help = argparse.SUPPRESS
         elif defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
             action.help = f"{action.help or ''} (default: {defaults[action.dest]})".strip()
         if action.dest in required:

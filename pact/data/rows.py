@@ -97,10 +97,8 @@ class DataSourceArguments:
         "help": "split of a hub dataset or a saved DatasetDict given as the data"})
     dataset_config: str | None = field(default=None, metadata={"help": "configuration (subset) of a hub dataset given as the data"})
     data_format: str | None = field(default=None, metadata={
-        "aliases": ["--format"], "help": f"row format: {', '.join(FORMATS)}: alpaca (instruction/input/output), messages "
-                                         "(chat role/content), prompt_completion (TRL prompt/completion, strings or message "
-                                         "lists), sharegpt (conversations with from/value) (default: detected from the first "
-                                         "row's fields)"})
+        "aliases": ["--format"], "help": f"row format: {', '.join(FORMATS)} (docs/commands.md#data; default: detected from "
+                                         "the first row's fields)"})
 
     def __post_init__(self) -> None:
         """Refuse a row format that is not one of `FORMATS`."""

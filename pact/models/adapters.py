@@ -33,9 +33,8 @@ class AdapterArguments:
 
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA"})
     load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: the base's linear layers quantised to 4-bit NF4 (double quantisation, computing in --dtype, "
-                "bfloat16 under auto) by bitsandbytes, LoRA adapters trained on them; the LM head and embeddings stay "
-                "unquantised. LoRA only; training needs bitsandbytes (the qlora extra) on a CUDA GPU or its CPU backend"})
+        "help": "QLoRA: LoRA on the base's linear layers quantised to 4-bit NF4 by bitsandbytes (the qlora extra; "
+                "docs/commands.md#qlora), the LM head and embeddings unquantised"})
     load_in_8bit: bool = field(default=False, metadata={"help": "like --load_in_4bit with LLM.int8() 8-bit linear layers"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})

@@ -64,10 +64,8 @@ class ObjectiveArguments:
     tau: float = field(default=8.0, metadata={"help": "gate decay time constant"})
     boost: float = field(default=1.0, metadata={"help": "gate scale"})
     objective: str = field(default="pact", metadata={
-        "help": "the loss: pact (CE + lambda * PACT's safety-token KL, the paper's), tokenwise (token-wise constrained "
-                "SFT, Qi et al. 2024), pact+tokenwise (the token-wise loss in place of the CE, + lambda * KL), refkl (CE + "
-                "lambda * the KL to the reference over S and the rest of the vocabulary) or refkl+tokenwise (the token-wise "
-                "loss + lambda * that KL); docs/objective.md sections 2, 4 and 5"})
+        "help": "the loss: pact (the paper's), tokenwise, pact+tokenwise, refkl or refkl+tokenwise (docs/objective.md; "
+                "the README's 'Which objective?')"})
     beta_schedule: str = field(default=PAPER_BETA_SCHEDULE, metadata={
         "help": "token-wise beta_t for response positions 1..k, comma-separated; the last holds for every later position"})
     kl_position_weights: str = field(default="1", metadata={
