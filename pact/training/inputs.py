@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import set_seed
+
 from pact.cache_tools import CacheReader
 from pact.cache_tools.settings import ExampleArguments
 from pact.cache_tools.writer import MANIFEST_NAME
@@ -102,6 +104,7 @@ def resolve_inputs(model, args, *, train_dataset, eval_dataset, cache, eval_cach
         if hasattr(model, "peft_config"):
             raise PactError("peft_config= was given for a model that already has peft adapters: pass the base model, or "
                             "the wrapped model without peft_config")
+        set_seed(args.seed)  # the adapters' initialisation, as the Trainer seeds its own model init
         model = with_peft_config(model, peft_config, bool(getattr(args, "gradient_checkpointing", False)),
                                  getattr(args, "gradient_checkpointing_kwargs", None))
     return TrainerInputs(model, processing_class, train_cache, evaluation, reference.fingerprint)
