@@ -66,3 +66,17 @@ def test_the_bitsandbytes_floor_is_the_qlora_extra():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["qlora"]
     assert extra == [f"bitsandbytes>={MIN_BITSANDBYTES}"]
     assert INSTALL == f"pip install '{extra[0]}'"
+
+
+def test_every_public_name_imports_from_the_package():
+    """`from pact import ...` gives each public name (the issue's TRL user got an AttributeError): the ones a training
+    script needs are there, each resolves from its module, and a misspelt one is an AttributeError naming it."""
+    import pact
+
+    assert {"PactTrainer", "PactTrainingArguments", "ObjectiveArguments", "load_model", "CacheReader", "build_cache",
+            "plan"} <= set(pact.__all__)
+    for name in pact.__all__:
+        value = getattr(pact, name)
+        assert getattr(value, "__name__", name) == name, name
+    with pytest.raises(AttributeError, match="no attribute 'PactTrainr'"):
+        pact.PactTrainr  # noqa: B018
