@@ -143,3 +143,20 @@ def test_trl_sft_config_is_taken_as_args_and_its_unsupported_settings_refused(ti
         with pytest.raises(PactError, match=f"args.{name}={value!r} cannot be honoured by PactTrainer"):
             PactTrainer(copy.deepcopy(tiny.model), trl.SFTConfig(**config, **{name: value}), train_dataset=float32_cache,
                         processing_class=tiny.tokenizer)
+
+
+def test_a_dataset_is_not_cached_from_a_quantised_model(tiny, tiny_safety_file, tmp_path, monkeypatch):
+    """A quantised model's outputs are not the reference's: data given with one is refused, saying how to build the
+    cache from the unquantised model (the model is marked as bitsandbytes marks it; nothing is built)."""
+    import copy
+
+    from datasets import Dataset
+
+    monkeypatch.setenv("PACT_HOME", str(tmp_path / "home"))
+    model = copy.deepcopy(tiny.model)
+    model.is_loaded_in_4bit = True
+    with pytest.raises(PactError, match="train_dataset= is data, whose reference cache is built from the model given, and "
+                                        "that model is quantised"):
+        PactTrainer(model, _args(tmp_path / "run", tiny_safety_file), train_dataset=Dataset.from_list(_messages()),
+                    processing_class=tiny.tokenizer)
+    assert not (tmp_path / "home" / "caches").exists()

@@ -134,8 +134,12 @@ def _cache_of(argument: str, dataset, cache, args_cache, args_data, reference: L
     settings = args if isinstance(args, ExampleArguments) else ExampleArguments()
     source = args if isinstance(args, DataSourceArguments) else DataSourceArguments()
     progress = not getattr(args, "disable_tqdm", False)
-    if not is_quantized(reference.model):
-        reference.model.to(args.device)
+    if is_quantized(reference.model):
+        raise PactError(f"{argument}= is data, whose reference cache is built from the model given, and that model is "
+                        "quantised: its targets would be the quantised model's, not the reference's. Build the cache from "
+                        "the unquantised model (`pact-cache build --model NAME --data ...`, or `pact train --data` with "
+                        "--load_in_4bit, which does) and pass it as the dataset")
+    reference.model.to(args.device)
     return cache_from_data(data, reference, settings, source, objective, cache=args_cache, progress=progress)
 
 
