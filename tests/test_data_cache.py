@@ -88,3 +88,12 @@ def test_other_data_finds_another_cache_and_a_named_cache_of_other_data_is_refus
     assert default_location(rows_file, long, tiny, None, ObjectiveArguments()) != default_location(rows_file, short, tiny, None, ObjectiveArguments())
     with pytest.raises(CacheError, match=r"was not built from this data: its examples differ from this data's"):
         train(_args(rows_file, tmp_path / "run", tiny_model_dir, tiny_safety_file, max_length=200, cache=str(float32_cache)))
+
+
+def test_a_torn_manifest_in_the_named_cache_is_named(rows_file, tiny_model_dir, tiny_safety_file, tmp_path):
+    """A `cache` folder whose manifest.json is torn is refused by the build, naming the file, not with a JSON traceback."""
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "manifest.json").write_text('{"complete": tr', encoding="utf-8")
+    with pytest.raises(CacheError, match="manifest.json"):
+        train(_args(rows_file, tmp_path / "run", tiny_model_dir, tiny_safety_file, cache=str(torn)))

@@ -99,10 +99,11 @@ def _complete_cache(out: Path) -> CacheReader | None:
     """The complete cache at `out`, or None when there is none yet (missing, empty, or a build that did not finish)."""
     if not (out / MANIFEST_NAME).is_file():
         return None
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    if not manifest.get("complete"):
+    try:
+        complete = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("complete")
+    except (ValueError, AttributeError):  # torn or not an object: the build's resume names what is wrong with it
         return None
-    return CacheReader(out)
+    return CacheReader(out) if complete else None
 
 
 def _check_holds(reader: CacheReader, examples, safety_tokens: SafetyTokens | None) -> None:
