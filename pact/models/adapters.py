@@ -21,7 +21,7 @@ from pact.models.quantization import is_quantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-RUN_RECORD = "pact_config.json"  # the settings `pact train` records beside its adapter (pact.training.run_folder.RUN_CONFIG)
+RUN_RECORD = "pact_config.json"  # the settings `pact train` records beside its adapter (the run folder's RUN_CONFIG)
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF (Q4_1) was quantised from
 
 

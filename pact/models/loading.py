@@ -290,7 +290,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def tokenizer_matches(tokenizer: PreTrainedTokenizerBase, recorded: str) -> bool:
     """Whether `recorded` (a cache's or a safety-token file's) is this tokenizer's fingerprint, in today's form or in the
     form files written before the pad token was left out carry."""
-    return recorded in (tokenizer_fingerprint(tokenizer), _tokenizer_hash(tokenizer, with_pad=True))
+    return recorded == tokenizer_fingerprint(tokenizer) or recorded == _tokenizer_hash(tokenizer, with_pad=True)
 
 
 def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase, with_pad: bool) -> str:

@@ -5,7 +5,7 @@ validated in `__post_init__` so every front end (a command, the Python API, a YA
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -109,15 +109,14 @@ TRAINER_NOT_APPLICABLE = {  # field: why it does not apply to a PACT run
 
 def ignored_trainer_fields(args) -> list[tuple[str, str]]:
     """The `TrainingArguments` values of `args` PACT's training loop would ignore (`TRAINER_REFUSED`), as `(field,
-    sentence saying why)`. `args` may be constructed already (a TRL `SFTConfig`, axolotl's): a field's default as
-    `TrainingArguments` settles it is not one."""
-    settled = _settled_defaults()
+    sentence saying why)`. `args` may be constructed already (a TRL `SFTConfig`, axolotl's), where construction turned
+    a default None into a default settings object (`accelerator_config`): that is the default still."""
     ignored = []
     for name, (expected, reason) in TRAINER_REFUSED.items():
         value = getattr(args, name, expected)
         if name == "include_num_input_tokens_seen" and value is False:
             value = "no"
-        if value == getattr(settled, name, expected):
+        if expected is None and dataclasses.is_dataclass(value) and value == type(value)():
             continue
         if value != expected and not (isinstance(expected, float) and isinstance(value, (int, float)) and float(value) == expected):
             ignored.append((name, f"{name} {value!r} would be ignored by a PACT run: {reason}; leave it at {expected!r}"))
@@ -126,15 +125,9 @@ def ignored_trainer_fields(args) -> list[tuple[str, str]]:
 
 def check_trainer_fields(args) -> None:
     """Refuse, naming the field and why, the first `TrainingArguments` value PACT's training loop would ignore."""
-    for name, message in ignored_trainer_fields(args)[:1]:
-        raise InvalidSetting(name, message)
-
-
-@functools.cache
-def _settled_defaults() -> TrainingArguments:
-    """`TrainingArguments` at their defaults once construction settled them (`accelerator_config` becomes an
-    `AcceleratorConfig`, ...): what a constructed `args` holds for a field it was not given."""
-    return TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    ignored = ignored_trainer_fields(args)
+    if ignored:
+        raise InvalidSetting(*ignored[0])
 
 
 @dataclass

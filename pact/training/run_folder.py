@@ -18,12 +18,13 @@ import torch
 from pact.cache_tools import CacheReader
 from pact.errors import PactError, os_error_reason
 from pact.files import CHECKSUMS, atomic_write, edited_fields, field_checksums
+from pact.models.adapters import RUN_RECORD
 from pact.models.loading import LoadedModel
 from pact.objective.settings import ObjectiveArguments
 from pact.training.arguments import PactTrainingArguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
-RUN_CONFIG = "pact_config.json"
+RUN_CONFIG = RUN_RECORD
 STATE_FILE = "trainer_state.json"
 STAGING_MARKER = ".pact-train-staging"  # the first file of every staging folder `pact train` creates: its proof of ownership
 STAGING_SUFFIX = ".tmp"
