@@ -50,7 +50,7 @@ from pact.data.chat import EncodedExample, assistant_header_ids
 from pact.devices import dtype_name
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
 from pact.files import atomic_write
-from pact.models.loading import LoadedModel, pad_token_id
+from pact.models.loading import LoadedModel, pad_token_id, tokenizer_matches
 from pact.models.parts import causal_lm_parts
 from pact.objective.reference import ReferenceTargets, reference_targets
 from pact.objective.safety_tokens import SafetyTokens
@@ -120,7 +120,7 @@ def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, 
     if not any(w > 0 for w in safety_tokens.weights):
         raise CacheError("no safety token has a positive weight, so the objective has no target")
     made_for = safety_tokens.fingerprints.get("tokenizer")
-    if made_for and made_for != model.tokenizer_fingerprint:
+    if made_for and not tokenizer_matches(model.tokenizer, made_for):
         raise CacheError("the safety tokens were computed with another tokenizer (fingerprint "
                          f"{made_for} vs the model's {model.tokenizer_fingerprint}); recompute them for this model")
     aligned = safety_tokens.fingerprints.get("aligned_model")

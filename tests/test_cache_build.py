@@ -237,3 +237,19 @@ def test_embedded_model_layouts_stay_within_their_documented_error(embedded, tmp
         reader = CacheReader(tmp_path / name)
         error = objective_error(list(reader), exact, reader.safety_ids, reader.safety_weights)
         assert error["mean_kl_relative_error"] < bound, (name, error)
+
+
+def test_safety_tokens_of_the_older_tokenizer_fingerprint_still_build(tiny, tiny_examples, tiny_safety, tmp_path):
+    """A safety-token file written before the pad token left the tokenizer fingerprint records the older form: the
+    build accepts it (the same tokenizer) and still refuses another tokenizer's, naming both."""
+    import dataclasses
+
+    from pact.models.loading import _tokenizer_hash
+
+    legacy = _tokenizer_hash(tiny.tokenizer, with_pad=True)
+    assert legacy != tiny.tokenizer_fingerprint
+    older = dataclasses.replace(tiny_safety, fingerprints={**tiny_safety.fingerprints, "tokenizer": legacy})
+    build_cache(tiny, tiny_examples[:2], older, tmp_path / "legacy", progress=False)
+    other = dataclasses.replace(tiny_safety, fingerprints={**tiny_safety.fingerprints, "tokenizer": "sha256:" + "0" * 64})
+    with pytest.raises(CacheError, match="computed with another tokenizer .*sha256:0{64} vs the model's"):
+        build_cache(tiny, tiny_examples[:2], other, tmp_path / "other", progress=False)
