@@ -11,16 +11,30 @@ This package is a leaf: it imports nothing from `pact` or `pact.cache_tools`.
 * `masked_kl_reference` -- the plain-PyTorch implementation: the CPU path and
   the oracle the kernel is tested against.
 * `MaskedKLFunction` -- the `torch.autograd.Function` around the kernels.
+* `kd_loss` -- per-position distillation loss (forward KL, reverse KL or
+  Jensen-Shannon) between a teacher's top-K log-probs plus its remaining
+  mass and the student's logits on the same K ids plus the logsumexp of the
+  rest: Triton forward/backward kernels on CUDA, plain PyTorch on CPU.
+* `kd_loss_triton` -- the same, always through the Triton kernels.
+* `kd_loss_reference` -- the plain-PyTorch implementation: the CPU path and
+  the oracle the kernel is tested against.
+* `KDLossFunction` -- the `torch.autograd.Function` around those kernels.
 
-Triton is optional; without it everything except `masked_kl_triton` works.
+Triton is optional; without it everything except `masked_kl_triton` and `kd_loss_triton` works.
 """
 
+from .kd_loss import KDLossFunction, kd_loss, kd_loss_triton
+from .kd_reference import kd_loss_reference
 from .masked_kl import HAS_TRITON, MaskedKLFunction, masked_kl, masked_kl_triton
 from .reference import masked_kl_reference
 
 __all__ = [
     "HAS_TRITON",
+    "KDLossFunction",
     "MaskedKLFunction",
+    "kd_loss",
+    "kd_loss_reference",
+    "kd_loss_triton",
     "masked_kl",
     "masked_kl_reference",
     "masked_kl_triton",

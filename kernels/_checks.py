@@ -113,3 +113,95 @@ def check_masked_kl_inputs(
         if not bool((w > 0).any()):
             raise ValueError("weights must have at least one positive entry")
         _VALIDATED_WEIGHTS[weights] = weights._version
+
+
+#: The divergences `kd_loss` computes, by the name its `loss` argument takes.
+KD_LOSSES = ("forward", "reverse", "jsd")
+
+
+def check_kd_loss_inputs(
+    student_logits: torch.Tensor,
+    student_tail: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    loss: str,
+    beta: float,
+) -> None:
+    """Raise `ValueError` with a clear message if the top-K distillation inputs are inconsistent.
+
+    Shapes: `student_logits` and `teacher_logprobs` are `[..., K]` (at least
+    2-D, K >= 1); `student_tail`, `teacher_tail` and `mask` have the leading
+    shape `[...]`. The student tensors are float32, float16 or bfloat16, the
+    teacher tensors float32 (the cache stores them so), the mask bool (or 0/1
+    numbers); all five on one device. `temperature` is a finite number > 0,
+    `loss` one of `KD_LOSSES` and `beta` a number strictly between 0 and 1.
+
+    The teacher must be finite on unmasked rows. That check reads the data,
+    so it runs only for CPU tensors (where it costs one pass next to the
+    several the computation makes); on CUDA it would force a host
+    synchronisation on every step, and a non-finite teacher value on an
+    unmasked row propagates into that row's loss instead.
+    """
+    tensors = {
+        "student_logits": student_logits,
+        "student_tail": student_tail,
+        "teacher_logprobs": teacher_logprobs,
+        "teacher_tail": teacher_tail,
+        "mask": mask,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits must be [N, K] (or [..., K]), got shape {tuple(student_logits.shape)}")
+    if student_logits.shape[-1] == 0:
+        raise ValueError("the top-K dimension K (last dim of student_logits) is empty")
+    if teacher_logprobs.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logprobs shape {tuple(teacher_logprobs.shape)} does not match "
+            f"student_logits shape {tuple(student_logits.shape)}"
+        )
+    lead = tuple(student_logits.shape[:-1])
+    for name in ("student_tail", "teacher_tail", "mask"):
+        if tuple(tensors[name].shape) != lead:
+            raise ValueError(
+                f"{name} must have the leading shape {lead} of the logits, got {tuple(tensors[name].shape)}"
+            )
+    for name in ("student_logits", "student_tail"):
+        if tensors[name].dtype not in SUPPORTED_LOGIT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {tensors[name].dtype}")
+    for name in ("teacher_logprobs", "teacher_tail"):
+        if tensors[name].dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {tensors[name].dtype}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be bool (or 0/1 numbers), got {mask.dtype}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        where = ", ".join(f"{n}: {t.device}" for n, t in tensors.items())
+        raise ValueError(f"all inputs must be on one device ({where})")
+    if not _finite_number("temperature", temperature) > 0.0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if not 0.0 < _finite_number("beta", beta) < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+    if loss not in KD_LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, KD_LOSSES))}, got {loss!r}")
+    if student_logits.device.type == "cpu":
+        rows = mask.detach() != 0
+        if not (bool(torch.isfinite(teacher_logprobs.detach()[rows]).all())
+                and bool(torch.isfinite(teacher_tail.detach()[rows]).all())):
+            raise ValueError("teacher_logprobs and teacher_tail must be finite on unmasked rows")
+
+
+def _finite_number(name: str, value) -> float:
+    """`value` as a float if it is a finite Python number (a tensor would sync the host); else `ValueError`."""
+    if isinstance(value, (torch.Tensor, bool)):
+        raise ValueError(f"{name} must be a Python number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
