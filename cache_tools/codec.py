@@ -1,5 +1,7 @@
 """How the per-step logits are stored as numbers: float32, bfloat16, float16,
-or 8-bit square-root-companded codes with a per-row maximum and range.
+or 8-bit square-root-companded codes with a per-row maximum and range; and,
+for logits that only ever enter a softmax over the whole vocabulary, 8-bit
+square-root-companded log-probabilities with a floor (`encode_logprob`).
 
 Encoding and decoding are vectorised numpy over `[rows, k]` arrays (one row
 per response step), so a whole batch or shard is converted at once.
@@ -16,6 +18,8 @@ DEFAULT_DTYPE = "int8"
 INT8_LEVELS = 255
 INT8_PARTS = ("max", "range")
 _F16_MAX = float(np.finfo(np.float16).max)
+#: Log-probabilities below -LOGPROB_FLOOR are stored at the floor: a probability error of at most exp(-20) = 2.1e-9.
+LOGPROB_FLOOR = 20.0
 
 
 def check_dtype(dtype: str) -> str:
@@ -107,3 +111,39 @@ def tolerance(parts: dict[str, np.ndarray], dtype: str) -> np.ndarray:
     # half the grid step around code c: range * (2c + 1) / (2 * 255^2), plus float32 rounding
     step = parts["range"].astype(np.float32)[:, None] * (2.0 * parts["values"] + 1.0) / (2 * INT8_LEVELS**2)
     return step + magnitude * np.finfo(np.float32).eps
+
+
+def encode_logprob(x: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
+    """Encode float32 logits `[rows, k]` as 8-bit codes of their log-probabilities `x - logsumexp` (`logsumexp` [rows]).
+
+    Code c stands for the log-probability -LOGPROB_FLOOR * (c / 255)^2:
+    square-root companding, finest near probability 1, and every value at or
+    below the floor gets code 255. No per-row side parts: the row's
+    logsumexp, stored anyway, is the reference point. Meant for logits whose
+    only use is their probability at temperature 1, where an error of d nats
+    moves a probability p by about p * d, and a floored one by at most
+    exp(-LOGPROB_FLOOR).
+    """
+    depth = (np.asarray(logsumexp, dtype=np.float32)[:, None] - np.asarray(x, dtype=np.float32)) / LOGPROB_FLOOR
+    return np.rint(np.sqrt(np.clip(depth, 0.0, 1.0)) * INT8_LEVELS).astype(np.uint8)
+
+
+def decode_logprob(codes: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
+    """Inverse of `encode_logprob`: codes `[rows, k]` and the rows' logsumexp -> float32 logits (a floored value
+    decodes to the floor)."""
+    return np.asarray(logsumexp, dtype=np.float32)[:, None] - LOGPROB_FLOOR * _SQUARES[codes]
+
+
+def floor_logprob(x: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
+    """Logits `x` [rows, k] raised to the floor `logsumexp - LOGPROB_FLOOR` where below it: what `decode_logprob`
+    of their codes approximates, so a recomputation is compared with the stored form."""
+    return np.maximum(np.asarray(x, dtype=np.float32), np.asarray(logsumexp, dtype=np.float32)[:, None] - LOGPROB_FLOOR)
+
+
+def logprob_tolerance(codes: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
+    """Largest storage error of each value `decode_logprob` returns against `floor_logprob` of the encoded logits,
+    given the float16 logsumexp the codes were made against: half the grid step around code c, float16's rounding of
+    that logsumexp (a logit above it is stored at log-probability 0), and float32 rounding."""
+    decoded = decode_logprob(codes, logsumexp)
+    half_step = LOGPROB_FLOOR * (2.0 * codes + 1.0) / (2 * INT8_LEVELS**2)
+    return half_step + np.abs(logsumexp.astype(np.float32))[:, None] * 2.0**-11 + np.abs(decoded) * np.finfo(np.float32).eps

@@ -115,7 +115,7 @@ class CacheReader:
     `columns` (int64 positions of those columns in S, same shape, from the
     layout), `full_logits` and
     `post_logits` (float32 [n_resp, k]), `post_count` (int64 [n_resp]),
-    `target_logprob` and `logsumexp` (float32 [n_resp]); format 3 caches built
+    `target_logprob` and `logsumexp` (float32 [n_resp]); caches of format 3 and later built
     without top-k also hold `reference_logits` (float32 [n_resp, |S|], the
     full-context logits on all of S) and `rest_logprob` (float32 [n_resp], the
     log of the reference's probability outside S).

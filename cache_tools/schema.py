@@ -28,13 +28,13 @@ from pact.cache_tools.writer import SCHEMA_VERSION_KEY
 from pact.data.chat import EncodedExample
 
 LOGIT_COLUMNS = ("full_logits", "post_logits")
-OTHER_COLUMN = "other_logits"  # format 3: the full-context logits on the zero-weight safety tokens
+OTHER_COLUMN = "other_logits"  # format 3: the full-context logits on the zero-weight safety tokens (format 4, int8: their log-probability codes)
 MATRIX_COLUMNS = (*LOGIT_COLUMNS, OTHER_COLUMN, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
 
 
 def logit_columns(layout: Layout) -> tuple[str, ...]:
-    """The logit fields a shard of `layout` holds (each with the codec's side parts)."""
-    return (*LOGIT_COLUMNS, OTHER_COLUMN) if layout.stores_reference else LOGIT_COLUMNS
+    """The logit fields a shard of `layout` stores in its logit dtype (each with the codec's side parts)."""
+    return (*LOGIT_COLUMNS, OTHER_COLUMN) if layout.stores_reference and not layout.other_as_logprob else LOGIT_COLUMNS
 
 
 @dataclass
@@ -65,6 +65,8 @@ def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
     for name in logit_columns(layout):
         columns.append((name, logit_type, len(layout.other_positions) if name == OTHER_COLUMN else layout.width))
         columns += [(f"{name}_{part}", pa.float16(), 1) for part in codec.side_parts(layout.dtype)]
+    if layout.other_as_logprob:
+        columns.append((OTHER_COLUMN, pa.uint8(), len(layout.other_positions)))
     columns += [("target_logprob", extras, 1), ("logsumexp", extras, 1)]
     if layout.stores_reference:
         columns.append(("rest_logprob", extras, 1))
@@ -100,6 +102,8 @@ def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
         out.update({f"{name}_{part}": array for part, array in encoded.items()})
     out["target_logprob"] = convert(values.target_logprob)
     out["logsumexp"] = convert(values.logsumexp)
+    if layout.other_as_logprob:
+        out[OTHER_COLUMN] = codec.encode_logprob(values.other_logits, out["logsumexp"])
     if layout.stores_reference:
         out["rest_logprob"] = convert(np.minimum(values.rest_logprob, 0.0))
     if layout.top_k is not None:
@@ -281,11 +285,16 @@ class ShardRows:
         return {"values": self.columns[column][steps], **parts}
 
     def logits(self, column: str, steps: slice) -> np.ndarray:
-        """Decoded float32 logits of `column` (`full_logits`/`post_logits`) for a range of steps, [n, width]."""
+        """Decoded float32 logits of `column` (`full_logits`/`post_logits`/`other_logits`) for a range of steps, [n, width]."""
+        if column == OTHER_COLUMN and self.layout.other_as_logprob:
+            return codec.decode_logprob(self.columns[column][steps], self.columns["logsumexp"][steps])
         return codec.decode(self._parts(column, steps), self.layout.dtype)
 
     def storage_tolerance(self, column: str, steps: slice) -> np.ndarray:
-        """Largest storage error of each decoded value of `column` over a range of steps (what recomputation may differ by)."""
+        """Largest storage error of each decoded value of `column` over a range of steps (what recomputation may differ
+        by; for format 4's `other_logits`, against the logits raised to the stored floor, `codec.floor_logprob`)."""
+        if column == OTHER_COLUMN and self.layout.other_as_logprob:
+            return codec.logprob_tolerance(self.columns[column][steps], self.columns["logsumexp"][steps])
         if column in logit_columns(self.layout):
             return codec.tolerance(self._parts(column, steps), self.layout.dtype)
         return codec.tolerance({"values": self.columns[column][steps]}, codec.extras_dtype(self.layout.dtype))

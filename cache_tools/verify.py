@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pact.cache_tools import codec
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
@@ -150,7 +151,10 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
         stored_values = {column: row[column] for column in recomputed}
         if reader.layout.stores_reference:
             other = list(reader.layout.other_positions)
-            recomputed |= {OTHER_COLUMN: ref.full_logits.cpu()[:, other], "rest_logprob": ref.rest_logprob.cpu()}
+            other_logits = ref.full_logits.cpu()[:, other]
+            if reader.layout.other_as_logprob:
+                other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
+            recomputed |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
             stored_values |= {OTHER_COLUMN: row["reference_logits"][:, other], "rest_logprob": row["rest_logprob"]}
         where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
         steps = shard.step_range(row_index)

@@ -22,16 +22,19 @@ VOCAB = 40
 def _values(n: int, layout: Layout, seed: int = 0) -> StepValues:
     rng = np.random.default_rng(seed)
     width = layout.width
+    full = (rng.standard_normal((n, width)) * 4).astype(np.float32)
+    # Spread wide enough that some of them fall more than codec.LOGPROB_FLOOR below the logsumexp.
+    other = (rng.standard_normal((n, len(layout.other_positions))) * 8).astype(np.float32)
     return StepValues(
-        full_logits=(rng.standard_normal((n, width)) * 4).astype(np.float32),
+        full_logits=full,
         post_logits=(rng.standard_normal((n, width)) * 4).astype(np.float32),
         post_count=rng.integers(1, layout.num_safety + 1, n),
         target_logprob=-rng.random(n).astype(np.float32) * 5,
-        logsumexp=(rng.random(n) * 10).astype(np.float32),
+        # A vocabulary's logsumexp is above every logit in it.
+        logsumexp=(np.concatenate([full, other], axis=1).max(axis=1, initial=0.0) + rng.random(n) * 3).astype(np.float32),
         index=np.sort(np.stack([rng.choice(len(layout.stored_ids), layout.top_k, replace=False) for _ in range(n)]), axis=1)
         if layout.top_k else None,
-        other_logits=(rng.standard_normal((n, len(layout.other_positions))) * 4).astype(np.float32)
-        if layout.stores_reference else None,
+        other_logits=other if layout.stores_reference else None,
         rest_logprob=-rng.random(n).astype(np.float32) * 3 if layout.stores_reference else None,
     )
 
@@ -110,7 +113,8 @@ def test_table_round_trip(dtype, top_k):
             assert reference.shape == (n, len(IDS))
             assert np.array_equal(reference[:, list(layout.stored_positions)], row["full_logits"].numpy())
             bound = shard.storage_tolerance("other_logits", shard.step_range(i))
-            assert np.all(np.abs(reference[:, list(layout.other_positions)] - expected.other_logits) <= bound + 1e-6)
+            other = codec.floor_logprob(expected.other_logits, row["logsumexp"].numpy()) if layout.other_as_logprob else expected.other_logits
+            assert np.all(np.abs(reference[:, list(layout.other_positions)] - other) <= bound + 1e-6)
             assert np.allclose(row["rest_logprob"].numpy(), expected.rest_logprob, rtol=1e-3, atol=1e-6)
 
 
@@ -163,3 +167,20 @@ def test_int8_grid_is_finest_at_the_row_maximum():
     bound = codec.tolerance(parts, "int8")[0]
     assert bound[3] < bound[0] / 20
     assert abs(codec.decode(parts, "int8")[0, 3] - 10.001) <= bound[3]
+
+
+def test_logprob_codes_round_trip_and_floor():
+    """Format 4's other logits: within the stated tolerance of the logits above the floor, at the floor below it, with
+    a probability error under exp(-LOGPROB_FLOOR) there and under the grid's relative error above it."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((400, 37)) * 12).astype(np.float32)
+    logsumexp = np.logaddexp.reduce(logits, axis=1) + rng.random(400).astype(np.float32) * 5  # the rest of a vocabulary
+    stored_lse = codec.to_float16(logsumexp)
+    codes = codec.encode_logprob(logits, stored_lse)
+    decoded = codec.decode_logprob(codes, stored_lse)
+    floored = codec.floor_logprob(logits, stored_lse.astype(np.float32))
+    assert (floored > logits).mean() > 0.1 and (codes == codec.INT8_LEVELS).any()
+    assert np.all(np.abs(decoded - floored) <= codec.logprob_tolerance(codes, stored_lse))
+    prob_error = np.abs(np.exp(decoded - logsumexp[:, None]) - np.exp(logits - logsumexp[:, None]))
+    assert prob_error[floored > logits].max() <= np.exp(-codec.LOGPROB_FLOOR) * 1.05  # the float16 logsumexp: a few percent
+    assert prob_error.max() < 0.02

@@ -94,10 +94,34 @@ def float32_cache(tiny, tiny_examples, tiny_safety, tmp_path_factory):
     return out
 
 
+def _version_3_fields(fields: list[tuple], manifest: dict) -> list[tuple]:
+    """A version-4 step's (field, array) pairs as version 3 stored them: the int8 layout's `other_logits` decoded from
+    their log-probability codes and encoded as logits with their `_max` and `_range` side parts, in version 3's order."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pact.cache_tools import codec
+    from pact.cache_tools.layout import Layout
+    from pact.cache_tools.schema import step_columns
+
+    arrays = {field.name: child for field, child in fields}
+    if manifest["dtype"] == "int8" and "other_logits" in arrays:
+        width = arrays["other_logits"].type.list_size
+        codes = arrays["other_logits"].flatten().to_numpy().reshape(-1, width)
+        logits = codec.decode_logprob(codes, arrays["logsumexp"].to_numpy())
+        encoded = codec.encode(logits, "int8")
+        arrays["other_logits"] = pa.FixedSizeListArray.from_arrays(pa.array(encoded["values"].reshape(-1)), width)
+        arrays |= {f"other_logits_{part}": pa.array(encoded[part]) for part in codec.side_parts("int8")}
+    order = [name for name, _, _ in step_columns(Layout.from_manifest(manifest | {"format_version": 3}))]
+    types = {field.name: field for field, _ in fields}
+    return [(types.get(name, pa.field(name, arrays[name].type, nullable=False)), arrays[name]) for name in order]
+
+
 def downgrade(cache, version: int) -> None:
-    """Rewrite a format-version-3 cache as an older writer wrote it: version 2 has no reference columns
-    (`other_logits*`, `rest_logprob`), version 1 neither `response_spans` (single-turn caches only); schema metadata,
-    manifest version, shard bytes, sizes, sha256 and checksums redone as that writer did."""
+    """Rewrite a format-version-4 cache as an older writer wrote it: version 3 stores the int8 layout's other logits as
+    logits with side parts, version 2 has no reference columns (`other_logits*`, `rest_logprob`), version 1 neither
+    `response_spans` (single-turn caches only); schema metadata, manifest version, shard bytes, sizes, sha256 and
+    checksums redone as that writer did."""
     import json
 
     import pyarrow as pa
@@ -110,8 +134,11 @@ def downgrade(cache, version: int) -> None:
     for entry in manifest["shards"]:
         table = read_shard_table(cache, entry)
         steps = table.column("steps").combine_chunks()
-        kept = [(field, child) for field, child in zip(steps.type.value_type, steps.flatten().flatten())
-                if not field.name.startswith(("other_logits", "rest_logprob"))]
+        kept = list(zip(steps.type.value_type, steps.flatten().flatten()))
+        if version == 3:
+            kept = _version_3_fields(kept, manifest)
+        else:
+            kept = [(field, child) for field, child in kept if not field.name.startswith(("other_logits", "rest_logprob"))]
         struct = pa.StructArray.from_arrays([child for _, child in kept], fields=[field for field, _ in kept])
         index = table.schema.get_field_index("steps")
         table = table.set_column(index, pa.field("steps", pa.list_(struct.type), nullable=False),

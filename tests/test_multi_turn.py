@@ -170,7 +170,7 @@ def test_cache_stores_every_span_and_counts_their_tokens(caches, train_on):
     """The cache rows hold the encoded spans, one step per span token; the manifest counts every span's tokens."""
     _, built = caches
     reader, examples = built[train_on]
-    assert reader.manifest["format_version"] == FORMAT_VERSION == 3
+    assert reader.manifest["format_version"] == FORMAT_VERSION == 4
     for row, example in zip(reader, examples):
         assert [tuple(s) for s in row["response_spans"].tolist()] == example.spans
         assert len(row["post_count"]) == len(example.response_ids)
@@ -260,7 +260,7 @@ def v1_and_v2(caches, tiny_model_dir, tiny_safety_file):
 
 def test_version_1_cache_reads_and_trains_as_before(v1_and_v2, tiny_model_dir):
     """A version-1 cache reads with one span per row ([response_start, length)), the same rows as the current version
-    (less the reference columns version 3 added), the same loss, and `pact-cache verify` accepts it."""
+    (less the reference columns versions 3 and 4 added), the same loss, and `pact-cache verify` accepts it."""
     _, v1, v2 = v1_and_v2
     assert v1.manifest["format_version"] == 1 and v1.layout.format_version == 1
     for old, new in zip(v1, v2):
@@ -276,19 +276,19 @@ def test_version_1_cache_reads_and_trains_as_before(v1_and_v2, tiny_model_dir):
 
 
 def test_a_cache_never_mixes_versions(v1_and_v2, tiny_model_dir, tiny_safety_file, tmp_path, capsys):
-    """Resuming a version-1 build with this (version-3) writer, writing a version-1 layout and merging version 1 with
-    version 3 are refused, each naming the versions; the version-1 cache is left as it was."""
+    """Resuming a version-1 build with this (version-4) writer, writing a version-1 layout and merging version 1 with
+    version 4 are refused, each naming the versions; the version-1 cache is left as it was."""
     data, v1, v2 = v1_and_v2
     before = {p.name: p.read_bytes() for p in v1.directory.iterdir()}
     argv = ["build", "--model", str(tiny_model_dir), "--data", str(data), "--safety-tokens", str(tiny_safety_file),
             "--out", str(v1.directory), "--dtype", "float32", "--rows-per-shard", "2", "--device", "cpu", "--quiet", "--resume"]
     assert cache_main(argv) == 2
-    assert "holds a format version 1 cache and this pact writes version 3" in capsys.readouterr().err
+    assert "holds a format version 1 cache and this pact writes version 4" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in v1.directory.iterdir()} == before
     example = EncodedExample(0, [1, 2, 3], 1)
     with pytest.raises(CacheError, match="cannot write a shard of format version 1"):
         build_table([example], [{}], v1.layout)
-    with pytest.raises(CacheError, match="format version: 1 vs 3"):
+    with pytest.raises(CacheError, match="format version: 1 vs 4"):
         merge_caches(tmp_path / "merged", [v1.directory, v2.directory])
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
 

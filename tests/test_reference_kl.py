@@ -150,9 +150,33 @@ def test_an_older_cache_trains_what_it_holds_and_refuses_the_reference_kl(tiny, 
         _trainer(tiny, old, tmp_path, objective)
     for objective in ("refkl", "refkl+tokenwise"):
         with pytest.raises(PactError, match=rf"the cache {old} cannot train --objective {re.escape(objective)}: it is a "
-                                            r"format version 2 cache, older than this pact's 3.*pact-cache build --out "):
+                                            r"format version 2 cache, older than this pact's 4.*pact-cache build --out "):
             _trainer(tiny, old, tmp_path, objective)
     _trainer(tiny, float32_cache, tmp_path, "refkl")  # this pact's own cache serves every objective
+
+
+def test_a_version_3_int8_cache_still_serves_the_reference_kl(tiny, tiny_examples, tiny_safety, tmp_path):
+    """Format 3 stored the int8 layout's other logits as logits with side parts; such a cache still reads, verifies and
+    trains refkl, its rows within version 3's storage error of the version-4 cache it was rewritten from."""
+    import numpy as np
+
+    from pact.cache_tools import CacheReader, build_cache
+    from pact.cache_tools.verify import verify_cache
+
+    new, old = tmp_path / "v4", tmp_path / "v3"
+    build_cache(tiny, tiny_examples[:6], tiny_safety, new, rows_per_shard=4, progress=False)
+    build_cache(tiny, tiny_examples[:6], tiny_safety, old, rows_per_shard=4, progress=False)
+    downgrade(old, 3)
+    current, older = CacheReader(new), CacheReader(old)
+    assert current.layout.other_as_logprob and older.layout.format_version == 3 and not older.layout.other_as_logprob
+    assert verify_cache(old).ok
+    other = list(older.layout.other_positions)
+    for index in range(len(current)):
+        shard, row = older.locate(index)
+        bound = older.shard(shard).storage_tolerance("other_logits", older.shard(shard).step_range(row))
+        difference = (older[index]["reference_logits"] - current[index]["reference_logits"])[:, other].abs().numpy()
+        assert np.all(difference <= bound + 1e-6)
+    _trainer(tiny, old, tmp_path, "refkl")
 
 
 def test_a_top_k_cache_refuses_the_reference_kl(tiny, tiny_examples, tiny_safety, tmp_path):

@@ -84,7 +84,7 @@ def check_compatibility(manifest: dict, student: StudentIdentity, cfg: Objective
 
 def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
     """Refuse a cache that lacks what the objective needs: the reference KL (refkl, refkl+tokenwise) reads the
-    reference's logits on all of S and its probability outside S, which format 3 caches built without --top-k hold;
+    reference's logits on all of S and its probability outside S, which caches of format 3 and later built without --top-k hold;
     older caches still train the other objectives."""
     layout = reader.layout
     if cfg.uses_reference_kl and not layout.stores_reference:
