@@ -114,12 +114,14 @@ def test_position_weights_are_a_schedule_like_beta():
 
 def test_objective_names_and_what_they_use():
     """The objectives' parts: refkl and refkl+tokenwise use the reference KL; the token-wise loss replaces the CE in
-    every objective naming it; an unknown name and a negative position weight are refused, naming the field."""
-    assert OBJECTIVES == ("pact", "tokenwise", "pact+tokenwise", "refkl", "refkl+tokenwise")
+    every objective naming it; kd and pact+kd distil, only pact+kd with PACT's KL; an unknown name and a negative position weight are refused, naming the field."""
+    assert OBJECTIVES == ("pact", "tokenwise", "pact+tokenwise", "refkl", "refkl+tokenwise", "kd", "pact+kd")
     uses = {name: (ObjectiveArguments(objective=name).uses_reference_kl, ObjectiveArguments(objective=name).uses_tokenwise,
-                   ObjectiveArguments(objective=name).uses_kl) for name in OBJECTIVES}
-    assert uses == {"pact": (False, False, True), "tokenwise": (False, True, False), "pact+tokenwise": (False, True, True),
-                    "refkl": (True, False, True), "refkl+tokenwise": (True, True, True)}
+                   ObjectiveArguments(objective=name).uses_kl, ObjectiveArguments(objective=name).uses_kd) for name in OBJECTIVES}
+    assert uses == {"pact": (False, False, True, False), "tokenwise": (False, True, False, False),
+                    "pact+tokenwise": (False, True, True, False), "refkl": (True, False, True, False),
+                    "refkl+tokenwise": (True, True, True, False), "kd": (False, False, False, True),
+                    "pact+kd": (False, False, True, True)}
     with pytest.raises(InvalidSetting, match="objective must be one of pact, tokenwise, pact\\+tokenwise, refkl"):
         ObjectiveArguments(objective="kl")
     with pytest.raises(InvalidSetting, match="kl_position_weights must be a finite number >= 0, got -1.0") as refused:

@@ -90,3 +90,54 @@ def test_the_reference_kl_keeps_no_more_vocabulary_sized_tensors_than_pact(tiny,
     for name in ("refkl", "refkl+tokenwise"):
         assert peaks[name].by_category["logits_loss"] <= peaks["pact"].by_category["logits_loss"], (name, peaks)
     assert peaks["pact"].by_category["logits_loss"] >= logits_bytes, "the measured step holds the CE's log-softmax"
+
+
+def _per_row_oracle(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor):
+    """log softmax at the targets, the logsumexp with each row's `ids` masked out, and the logits at them, by autograd."""
+    logprob = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    masked = logits.scatter(1, ids, float("-inf"))
+    return logprob, torch.logsumexp(masked, dim=-1), logits.gather(1, ids)
+
+
+@pytest.mark.parametrize("vocab,blocks,k", [(37, 8, 5), (37, 1, 36), (100, 7, 1), (64, 4, 20)])
+def test_per_row_ids_give_each_rows_tail_and_its_logits_at_them(vocab, blocks, k, monkeypatch):
+    """Distillation's form: a different id list per row (the teacher's top-K, up to all but one column), its rows'
+    masked logsumexp and the logits at the ids, and the gradient of any mix of the three outputs, equal autograd's in
+    float64; a row whose ids hold nearly all the mass keeps a finite tail."""
+    monkeypatch.setattr(student, "VOCAB_BLOCKS", blocks)
+    generator = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(6, vocab, generator=generator, dtype=torch.float64) * 4
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(6)])
+    logits[0, ids[0]] += 60.0  # the top-K hold all but ~e^-60 of row 0's mass
+    targets = torch.randint(0, vocab, (6,), generator=generator)
+    weights = [torch.randn(6, generator=generator, dtype=torch.float64), torch.randn(6, generator=generator, dtype=torch.float64),
+               torch.randn(6, k, generator=generator, dtype=torch.float64)]
+    for use in [(1, 1, 1), (0, 1, 1), (0, 0, 1), (1, 0, 0)]:
+        got_in, want_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        got = student._LogprobAndRest.apply(got_in, targets, ids)
+        want = _per_row_oracle(want_in, targets, ids)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(got[1]).all()
+        (grad,) = torch.autograd.grad(_mix(got, use, weights), got_in)
+        (expected,) = torch.autograd.grad(_mix(want, use, weights), want_in)
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_projections_with_per_row_ids():
+    """Per-row ids through the checkpointed chunks (chunks of 4 rows over 11, float32): values and the gradients to
+    the hidden states and the head equal autograd's on the full logits."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(11, 16, generator=generator, requires_grad=True)
+    head = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=generator)
+    ids = torch.stack([torch.randperm(50, generator=generator)[:7] for _ in range(11)])
+    got = chunked_projections(hidden, head, targets, chunk_size=4, rest_of=ids)
+    want = _per_row_oracle(hidden @ head.T, targets, ids)
+    for g, w in zip((got.logprob, got.rest, got.at_ids), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    mix = lambda outs: outs[0].sum() + 0.5 * outs[1].sum() + (outs[2] * torch.linspace(-1, 1, 7)).sum()  # noqa: E731
+    got_grads = torch.autograd.grad(mix((got.logprob, got.rest, got.at_ids)), (hidden, head))
+    want_grads = torch.autograd.grad(mix(want), (hidden, head))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

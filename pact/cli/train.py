@@ -28,15 +28,18 @@ TRAINER_GROUP = "Trainer settings (transformers TrainingArguments)"
 
 def help_groups() -> tuple:
     """`--help`'s groups of flags: PACT's own settings (the run, the data, the objective, the adapter) first, then the
-    Trainer's."""
+    Trainer's, then distillation's."""
     trainer = {f.name for f in dataclasses.fields(TrainingArguments)} - set(REQUIRED)
     adapter = {f.name for f in dataclasses.fields(AdapterArguments)}
     data = {f.name for kind in (ExampleArguments, DataSourceArguments) for f in dataclasses.fields(kind)}
     run = {f.name for f in dataclasses.fields(PactTrainingArguments)} - trainer - adapter - data
+    objective = {f.name for f in dataclasses.fields(ObjectiveArguments)}
+    distillation = {name for name in objective if name.startswith("kd_")}
     return (("PACT run settings (--cache or --data, and --output_dir)", run),
             ("PACT data: how --data becomes the cache (built on first use, then reused)", data),
-            ("PACT objective (docs/objective.md)", {f.name for f in dataclasses.fields(ObjectiveArguments)}),
-            ("PACT adapter: LoRA, QLoRA or full fine-tuning", adapter), (TRAINER_GROUP, trainer))
+            ("PACT objective (docs/objective.md)", objective - distillation),
+            ("PACT adapter: LoRA, QLoRA or full fine-tuning", adapter), (TRAINER_GROUP, trainer),
+            ("Distillation: --objective kd or pact+kd on a cache built with --kd_top_k (docs/distillation.md)", distillation))
 
 
 def register(subparsers) -> None:

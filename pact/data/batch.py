@@ -38,7 +38,10 @@ class CacheBatch:
     target_logprob [N] (reference log-prob of the response token, if known);
     reference_logits [N, |S|] (the full-context reference logits on all of S,
     in S's order) and rest_logprob [N] (the log of the reference's
-    probability outside S), where known: what the reference KL needs.
+    probability outside S), where known: what the reference KL needs;
+    kd_ids [N, K] (int64), kd_logprobs [N, K] and kd_tail [N] (float32): a
+    teacher's top-K ids, their log-probs and the log of its remaining mass,
+    where known: what distillation needs.
     """
 
     input_ids: torch.Tensor
@@ -60,6 +63,9 @@ class CacheBatch:
     target_logprob: torch.Tensor | None = None
     reference_logits: torch.Tensor | None = None
     rest_logprob: torch.Tensor | None = None
+    kd_ids: torch.Tensor | None = None
+    kd_logprobs: torch.Tensor | None = None
+    kd_tail: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -94,6 +100,13 @@ class CacheBatch:
         return dataclasses.replace(self, full_logits=full_logits, post_logits=post_logits, post_count=post_count,
                                    columns=columns, stored_ids=stored_ids, target_logprob=target_logprob,
                                    reference_logits=reference_logits, rest_logprob=rest_logprob)
+
+    def with_distillation(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> "CacheBatch":
+        """This batch with a teacher's top-K targets (one row per response token, in the batch's order)."""
+        if not ids.shape[0] == logprobs.shape[0] == tail.shape[0] == self.tokens or ids.shape != logprobs.shape:
+            raise ValueError(f"teacher targets of shapes {tuple(ids.shape)}, {tuple(logprobs.shape)}, {tuple(tail.shape)} "
+                             f"given to a batch of {self.tokens} response tokens")
+        return dataclasses.replace(self, kd_ids=ids, kd_logprobs=logprobs, kd_tail=tail)
 
 
 def collate_spans(sequences: list[torch.Tensor], spans: list[torch.Tensor], example_ids: list[int], pad_id: int) -> CacheBatch:
@@ -137,6 +150,9 @@ def collate_rows(rows: list[dict], pad_id: int) -> CacheBatch:
     batch = collate_spans([r["input_ids"] for r in rows], [r["response_spans"] for r in rows],
                           [int(r["example_id"]) for r in rows], pad_id)
     steps = [len(r["post_count"]) for r in rows]
+    if all("kd_ids" in r for r in rows):
+        batch = batch.with_distillation(torch.cat([r["kd_ids"] for r in rows]), torch.cat([r["kd_logprobs"] for r in rows]),
+                                        torch.cat([r["kd_tail"] for r in rows]))
     return batch.with_targets(
         full_logits=torch.cat([r["full_logits"] for r in rows]).float(),
         post_logits=torch.cat([r["post_logits"] for r in rows]).float(),

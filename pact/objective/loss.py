@@ -1,6 +1,7 @@
 """The loss of a model on a batch whose targets are filled (`pact.objective.targets`): cross-entropy on the response
-tokens (or, with the objective `pact+tokenwise`, Qi et al.'s token-wise constrained loss in its place) plus lambda
-times the masked KL on the safety tokens, or the token-wise loss alone (`tokenwise`).
+tokens (or, with the objective `pact+tokenwise`, Qi et al.'s token-wise constrained loss in its place; with `kd` and
+`pact+kd`, mixed with the distillation loss to a teacher's top-K) plus lambda times the masked KL on the safety tokens,
+or the token-wise loss alone (`tokenwise`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel
 
 from pact.data.batch import CacheBatch
 from pact.errors import PactError
+from pact.objective.distillation import kd_per_position
 from pact.objective.kl import pact_kl, reference_kl
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.student import student_outputs
@@ -24,7 +26,7 @@ class PactOutput:
     """The batch loss and its parts; `kl_per_position` [N] is a_t KL_t (PACT's, times T^2, or the reference KL);
     `tokenwise` the mean token-wise constrained loss (docs/objective.md section 4). Parts the objective leaves out of
     `loss` are computed without gradient, for the logs: PACT's KL under `tokenwise`, the token-wise loss under `pact`
-    and `refkl`."""
+    and `refkl`, PACT's KL under `kd`; `kd` the mean distillation loss (0 unless the objective distils)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -33,6 +35,7 @@ class PactOutput:
     steps: torch.Tensor
     tokens: int
     tokenwise: torch.Tensor
+    kd: torch.Tensor
 
 
 def pact_batch_loss(
@@ -46,16 +49,19 @@ def pact_batch_loss(
     """The objective `cfg.objective` over the batch's response tokens (docs/objective.md sections 2, 4 and 5), with
     KL_t PACT's (pact, pact+tokenwise, tokenwise) or the reference KL (refkl, refkl+tokenwise), weighted a_t by position:
     L = CE + lambda * mean_t a_t KL_t (pact, refkl); mean_t TW_t (tokenwise); mean_t TW_t + lambda * mean_t a_t KL_t
-    (pact+tokenwise, refkl+tokenwise).
+    (pact+tokenwise, refkl+tokenwise); (1 - alpha) CE + alpha mean_t KD_t (kd), plus lambda * mean_t a_t KL_t (pact+kd).
 
     `batch` carries its targets (cached, `CachedTargets`, or online,
     `OnlineTargets`), the reference log-probs `target_logprob` among them;
     `safety_ids` is S, the columns of the student's logits.
     """
     student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size,
-                              with_rest=cfg.uses_reference_kl)
+                              with_rest=cfg.uses_reference_kl, kd_ids=_kd_ids(batch) if cfg.uses_kd else None)
     device = student.safety_logits.device
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
+    kd = torch.zeros((), dtype=torch.float32, device=device)
+    if cfg.uses_kd:
+        kd = kd_per_position(student.kd_logits, student.rest, batch, mask, cfg).sum() / mask.sum().clamp(min=1)
     if cfg.uses_reference_kl:
         kl_per_position = reference_kl(student.safety_logits, student.rest, *_reference_distribution(batch, device), mask)
     else:
@@ -67,8 +73,11 @@ def pact_batch_loss(
     kl_per_position = kl_per_position * schedule_at(student.steps, cfg.position_weights)
     tokenwise = tokenwise_terms(_in_loss(student.logprob, cfg.uses_tokenwise), _reference_logprob(batch), student.steps,
                                 cfg.betas).sum() / mask.sum().clamp(min=1)
-    loss, kl = pact_loss(tokenwise if cfg.uses_tokenwise else student.ce, kl_per_position, mask, cfg)
-    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, batch.tokens, tokenwise)
+    fit = tokenwise if cfg.uses_tokenwise else student.ce
+    if cfg.uses_kd:
+        fit = (1.0 - cfg.kd_alpha) * fit + cfg.kd_alpha * kd
+    loss, kl = pact_loss(fit, kl_per_position, mask, cfg)
+    return PactOutput(loss, student.ce, kl, kl_per_position, student.steps, batch.tokens, tokenwise, kd)
 
 
 def _in_loss(values: torch.Tensor, used: bool) -> torch.Tensor:
@@ -83,6 +92,14 @@ def _reference_distribution(batch: CacheBatch, device: torch.device) -> tuple[to
                         "log-probabilities, which the reference KL needs; rebuild the cache with this pact (format version "
                         "3, without --top-k)")
     return batch.reference_logits.to(device), batch.rest_logprob.to(device)
+
+
+def _kd_ids(batch: CacheBatch) -> torch.Tensor:
+    """The teacher's top-K ids of each response token, which a KD cache's rows and `OnlineTeacher` give."""
+    if batch.kd_ids is None:
+        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no teacher top-K targets to distil from; "
+                        "build the cache with `pact-cache build --kd_top_k K`, or fill the batch with `OnlineTeacher`")
+    return batch.kd_ids
 
 
 def _reference_logprob(batch: CacheBatch) -> torch.Tensor:
@@ -110,7 +127,8 @@ def cached_pact_loss(
 
 def pact_loss(fit: torch.Tensor, kl_per_position: torch.Tensor, mask: torch.Tensor, cfg: ObjectiveArguments) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch loss and the mean KL_t over its response tokens: L = fit + lambda * mean KL (every objective with a
-    KL), or `fit` alone (tokenwise). `fit` is the mean CE, or the mean token-wise loss for the objectives naming it."""
+    KL), or `fit` alone (tokenwise, kd). `fit` is the mean CE, or the mean token-wise loss for the objectives naming
+    it, mixed with the distillation loss under kd and pact+kd."""
     tokens = mask.sum().clamp(min=1)
     kl = kl_per_position.sum() / tokens
     return (fit + cfg.lam * kl if cfg.uses_kl else fit), kl

@@ -6,6 +6,7 @@ values. Only the rows of response positions ever get full-vocabulary logits, one
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 from pact.data.batch import CacheBatch, collate_examples, collate_spans
 from pact.data.chat import EncodedExample
 from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
+from pact.objective.distillation import teacher_topk
 from pact.objective.kl import log_mass_outside, topp_count
 
 
@@ -26,7 +28,10 @@ class ReferenceTargets:
     count of softmax(post_logits / Tg) (the gate's I_p times |S|);
     target_logprob: [n_resp] reference log-prob of the response token;
     logsumexp: [n_resp] full-vocabulary logsumexp (full context);
-    rest_logprob: [n_resp] log of the probability outside S (full context).
+    rest_logprob: [n_resp] log of the probability outside S (full context);
+    kd_ids/kd_logprobs [n_resp, K], kd_tail [n_resp]: its own top-K as a
+    distillation teacher (`pact.objective.distillation.teacher_topk`), when
+    asked for.
     """
 
     full_logits: torch.Tensor
@@ -35,6 +40,9 @@ class ReferenceTargets:
     target_logprob: torch.Tensor
     logsumexp: torch.Tensor
     rest_logprob: torch.Tensor
+    kd_ids: torch.Tensor | None = None
+    kd_logprobs: torch.Tensor | None = None
+    kd_tail: torch.Tensor | None = None
 
 
 def response_hidden_states(
@@ -78,9 +86,11 @@ def reference_batch(
     p0: float,
     gate_temperature: float,
     pad_id: int,
+    kd_top_k: int | None = None,
 ) -> ReferenceTargets:
     """Reference values for every response token of `batch` (flattened, batch order), full and post-only contexts
-    in one batched forward pass (the post-only context of a token is the header followed by its turn so far)."""
+    in one batched forward pass (the post-only context of a token is the header followed by its turn so far); with
+    `kd_top_k`, also the model's own top-K as a distillation teacher, from the same full-vocabulary logits."""
     _, head = causal_lm_parts(model)
     device = head.device
     post_ids, post_mask, post_positions = post_only_batch(batch, header_ids, pad_id)
@@ -97,10 +107,12 @@ def reference_batch(
     target_logprob = logits.gather(1, batch.labels.to(device)[:, None]).squeeze(1) - logsumexp
     full_logits = logits[:, safety_ids]
     rest_logprob = log_mass_outside(logits, safety_ids)
+    teacher = None if kd_top_k is None else teacher_topk(logits, kd_top_k)
     del logits
     post_logits = float32_logits(post_hidden, head[safety_ids])
     post_count = topp_count(post_logits, p0, gate_temperature)
-    return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp, rest_logprob)
+    return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp, rest_logprob,
+                            *((teacher.ids, teacher.logprobs, teacher.tail) if teacher else ()))
 
 
 def reference_targets(
@@ -111,10 +123,11 @@ def reference_targets(
     p0: float,
     gate_temperature: float,
     pad_id: int,
+    kd_top_k: int | None = None,
 ) -> list[ReferenceTargets]:
     """`reference_batch` for a list of examples, split back into one `ReferenceTargets` per example."""
-    values = reference_batch(model, collate_examples(examples, pad_id), safety_ids, header_ids, p0, gate_temperature, pad_id)
+    values = reference_batch(model, collate_examples(examples, pad_id), safety_ids, header_ids, p0, gate_temperature, pad_id,
+                             kd_top_k)
     sizes = [len(ex.response_ids) for ex in examples]
-    fields = (values.full_logits, values.post_logits, values.post_count, values.target_logprob, values.logsumexp,
-              values.rest_logprob)
+    fields = [t for t in (getattr(values, f.name) for f in dataclasses.fields(values)) if t is not None]
     return [ReferenceTargets(*parts) for parts in zip(*(t.split(sizes) for t in fields))]

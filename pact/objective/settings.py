@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pact.checks import check_setting
 from pact.errors import InvalidSetting
 
-OBJECTIVES = ("pact", "tokenwise", "pact+tokenwise", "refkl", "refkl+tokenwise")
+OBJECTIVES = ("pact", "tokenwise", "pact+tokenwise", "refkl", "refkl+tokenwise", "kd", "pact+kd")
 REFKL_OBJECTIVES = ("refkl", "refkl+tokenwise")  # the KL to the reference over S and the rest (docs/objective.md section 5)
+KD_OBJECTIVES = ("kd", "pact+kd")  # distillation from the teacher's top-K and tail (docs/distillation.md)
+KD_LOSSES = ("forward", "reverse", "jsd")
 # Qi et al. 2024 (arXiv 2406.05946), Table 3 with Eqn 3: beta_1 = 0.5, beta_t = 2 for 2 <= t <= 5, beta_t = 0.1 for t > 5.
 PAPER_BETA_SCHEDULE = "0.5,2,2,2,2,0.1"
 
@@ -65,12 +67,23 @@ class ObjectiveArguments:
     boost: float = field(default=1.0, metadata={"help": "gate scale"})
     objective: str = field(default="pact", metadata={
         "help": "the loss: pact (the paper's), tokenwise, pact+tokenwise, refkl or refkl+tokenwise (docs/objective.md; "
-                "the README's 'Which objective?')"})
+                "the README's 'Which objective?'), or distillation from a --kd_top_k cache: kd, or pact+kd with PACT's KL "
+                "beside it (docs/distillation.md)"})
     beta_schedule: str = field(default=PAPER_BETA_SCHEDULE, metadata={
         "help": "token-wise beta_t for response positions 1..k, comma-separated; the last holds for every later position"})
     kl_position_weights: str = field(default="1", metadata={
         "help": "weight a_t of KL_t for response positions 1..k, comma-separated, the last for every later position; "
                 "1 weighs every position alike, as the paper does"})
+
+    kd_loss: str = field(default="forward", metadata={
+        "help": "kd, pact+kd: the divergence to the teacher over its top-K and one tail category: forward (KL(teacher || "
+                "student)), reverse (KL(student || teacher)) or jsd (generalised Jensen-Shannon, --kd_jsd_beta)"})
+    kd_temperature: float = field(default=1.0, metadata={
+        "help": "kd, pact+kd: temperature of both distributions over the top-K and the tail (the loss is scaled by its square)"})
+    kd_alpha: float = field(default=0.5, metadata={
+        "help": "kd, pact+kd: the distillation loss's share: (1 - alpha) * CE + alpha * KD; 1 drops the CE"})
+    kd_jsd_beta: float = field(default=0.5, metadata={
+        "help": "kd_loss jsd: the teacher's share beta of the mixture m = beta * teacher + (1 - beta) * student"})
 
     def __post_init__(self) -> None:
         """Refuse a constant the objective cannot use (a NaN lambda would train a NaN adapter without any error), and
@@ -86,6 +99,11 @@ class ObjectiveArguments:
         check_setting("boost", self.boost, 0)
         if self.objective not in OBJECTIVES:
             raise InvalidSetting("objective", f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise InvalidSetting("kd_loss", f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
+        check_setting("kd_temperature", self.kd_temperature, 0, low_open=True)
+        check_setting("kd_alpha", self.kd_alpha, 0, 1)
+        check_setting("kd_jsd_beta", self.kd_jsd_beta, 0, 1, low_open=True, high_open=True)
         object.__setattr__(self, "beta_schedule", ",".join(map(repr, parse_beta_schedule(self.beta_schedule))))
         object.__setattr__(self, "kl_position_weights", ",".join(map(repr, parse_position_weights(self.kl_position_weights))))
 
@@ -101,8 +119,13 @@ class ObjectiveArguments:
 
     @property
     def uses_kl(self) -> bool:
-        """Whether lambda times a KL is part of the loss (every objective but tokenwise)."""
-        return self.objective != "tokenwise"
+        """Whether lambda times a KL to the reference is part of the loss (every objective but tokenwise and kd)."""
+        return self.objective not in ("tokenwise", "kd")
+
+    @property
+    def uses_kd(self) -> bool:
+        """Whether the loss distils the teacher's top-K and tail (kd, pact+kd)."""
+        return self.objective in KD_OBJECTIVES
 
     @property
     def uses_reference_kl(self) -> bool:

@@ -24,13 +24,16 @@ from pact.models.projection import projected_forward
 class StudentOutputs:
     """What the objective needs from the student for a batch's N response positions: the mean CE, the log-prob of
     each response token [N] (None without CE), the logits on S, each token's step within its turn and, when asked
-    for, the logsumexp of the logits outside S [N] (`rest`, what the reference KL's rest category needs)."""
+    for, the logsumexp of the logits outside S [N] (`rest`, what the reference KL's rest category needs; under
+    distillation, the logsumexp outside each token's teacher top-K, the tail category) and, under distillation, the
+    logits at the teacher's top-K ids [N, K] (`kd_logits`)."""
 
     ce: torch.Tensor
     safety_logits: torch.Tensor | None
     steps: torch.Tensor
     logprob: torch.Tensor | None = None
     rest: torch.Tensor | None = None
+    kd_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,6 +46,7 @@ class StudentProjections(ModelOutput):
     logprob: torch.Tensor | None = None
     safety_logits: torch.Tensor | None = None
     rest: torch.Tensor | None = None
+    kd_logits: torch.Tensor | None = None
 
 
 def student_outputs(
@@ -52,10 +56,12 @@ def student_outputs(
     with_ce: bool = True,
     ce_chunk_size: int = 1024,
     with_rest: bool = False,
+    kd_ids: torch.Tensor | None = None,
 ) -> StudentOutputs:
     """One forward pass of the student: the response tokens' log-probs and mean CE, and logits on S at every response
     position of `batch`; `with_rest`, also the logsumexp of the logits outside S, from the CE's own chunks (no other
-    full-vocabulary logits are made).
+    full-vocabulary logits are made); with `kd_ids` (the teacher's top-K ids of each response token, [N, K]) instead,
+    the logits at those ids and the logsumexp outside them, from the same chunks.
 
     With `safety_ids=None` only the CE is computed (plain SFT on response tokens); with `with_ce=False` only the logits on S.
     """
@@ -65,10 +71,12 @@ def student_outputs(
         device = hidden.device
         hidden = hidden[batch.rows.to(device), batch.positions.to(device)]
         # Projected in the head's dtype: a dequantised head's (pact.models.quantization.dense_weight) may differ from the hidden states'.
+        excluded = kd_ids if kd_ids is not None else (safety_ids if with_rest else None)
         chunks = (chunked_projections(hidden.to(head.dtype), head, batch.labels.to(device), ce_chunk_size,
-                                      safety_ids.to(device) if with_rest else None) if with_ce else None)
+                                      None if excluded is None else excluded.to(device)) if with_ce else None)
         safety_logits = None if safety_ids is None else float32_logits(hidden, head[safety_ids.to(device)])
-        return StudentProjections(logprob=chunks and chunks.logprob, safety_logits=safety_logits, rest=chunks and chunks.rest)
+        return StudentProjections(logprob=chunks and chunks.logprob, safety_logits=safety_logits, rest=chunks and chunks.rest,
+                                  kd_logits=chunks and chunks.at_ids)
 
     device = head_device(model)
     # The batch is right-padded: a plain causal mask gives the response positions their hidden states without the host
@@ -78,32 +86,38 @@ def student_outputs(
     steps = batch.steps.to(device)
     ce = mean_cross_entropy(projected.logprob) if with_ce else torch.zeros((), dtype=torch.float32, device=steps.device)
     return StudentOutputs(ce=ce, safety_logits=projected.safety_logits, steps=steps, logprob=projected.logprob,
-                          rest=projected.rest)
+                          rest=projected.rest, kd_logits=projected.kd_logits)
 
 
 @dataclass
 class ChunkedProjection:
-    """Per response token [N], float32: the log-prob of the target token, and the logsumexp of the logits outside the
-    `rest_of` ids (None when not asked for)."""
+    """Per response token, float32: the log-prob of the target token [N]; the logsumexp of the logits outside the
+    `rest_of` ids [N] (None when not asked for); and, for per-row ids [N, E], the logits at them [N, E] (else None)."""
 
     logprob: torch.Tensor
     rest: torch.Tensor | None
+    at_ids: torch.Tensor | None = None
 
 
 def chunked_projections(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
                         rest_of: torch.Tensor | None = None) -> ChunkedProjection:
     """log softmax(hidden @ W.T)[target] of each row [N] (float32) without keeping [N, V] logits, and with `rest_of`
-    (token ids) the logsumexp of each row's logits outside those ids.
+    (token ids: [E] for every row alike, or [N, E] one list per row) the logsumexp of each row's logits outside those
+    ids; per-row ids also give the logits at them (what distillation compares with the teacher's top-K).
 
     Each chunk's logits are recomputed in backward (activation checkpointing),
     so peak memory holds one chunk of full-vocabulary logits, not all of them.
     """
-    parts = [checkpoint(_chunk, hidden[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size], rest_of,
-                        use_reentrant=False) for start in range(0, hidden.shape[0], chunk_size)]
+    per_row = rest_of is not None and rest_of.dim() == 2
+    parts = [checkpoint(_chunk, hidden[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size],
+                        rest_of[start:start + chunk_size] if per_row else rest_of, use_reentrant=False)
+             for start in range(0, hidden.shape[0], chunk_size)]
     if not parts:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return ChunkedProjection(empty, empty if rest_of is not None else None)
-    return ChunkedProjection(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if rest_of is not None else None)
+        return ChunkedProjection(empty, empty if rest_of is not None else None,
+                                 hidden.new_zeros((0, rest_of.shape[1]), dtype=torch.float32) if per_row else None)
+    joined = [torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(3)]
+    return ChunkedProjection(joined[0], joined[1], joined[2] if per_row else None)
 
 
 def chunked_target_logprob(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
@@ -119,9 +133,9 @@ def mean_cross_entropy(logprob: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rest_of: torch.Tensor | None
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One chunk of `chunked_projections`: the full-vocabulary logits projected in the weights' dtype, then the
-    log-softmax (and the logsumexp outside `rest_of`) in float32.
+    log-softmax (and the logsumexp outside `rest_of`, and the logits at those ids) in float32.
 
     Unlike the safety rows, the whole LM head would have to be copied to
     float32 for this projection, in the forward and again in the checkpointed
@@ -131,7 +145,7 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, re
     """
     logits = F.linear(hidden, weight).float()
     if rest_of is None:
-        return -F.cross_entropy(logits, targets, reduction="none"), None
+        return -F.cross_entropy(logits, targets, reduction="none"), None, None
     return _LogprobAndRest.apply(logits, targets, rest_of)
 
 
@@ -139,27 +153,31 @@ VOCAB_BLOCKS = 8  # `_LogprobAndRest` works through the vocabulary in this many 
 
 
 class _LogprobAndRest(torch.autograd.Function):
-    """(log softmax(logits)[target], logsumexp of the logits outside `rest_of`) of each row, keeping one [N, V] tensor
-    for the backward (the log-softmax, as the cross-entropy does) and making one in it (the gradient).
+    """(log softmax(logits)[target], the logsumexp of the logits outside the `excluded` ids, the logits at those ids)
+    of each row, keeping one [N, V] tensor for the backward (the log-softmax, as the cross-entropy does) and making one
+    in it (the gradient).
 
-    Masking S's columns out of a copy of the logits and autograd's logsumexp
-    would keep two more [N, V] tensors through the backward.
+    `excluded` is one id list for every row ([E]: S, for the reference KL's
+    rest category) or one per row ([N, E]: the teacher's top-K, for
+    distillation's tail category). Masking them out of a copy of the logits
+    and autograd's logsumexp would keep two more [N, V] tensors through the
+    backward.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rest_of: torch.Tensor):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor):
+        excluded = excluded.expand(logits.shape[0], -1) if excluded.dim() == 1 else excluded
         logp = torch.log_softmax(logits, dim=-1)
         logprob = logp.gather(1, targets[:, None]).squeeze(1)
-        outside = torch.ones(logp.shape[1], dtype=torch.bool, device=logp.device).index_fill_(0, rest_of, False)
-        log_mass = _logsumexp_where(logp, outside)
+        log_mass = logsumexp_outside(logp, excluded)
         log_total = logits.gather(1, targets[:, None]).squeeze(1) - logprob
-        ctx.save_for_backward(logp, targets, outside, log_mass)
+        ctx.save_for_backward(logp, targets, excluded, log_mass)
         ctx.set_materialize_grads(False)
-        return logprob, log_total + log_mass
+        return logprob, log_total + log_mass, logits.gather(1, excluded)
 
     @staticmethod
-    def backward(ctx, grad_logprob: torch.Tensor | None, grad_rest: torch.Tensor | None):
-        logp, targets, outside, log_mass = ctx.saved_tensors
+    def backward(ctx, grad_logprob: torch.Tensor | None, grad_rest: torch.Tensor | None, grad_gathered: torch.Tensor | None):
+        logp, targets, excluded, log_mass = ctx.saved_tensors
         grad = torch.empty_like(logp)
         for columns in _column_blocks(logp.shape[1]):
             part = grad[:, columns]
@@ -168,10 +186,12 @@ class _LogprobAndRest(torch.autograd.Function):
             else:
                 torch.exp(logp[:, columns], out=part).mul_(-grad_logprob[:, None])
             if grad_rest is not None:
-                share = torch.exp(logp[:, columns] - log_mass[:, None]).masked_fill_(~outside[columns], 0.0)
+                share = _set_at(torch.exp(logp[:, columns] - log_mass[:, None]), excluded, columns.start, 0.0)
                 part.add_(share.mul_(grad_rest[:, None]))
         if grad_logprob is not None:
             grad.scatter_add_(1, targets[:, None], grad_logprob[:, None])
+        if grad_gathered is not None:
+            grad.scatter_add_(1, excluded, grad_gathered)
         return grad, None, None
 
 
@@ -181,14 +201,26 @@ def _column_blocks(width: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, width, step)]
 
 
-def _logsumexp_where(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the columns `keep` marks of each row of `values` [N, V], a block of columns at a time."""
+def _set_at(block: torch.Tensor, ids: torch.Tensor, start: int, value: float) -> torch.Tensor:
+    """`block` (the columns from `start` of an [N, V] tensor) with `value` at each row's `ids` [N, E] that fall inside
+    it; a scatter into one spare column takes the ids outside, so nothing is read back to the host."""
+    width = block.shape[1]
+    local = ids - start
+    index = torch.where((local >= 0) & (local < width), local, width)
+    padded = torch.cat([block, block.new_empty(block.shape[0], 1)], dim=1).scatter_(1, index, value)
+    return padded[:, :width]
+
+
+def logsumexp_outside(values: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """logsumexp over each row of `values` [N, V] but its `excluded` columns [N, E], a block of columns at a time (a
+    temporary of 1/`VOCAB_BLOCKS` of `values`, not a masked copy of it)."""
     top = torch.full(values.shape[:1], float("-inf"), device=values.device, dtype=values.dtype)
     total = torch.zeros_like(top)
     for columns in _column_blocks(values.shape[1]):
-        block = values[:, columns].masked_fill(~keep[columns], float("-inf"))
+        block = _set_at(values[:, columns], excluded, columns.start, float("-inf"))
         new_top = torch.maximum(top, block.amax(dim=1))
         shift = torch.where(torch.isfinite(new_top), new_top, torch.zeros_like(new_top))
         total = total * torch.exp(top - shift) + block.sub_(shift[:, None]).exp_().sum(dim=1)
         top = new_top
     return torch.log(total) + torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+

@@ -17,7 +17,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsCallback(TrainerCallback):
-    """Writes `metrics.jsonl` (one object per logging step: step, epoch, loss, ce, kl, tokenwise, lr, grad_norm, tokens, seconds)
+    """Writes `metrics.jsonl` (one object per logging step: step, epoch, loss, ce, kl, tokenwise, kd, lr, grad_norm, tokens, seconds)
     and `curves.png` at the end, in the run folder, from the main process.
 
     On resume the file is cut back to the steps the checkpoint holds (later
@@ -44,7 +44,7 @@ class MetricsCallback(TrainerCallback):
             return
         now = time.perf_counter()
         record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"], "ce": logs["ce"], "kl": logs["kl"],
-                  "tokenwise": logs.get("tokenwise"), "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                  "tokenwise": logs.get("tokenwise"), "kd": logs.get("kd"), "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                   "tokens": logs.get("tokens"), "seconds": now - self._started}
         self._started = now
         self.records.append(record)

@@ -7,7 +7,7 @@ and objective checks), the train data loader (a seeded shard-aware shuffle,
 length-bucketed, cut into global micro-batches, each process taking its
 contiguous part, collated in a worker process and pinned), the loss (the exact
 response-token mean over the whole optimizer step across accumulation and
-processes), evaluation on an eval cache, logging of `ce`, `kl` and `tokenwise`
+processes), evaluation on an eval cache, logging of `ce`, `kl`, `tokenwise` and `kd`
 (`LOGGED_PARTS`), a stop before applying a non-finite step, and atomic
 checkpoints.
 
@@ -59,7 +59,7 @@ from pact.training.batches import CacheRows, GlobalMicroBatches, cached_order, k
 from pact.training.run_folder import CHECKPOINT_PREFIX, new_checkpoint_staging
 from pact.training.step_guard import Fetched, StepGuard
 
-LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise")  # the `PactOutput` parts logged per step, token-mean over the step
+LOGGED_PARTS = ("loss", "ce", "kl", "tokenwise", "kd")  # the `PactOutput` parts logged per step, token-mean over the step
 
 
 class PactTrainer(Trainer):
@@ -69,7 +69,7 @@ class PactTrainer(Trainer):
     plain `TrainingArguments`; none: a run folder named after the model); `train_dataset` the training data: a cache
     (folder or `CacheReader`), or data (a `datasets.Dataset`, data file or hub dataset in any supported row format),
     whose reference cache is built with `model` as the reference on first use and reused after (it says where);
-    `eval_dataset` likewise (`evaluate()` reports `eval_loss`, `eval_ce`, `eval_kl` and `eval_tokenwise` on it);
+    `eval_dataset` likewise (`evaluate()` reports `eval_loss`, `eval_ce`, `eval_kl`, `eval_tokenwise` and `eval_kd` on it);
     `processing_class` the tokenizer (default: the model's), checked and saved with the weights; `peft_config` a
     `peft.PeftConfig` to wrap the model with. `cache` / `eval_cache` name caches explicitly; `objective` holds the
     loss's constants; `targets` where a batch's targets come from (`pact.objective.targets`: the cache's by default,
