@@ -1,7 +1,7 @@
 """Storage of knowledge-distillation top-K targets (`pact.cache_tools.topk_codec`) on real teacher outputs.
 
 Runs the teacher (default: the embedded SmolLM2-135M-Instruct) over the response tokens of the data (default: both
-demo sets), takes the exact top-K log-probs and tail with `topk_targets`, and prints per K:
+demo sets), takes the exact top-K log-probs and tail with `teacher_topk`, and prints per K:
 
 * bytes per response token of the KD fields alone, zstd level 3 per buffer as Arrow IPC writes them (the per-shard
   dictionary included, amortised over the shard's tokens; shards of `--rows-per-shard` rows as the cache builds
@@ -10,7 +10,7 @@ demo sets), takes the exact top-K log-probs and tail with `topk_targets`, and pr
 * the error: KL(p_exact || p_decoded renormalised) over the K + 1 categories (mean, max), the largest `kl_bound`,
   and the mean absolute change of a forward-KL loss sum_c p_c (log p_c - log q_c) against a fixed student q (the
   teacher's logits plus Gaussian noise of `--student-noise`), decoded values used as decoded (not renormalised);
-* encode / decode time per 1000 steps, `topk_targets` time and the bare teacher forward per 1000 response steps.
+* encode / decode time per 1000 steps, `teacher_topk` time and the bare teacher forward per 1000 response steps.
 
 `--designs` adds the layouts tried on the way (at K = `--design-k`) and the quantisation grids.
 
@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 import zstandard
 from pact.cache_tools import topk_codec as tc
+from pact.objective.distillation import teacher_topk
 from pyarrow import ipc
 
 from pact.data.chat import load_examples
@@ -83,7 +84,7 @@ def collect(loaded, examples, ks, noise: float, seed: int):
             lengths.append(len(positions))
             for k in ks:
                 start = time.perf_counter()
-                ids, lp, tail = tc.topk_targets(teacher, k)
+                ids, lp, tail = teacher_topk(teacher, k)
                 topk_s[k] += time.perf_counter() - start
                 q = student.double().gather(1, ids) - student_lse[:, None]
                 outside = student.double().scatter(1, ids, -torch.inf)
@@ -259,7 +260,7 @@ def main(argv=None) -> None:
     print(f"bare teacher forward (CPU, {args.threads} thread(s), whole sequences): {forward_s / n * 1e6:.0f} ms per 1000 response steps\n")
 
     header = ("| K | B/token | (Arrow IPC body) | naive B/token | ratio | KL mean | KL max | kl_bound max | "
-              "loss change: mean abs, mean (loss mean) | naive: KL mean, loss change | encode ms/1k | decode ms/1k | topk_targets ms/1k |")
+              "loss change: mean abs, mean (loss mean) | naive: KL mean, loss change | encode ms/1k | decode ms/1k | teacher_topk ms/1k |")
     print(header)
     print("|" + " ---: |" * (header.count("|") - 1))
     results = {}

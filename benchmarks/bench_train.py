@@ -13,6 +13,13 @@ and peak memory as ratios to plain SFT:
 * pact-train-sft, pact-train-tokenwise, pact-train-pact+tokenwise, pact-train-refkl, pact-train-refkl+tokenwise
                  -- the same loop with lambda 0 (plain SFT) and with each other `--objective`:
                     the methods of benchmarks/reproduce_small.py, timed side by side
+* pact-train-kd, pact-train-pact+kd
+                 -- the same loop distilling from the cache's teacher top-K (`--objective kd`, `pact+kd`)
+* cached-kd      -- `--objective kd` from the cache in the hand loop above (no teacher in memory)
+* online-kd      -- the same with the teacher in memory (a second copy of the model, one more forward per
+                    step, `OnlineTeacher`): what a KD cache saves
+
+The cache is built with `--kd_top_k` (default 50), so every variant reads the same rows.
 
 Peak memory is the process's peak RSS on CPU and `torch.cuda.max_memory_allocated`
 on CUDA. `--dtype` sets the weight dtype of every variant (`pact train --dtype`;
@@ -45,8 +52,10 @@ TRAIN_OBJECTIVES = {  # `pact train` variants: (objective, lambda)
     "pact-train-pact+tokenwise": ("pact+tokenwise", 1.0),
     "pact-train-refkl": ("refkl", 1.0),
     "pact-train-refkl+tokenwise": ("refkl+tokenwise", 1.0),
+    "pact-train-kd": ("kd", 1.0),
+    "pact-train-pact+kd": ("pact+kd", 1.0),
 }
-VARIANTS = ("sft", "online-separate", "online-adapter", "cached", *TRAIN_OBJECTIVES)
+VARIANTS = ("sft", "online-separate", "online-adapter", "cached", "cached-kd", "online-kd", *TRAIN_OBJECTIVES)
 
 
 def _peak_memory_mb(device) -> float:
@@ -65,6 +74,7 @@ def _worker(args) -> None:
     from pact.cache_tools import CacheReader
     from pact.data.chat import assistant_header_ids
     from pact.data.batch import collate_rows
+    from pact.objective.distillation import OnlineTeacher
     from pact.objective.loss import cached_pact_loss, pact_batch_loss
     from pact.models.loading import load_model
     from pact.objective.settings import ObjectiveArguments
@@ -97,7 +107,8 @@ def _worker(args) -> None:
 
     loaded = load_model(reader.manifest["model_source"], device=args.device, dtype=args.dtype)
     tok = loaded.tokenizer
-    reference_model = load_model(reader.manifest["model_source"], device=args.device, dtype=args.dtype).model if args.variant == "online-separate" else None
+    separate = args.variant in ("online-separate", "online-kd")
+    reference_model = load_model(reader.manifest["model_source"], device=args.device, dtype=args.dtype).model if separate else None
     model = get_peft_model(loaded.model, LoraConfig(**lora))
     model.train()
     device = next(model.parameters()).device
@@ -106,9 +117,13 @@ def _worker(args) -> None:
     safety_ids = torch.tensor(safety["ids"])
     weights = torch.tensor(safety["weights"])
     pad = tok.pad_token_id
-    if args.variant.startswith("online"):
+    if args.variant.endswith("kd"):
+        cfg = ObjectiveArguments(objective="kd")
+    if args.variant in ("online-separate", "online-adapter"):
         online = OnlineTargets(reference_model if reference_model is not None else model, safety_ids,
                                  assistant_header_ids(tok), cfg, pad)
+    if args.variant == "online-kd":
+        online = OnlineTeacher(reference_model, reader.layout.kd_top_k)
 
     times = []
     for index, batch in enumerate(batches):
@@ -127,7 +142,7 @@ def _worker(args) -> None:
                 for start, end in r["response_spans"].tolist():
                     labels[i, start:end] = seq[start:end]
             loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
-        elif args.variant == "cached":
+        elif args.variant in ("cached", "cached-kd"):
             loss = cached_pact_loss(model, batch, safety_ids, weights, cfg, pad).loss
         else:
             loss = pact_batch_loss(model, online.fill(collate_rows(batch, pad)), safety_ids, weights, cfg).loss
@@ -158,6 +173,7 @@ def main() -> None:
     parser.add_argument("--model", help="model the cache is built with, and every variant trains (default: the embedded "
                                         "model); ignored with --cache, whose manifest names its model")
     parser.add_argument("--rows", type=int, default=32, help="rows to train on (default 32)")
+    parser.add_argument("--kd-top-k", type=int, default=50, help="the built cache's --kd_top_k, for the kd variants (default 50)")
     parser.add_argument("--max-length", type=int, default=256, help="cache --max-length (default 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step (default 4)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (default 6)")
@@ -181,7 +197,7 @@ def main() -> None:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
         if not args.cache:
             build = [sys.executable, "-m", "pact.cli.cache", "build", "--out", str(cache), "--max-length", str(args.max_length),
-                     "--limit", str(args.rows), "--dtype", "float32"]
+                     "--limit", str(args.rows), "--dtype", "float32", "--kd_top_k", str(args.kd_top_k)]
             if args.data:
                 build += ["--data", args.data]
             if args.model:

@@ -20,6 +20,7 @@ equals a single-process build shard for shard.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import sys
@@ -46,12 +47,14 @@ from pact.cache_tools.reader import read_shard_table
 from pact.cache_tools.settings import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD, check_build_numbers
 from pact.cache_tools.schema import StepValues, build_table, encode_steps
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, MANIFEST_NAME, RANK_MANIFEST_PATTERN, SAFETY_TOKENS_NAME, TEMP_PATTERN, DirectoryLock, make_directory, rank_manifest_name, refuse_file_in_the_way, shard_index, write_shard
+from pact.data.batch import collate_examples
 from pact.data.chat import EncodedExample, assistant_header_ids
 from pact.devices import dtype_name
 from pact.distributed import all_gather, contiguous_part, current_ranks, run_on_main
 from pact.files import atomic_write
 from pact.models.loading import LoadedModel, pad_token_id, tokenizer_matches
 from pact.models.parts import causal_lm_parts
+from pact.objective.distillation import teacher_batch_topk
 from pact.objective.reference import ReferenceTargets, reference_targets
 from pact.objective.safety_tokens import SafetyTokens
 from pact.objective.settings import ObjectiveArguments
@@ -126,6 +129,25 @@ def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, 
     aligned = safety_tokens.fingerprints.get("aligned_model")
     if aligned and aligned != model.fingerprint:
         _note(f"warning: the safety tokens were computed for another model ({aligned}), building anyway")
+
+
+def _check_teacher(model: LoadedModel, teacher: LoadedModel | None, kd_top_k: int | None, vocab_size: int) -> None:
+    """Refuse a distillation setting no build can use: a teacher without --kd_top_k, a K not below the vocabulary, or a
+    teacher whose tokenizer or vocabulary differs from the reference's (its top-K ids would name other tokens)."""
+    if teacher is not None and kd_top_k is None:
+        raise CacheError("a teacher was given without --kd_top_k: say how many of its top tokens to store per step")
+    if kd_top_k is not None and kd_top_k >= vocab_size:
+        raise CacheError(f"--kd_top_k {kd_top_k} must be below the vocabulary size {vocab_size}")
+    if teacher is None:
+        return
+    if not tokenizer_matches(teacher.tokenizer, model.tokenizer_fingerprint):
+        raise CacheError(f"the teacher {teacher.source} has another tokenizer than the model {model.source} (fingerprint "
+                         f"{teacher.tokenizer_fingerprint} vs {model.tokenizer_fingerprint}): its top-K ids would name other "
+                         "tokens; distil from a teacher of the same tokenizer")
+    teacher_vocab = int(causal_lm_parts(teacher.model)[1].shape[0])
+    if teacher_vocab != vocab_size:
+        raise CacheError(f"the teacher {teacher.source} has {teacher_vocab} output logits and the model {model.source} "
+                         f"{vocab_size}: distil from a teacher of the same vocabulary")
 
 
 def _same_build(manifests: list[dict]) -> None:
@@ -255,20 +277,31 @@ def encode_reference(refs: list[ReferenceTargets], safety_tokens: SafetyTokens, 
                         None if index is None else numpy(index),
                         numpy(torch.cat([r.full_logits for r in refs])[:, list(layout.other_positions)]) if reference else None,
                         numpy(torch.cat([r.rest_logprob for r in refs])) if reference else None)
+    if layout.kd_top_k is not None:
+        values.kd_ids, values.kd_logprobs, values.kd_tail = (numpy(torch.cat([getattr(r, name) for r in refs]))
+                                                             for name in ("kd_ids", "kd_logprobs", "kd_tail"))
     bounds = np.cumsum([len(r.post_count) for r in refs])[:-1]
     split = {name: np.split(array, bounds) for name, array in encode_steps(values, layout).items()}
     return [{name: parts[i] for name, parts in split.items()} for i in range(len(refs))]
 
 
 def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
-                        objective: ObjectiveArguments, header_ids: list[int], batch_size: int, progress: _ProgressBar) -> list[dict[str, np.ndarray]]:
-    """Reference values of a shard's examples, encoded per example (in example order), batched by length."""
+                        objective: ObjectiveArguments, header_ids: list[int], batch_size: int, progress: _ProgressBar,
+                        teacher: LoadedModel | None = None) -> list[dict[str, np.ndarray]]:
+    """Reference values of a shard's examples, encoded per example (in example order), batched by length; a
+    distillation layout's top-K come from the reference's own logits, or from a forward pass of `teacher`."""
     ids = safety_tokens.id_tensor()
     pad_id = pad_token_id(model.tokenizer)
     steps: list[dict[str, np.ndarray] | None] = [None] * len(examples)
     for chosen in length_batches(examples, batch_size):
         batch = [examples[i] for i in chosen]
-        refs = reference_targets(model.model, batch, ids, header_ids, objective.p0, objective.gate_temperature, pad_id)
+        refs = reference_targets(model.model, batch, ids, header_ids, objective.p0, objective.gate_temperature, pad_id,
+                                 layout.kd_top_k if teacher is None else None)
+        if teacher is not None:
+            top = teacher_batch_topk(teacher.model, collate_examples(batch, pad_id), layout.kd_top_k)
+            sizes = [len(ex.response_ids) for ex in batch]
+            refs = [dataclasses.replace(ref, kd_ids=i, kd_logprobs=lp, kd_tail=t)
+                    for ref, i, lp, t in zip(refs, top.ids.split(sizes), top.logprobs.split(sizes), top.tail.split(sizes))]
         for position, encoded in zip(chosen, encode_reference(refs, safety_tokens, layout, objective.temperature)):
             steps[position] = encoded
         progress.advance(batch)
@@ -322,7 +355,7 @@ def _shard_examples(examples: list[EncodedExample], rows_per_shard: int, index: 
 
 def _write_shards(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
                   objective: ObjectiveArguments, header_ids: list[int], batch_size: int, rows_per_shard: int, zstd_level: int,
-                  todo: list[int], record: _RankProgress, progress: _ProgressBar) -> None:
+                  todo: list[int], record: _RankProgress, progress: _ProgressBar, teacher: LoadedModel | None) -> None:
     """Build and write the shards `todo` (indices), recording each in this process's progress manifest.
 
     Shard i is compressed and written in a worker thread while the next one
@@ -333,7 +366,7 @@ def _write_shards(model: LoadedModel, examples: list[EncodedExample], safety_tok
         pending = None
         for index in todo:
             chunk = _shard_examples(examples, rows_per_shard, index)
-            steps = _encode_shard_steps(model, chunk, safety_tokens, layout, objective, header_ids, batch_size, progress)
+            steps = _encode_shard_steps(model, chunk, safety_tokens, layout, objective, header_ids, batch_size, progress, teacher)
             table = build_table(chunk, steps, layout)
             if pending is not None:
                 record.record(pending[0], pending[1].result())
@@ -375,6 +408,8 @@ def build_cache(
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    kd_top_k: int | None = None,
+    teacher: LoadedModel | None = None,
 ) -> BuildResult:
     """Run the reference `model` once over `examples` and store what the PACT objective needs in `out_dir`.
 
@@ -408,14 +443,22 @@ def build_cache(
     recorded as `params.threads`; None keeps torch's current count). With other
     thread counts or builds the values agree within float32 rounding, plus one
     storage step where rounding crosses a quantisation boundary.
+
+    `kd_top_k` K also stores, per response step, a teacher's top-K ids, their
+    log-probs and the log of its remaining mass (docs/distillation.md): the
+    reference's own, from the logits it computes anyway, or those of `teacher`,
+    a model with the same tokenizer (checked by fingerprint), in one more
+    forward pass per batch.
     """
     started = time.perf_counter()
     check_dtype(dtype)
-    check_build_numbers(batch_size, rows_per_shard, threads, top_k, zstd_level)
+    check_build_numbers(batch_size, rows_per_shard, threads, top_k, zstd_level, kd_top_k)
     out = Path(out_dir).expanduser()
     vocab_size = int(causal_lm_parts(model.model)[1].shape[0])
     _check_arguments(examples, safety_tokens, model, vocab_size, part_index, part_count)
-    layout = Layout.create(dtype, safety_tokens.ids, safety_tokens.weights, vocab_size, top_k)
+    _check_teacher(model, teacher, kd_top_k, vocab_size)
+    layout = Layout.create(dtype, safety_tokens.ids, safety_tokens.weights, vocab_size, top_k, kd_top_k)
+    distiller = teacher or model
     header_ids = assistant_header_ids(model.tokenizer)
     parameter = next(model.model.parameters())
     manifest = new_manifest(
@@ -432,6 +475,7 @@ def build_cache(
         data=data,
         software=_software(),
         part={"index": part_index, "count": part_count} if part_count > 1 else None,
+        kd_teacher={"source": distiller.source, "fingerprint": distiller.fingerprint} if kd_top_k else None,
     )
     ranks = current_ranks()
     shards = -(-len(examples) // rows_per_shard)
@@ -452,7 +496,7 @@ def build_cache(
             done_rows = sum(entry["rows"] for entry in record.done.values())
             with _ProgressBar(rows, done_rows, progress and ranks.is_main) as bar, intra_op_threads(threads):
                 _write_shards(model, examples, safety_tokens, layout, objective, header_ids, batch_size, rows_per_shard,
-                              zstd_level, todo, record, bar)
+                              zstd_level, todo, record, bar, teacher)
             reports = all_gather((manifest, kept))
             final = run_on_main(lambda: _finish(out, manifest, [m for m, _ in reports]))
         except CacheWriteError as err:

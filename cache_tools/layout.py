@@ -51,7 +51,9 @@ class Layout:
     model's vocabulary; top_k: K columns of S+ kept per step, or None for all;
     stored_positions: the positions of S+ within S (what the objective's
     columns index, precomputed once per layout); format_version: of the shards;
-    other_positions: the positions within S of the zero-weight tokens.
+    other_positions: the positions within S of the zero-weight tokens;
+    kd_top_k: K of a distillation cache (the teacher's top-K ids, log-probs and
+    tail per step, `topk_codec`), or None.
     """
 
     dtype: str
@@ -62,23 +64,26 @@ class Layout:
     stored_positions: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION
     other_positions: tuple[int, ...] = ()
+    kd_top_k: int | None = None
 
     def __post_init__(self):
         check_dtype(self.dtype)
 
     @classmethod
-    def create(cls, dtype: str, ids: list[int], weights: list[float], vocab_size: int, top_k: int | None) -> "Layout":
-        """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact)."""
+    def create(cls, dtype: str, ids: list[int], weights: list[float], vocab_size: int, top_k: int | None,
+               kd_top_k: int | None = None) -> "Layout":
+        """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact); `kd_top_k` K adds
+        a teacher's top-K per step."""
         stored = tuple(int(i) for i, w in zip(ids, weights) if w > 0)
         return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None,
-                   positive_positions(weights), other_positions=other_positions(weights))
+                   positive_positions(weights), other_positions=other_positions(weights), kd_top_k=kd_top_k)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Layout":
         """The layout a manifest describes (of the manifest's format version)."""
         weights = manifest["safety_tokens"]["weights"]
         return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(weights), manifest["vocab_size"], manifest["top_k"],
-                   positive_positions(weights), manifest["format_version"], other_positions(weights))
+                   positive_positions(weights), manifest["format_version"], other_positions(weights), manifest.get("kd_top_k"))
 
     @property
     def stores_reference(self) -> bool:

@@ -55,6 +55,8 @@ IDENTITY = (
     ("safety-token weights", ("safety_tokens", "weights")),
     ("dtype", ("dtype",)),
     ("top_k", ("top_k",)),
+    ("kd_top_k", ("kd_top_k",)),
+    ("distillation teacher fingerprint", ("kd_teacher", "fingerprint")),
     ("gate", ("gate",)),
     ("objective temperature", ("objective_temperature",)),
     ("train_on (which assistant turns are responses)", ("data", "train_on")),
@@ -194,8 +196,10 @@ def new_manifest(
     data: dict | None,
     software: dict,
     part: dict | None = None,
+    kd_teacher: dict | None = None,
 ) -> dict:
-    """An empty (`complete: false`, no shards) manifest for a build (of `part` = {index, count} of the data, or all of it)."""
+    """An empty (`complete: false`, no shards) manifest for a build (of `part` = {index, count} of the data, or all of it;
+    with a distillation layout, `kd_teacher` {source, fingerprint} names the teacher)."""
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -215,6 +219,8 @@ def new_manifest(
         "fingerprints": fingerprints,
         "data": data,
         "part": part,
+        "kd_top_k": layout.kd_top_k,
+        "kd_teacher": kd_teacher,
         "shards": [],
     }
     return set_totals(manifest)
@@ -278,6 +284,8 @@ def _value_problems(m: dict) -> list[str]:
         (isinstance(m["complete"], bool), "complete", "is not true or false"),
         (m["dtype"] in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}"),
         (m["top_k"] is None or is_integer(m["top_k"], 1), "top_k", "is neither null nor an integer >= 1"),
+        (m.get("kd_top_k") is None or (is_integer(m["kd_top_k"], 1) and m["kd_top_k"] < vocab), "kd_top_k",
+         "is neither null nor an integer in 1..vocab_size - 1"),
         (vocab != math.inf, "vocab_size", "is not an integer >= 1"),
         (_int_list(m["stored_ids"], 0, vocab), "stored_ids", f"is not a list of token ids below vocab_size {m['vocab_size']}"),
         (_int_list(m["header_ids"], 0, vocab), "header_ids", "is not a list of token ids"),

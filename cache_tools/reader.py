@@ -234,7 +234,8 @@ class CacheReader:
         return CacheIterableDataset(self, rank, world_size, shuffle, seed)
 
     def to_hf_dataset(self, cache_dir: str | None = None):
-        """The rows as a `datasets.Dataset` (written once to the datasets cache, keyed by the shards' sha256)."""
+        """The rows as a `datasets.Dataset` (written once to the datasets cache, keyed by the shards' sha256): every key a
+        row has, the teacher top-K of a distillation cache included, for any other training loop."""
         from datasets import Dataset, Features, List, Value
 
         per_step = List(List(Value("float32")))
@@ -251,6 +252,8 @@ class CacheReader:
             "target_logprob": List(Value("float32")),
             "logsumexp": List(Value("float32")),
             **({"reference_logits": per_step, "rest_logprob": List(Value("float32"))} if self.layout.stores_reference else {}),
+            **({"kd_ids": List(List(Value("int64"))), "kd_logprobs": per_step, "kd_tail": List(Value("float32"))}
+               if self.layout.kd_top_k else {}),
         })
         return Dataset.from_generator(
             _hf_rows, features=features, cache_dir=cache_dir,

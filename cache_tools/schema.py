@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pact.cache_tools import codec
+import zstandard
+
+from pact.cache_tools import codec, topk_codec
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import FORMAT_VERSION, Layout
 from pact.cache_tools.writer import SCHEMA_VERSION_KEY
@@ -30,6 +32,14 @@ from pact.data.chat import EncodedExample
 LOGIT_COLUMNS = ("full_logits", "post_logits")
 OTHER_COLUMN = "other_logits"  # format 3: the full-context logits on the zero-weight safety tokens (format 4, int8: their log-probability codes)
 MATRIX_COLUMNS = (*LOGIT_COLUMNS, OTHER_COLUMN, "safety_index")  # fixed_size_list fields: [n_resp, width] per row
+# A distillation layout's teacher top-K, as `encode_steps` passes them on to `build_table`, which encodes a shard's at once.
+RAW_KD = ("raw_kd_ids", "raw_kd_logprobs", "raw_kd_tail")
+KD_DICTIONARY_KEY = b"pact_kd_dictionary"  # shard schema metadata: the zstd-compressed per-shard id dictionary of topk_codec
+
+
+def is_matrix(name: str) -> bool:
+    """Whether step field `name` holds a fixed-size list per step (else one value)."""
+    return name in MATRIX_COLUMNS or (name.startswith(topk_codec.PREFIX) and name not in topk_codec.SCALAR_FIELDS)
 
 
 def logit_columns(layout: Layout) -> tuple[str, ...]:
@@ -44,7 +54,9 @@ class StepValues:
     full_logits/post_logits: [n, width] float32 on the stored columns;
     post_count, target_logprob, logsumexp: [n]; index: [n, K] positions in S+
     of the kept columns (top-k layouts) or None; other_logits [n, |S| - |S+|]
-    and rest_logprob [n] where the layout stores the reference (else None).
+    and rest_logprob [n] where the layout stores the reference (else None);
+    kd_ids [n, K], kd_logprobs [n, K], kd_tail [n]: a distillation layout's
+    teacher top-K (else None).
     """
 
     full_logits: np.ndarray
@@ -55,6 +67,9 @@ class StepValues:
     index: np.ndarray | None = None
     other_logits: np.ndarray | None = None
     rest_logprob: np.ndarray | None = None
+    kd_ids: np.ndarray | None = None
+    kd_logprobs: np.ndarray | None = None
+    kd_tail: np.ndarray | None = None
 
 
 def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
@@ -72,6 +87,8 @@ def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
         columns.append(("rest_logprob", extras, 1))
     if layout.top_k is not None:
         columns.append(("safety_index", layout.index_type, layout.top_k))
+    if layout.kd_top_k is not None:
+        columns += topk_codec.step_fields(layout.kd_top_k, layout.vocab_size)
     return columns
 
 
@@ -84,14 +101,15 @@ def arrow_schema(layout: Layout) -> pa.Schema:
     ]
     if layout.format_version >= 2:
         fields.append(pa.field("response_spans", pa.list_(pa.list_(pa.int32(), 2)), nullable=False))
-    step = pa.struct([pa.field(name, pa.list_(kind, width) if name in MATRIX_COLUMNS else kind, nullable=False)
+    step = pa.struct([pa.field(name, pa.list_(kind, width) if is_matrix(name) else kind, nullable=False)
                       for name, kind, width in step_columns(layout)])
     fields.append(pa.field("steps", pa.list_(step), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(layout.format_version), "dtype": layout.dtype})
 
 
 def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
-    """Encode a run of steps into the storage arrays of every step field ([n] or [n, width])."""
+    """Encode a run of steps into the storage arrays of every step field ([n] or [n, width]); a distillation layout's
+    teacher top-K pass through raw (`RAW_KD`), for `build_table` to encode with the rest of the shard's."""
     count_dtype = np.uint8 if layout.count_type == pa.uint8() else np.uint16
     extras = codec.extras_dtype(layout.dtype)
     convert = codec.to_float16 if extras == "float16" else (lambda x: np.asarray(x, dtype=np.float32))
@@ -108,6 +126,8 @@ def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
         out["rest_logprob"] = convert(np.minimum(values.rest_logprob, 0.0))
     if layout.top_k is not None:
         out["safety_index"] = values.index.astype(np.uint8 if layout.index_type == pa.uint8() else np.uint16)
+    if layout.kd_top_k is not None:
+        out |= dict(zip(RAW_KD, (values.kd_ids, values.kd_logprobs, values.kd_tail)))
     return out
 
 
@@ -132,10 +152,12 @@ def build_table(examples: list[EncodedExample], steps: list[dict[str, np.ndarray
     step_offsets = np.concatenate([[0], np.cumsum(n_resp)])
     token_dtype = np.uint16 if layout.token_type == pa.uint16() else np.int32
     schema = arrow_schema(layout)
+    encoded, metadata = _encode_shard_kd(steps, step_offsets, layout)
     fields = []
     for name, kind, width in step_columns(layout):
-        values = pa.array(np.concatenate([s[name].reshape(-1) for s in steps]), type=kind)
-        fields.append(pa.FixedSizeListArray.from_arrays(values, width) if name in MATRIX_COLUMNS else values)
+        stored = encoded[name] if name in encoded else np.concatenate([s[name].reshape(-1) for s in steps])
+        values = pa.array(stored.reshape(-1), type=kind)
+        fields.append(pa.FixedSizeListArray.from_arrays(values, width) if is_matrix(name) else values)
     arrays = [
         pa.array([ex.example_id for ex in examples], type=pa.int64()),
         _list_array(token_offsets, pa.array(np.concatenate([np.asarray(ex.input_ids, dtype=token_dtype) for ex in examples]), type=layout.token_type)),
@@ -143,7 +165,18 @@ def build_table(examples: list[EncodedExample], steps: list[dict[str, np.ndarray
         _list_array(np.concatenate([[0], np.cumsum(span_counts)]), pa.FixedSizeListArray.from_arrays(pa.array(spans, pa.int32()), 2)),
         _list_array(step_offsets, pa.StructArray.from_arrays(fields, fields=list(schema.field("steps").type.value_type))),
     ]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return pa.Table.from_arrays(arrays, schema=schema.with_metadata({**schema.metadata, **metadata}))
+
+
+def _encode_shard_kd(steps: list[dict[str, np.ndarray]], step_offsets: np.ndarray, layout: Layout
+                     ) -> tuple[dict[str, np.ndarray], dict[bytes, bytes]]:
+    """A distillation layout's teacher top-K of a whole shard, encoded at once (the codec's id dictionary is per shard):
+    the step fields, and the schema metadata holding the dictionary. Nothing for other layouts."""
+    if layout.kd_top_k is None:
+        return {}, {}
+    raw = [np.concatenate([s[name] for s in steps]) for name in RAW_KD]
+    fields, dictionary = topk_codec.encode_topk(*raw, step_offsets, layout.vocab_size)
+    return fields, {KD_DICTIONARY_KEY: zstandard.ZstdCompressor(level=3).compress(np.asarray(dictionary, np.uint8).tobytes())}
 
 
 def _offsets_and_values(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -200,10 +233,11 @@ class ShardRows:
         self._check_rows(np.diff(self.step_offsets) != span_tokens,
                          "the number of steps is not the number of response tokens (the spans' total length)")
         self.columns: dict[str, np.ndarray] = {
-            column: _numpy(fields[column].flatten()).reshape(-1, width) if column in MATRIX_COLUMNS else _numpy(fields[column])
+            column: _numpy(fields[column].flatten()).reshape(-1, width) if is_matrix(column) else _numpy(fields[column])
             for column, _, width in step_columns(layout)
         }
         self._check_values()
+        self.kd = self._decode_kd(table.schema.metadata or {})
 
     def _read_spans(self, table: pa.Table, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(offsets [rows + 1], spans [M, 2]) of the rows' response spans, checked; version 1: [response_start, length)."""
@@ -264,6 +298,24 @@ class ShardRows:
             self._check_items(self.columns["safety_index"] >= len(layout.stored_ids), steps, "response step",
                               f"safety_index outside 0..{len(layout.stored_ids) - 1}")
 
+    def _decode_kd(self, metadata: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A distillation layout's teacher top-K of every step (ids int32 [steps, K], log-probs float32 [steps, K],
+        tail float32 [steps]), decoded once for the shard; the storage fields are dropped. None for other layouts."""
+        layout = self.layout
+        if layout.kd_top_k is None:
+            return None
+        if KD_DICTIONARY_KEY not in metadata:
+            raise CacheError(f"{self.name}: the schema metadata holds no {KD_DICTIONARY_KEY.decode()} (the teacher top-K's "
+                             "id dictionary) although the manifest says kd_top_k")
+        try:
+            dictionary = np.frombuffer(zstandard.ZstdDecompressor().decompress(metadata[KD_DICTIONARY_KEY]), dtype=np.uint8)
+            names = [name for name, _, _ in topk_codec.step_fields(layout.kd_top_k, layout.vocab_size)]
+            ids, logprobs, tail = topk_codec.decode_topk({name: self.columns.pop(name) for name in names}, dictionary,
+                                                         self.step_offsets, layout.kd_top_k, layout.vocab_size)
+        except (zstandard.ZstdError, CacheError) as err:
+            raise CacheError(f"{self.name}: the teacher top-K cannot be decoded: {err}") from err
+        return ids.astype(np.int32 if layout.vocab_size <= 1 << 31 else np.int64), logprobs, tail
+
     def __len__(self) -> int:
         return len(self.example_id)
 
@@ -276,7 +328,7 @@ class ShardRows:
     def nbytes(self) -> int:
         """Memory held by the decoded arrays."""
         arrays = [self.example_id, self.response_start, self.token_offsets, self.input_ids, self.step_offsets, self.span_offsets,
-                  self.spans, *self.columns.values()]
+                  self.spans, *self.columns.values(), *(self.kd or ())]
         return sum(a.nbytes for a in arrays)
 
     def _parts(self, column: str, steps: slice) -> dict[str, np.ndarray]:
@@ -306,7 +358,9 @@ class ShardRows:
     def row(self, index: int) -> dict:
         """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids); where the layout
         stores the reference (format 3 without top-k), also `reference_logits`, the full-context logits on all of S in
-        S's order, and `rest_logprob`, the log of the reference's probability outside S."""
+        S's order, and `rest_logprob`, the log of the reference's probability outside S; with a distillation layout,
+        `kd_ids` (int64 [n_resp, K], by descending log-prob), `kd_logprobs` (float32 [n_resp, K]) and `kd_tail`
+        (float32 [n_resp]), the teacher's top-K and the log of its remaining mass."""
         tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
         steps = self.step_range(index)
         if self.layout.top_k is None:
@@ -334,4 +388,8 @@ class ShardRows:
             reference[:, list(self.layout.other_positions)] = self.logits(OTHER_COLUMN, steps)
             row |= {"reference_logits": torch.from_numpy(reference),
                     "rest_logprob": torch.from_numpy(self.columns["rest_logprob"][steps].astype(np.float32))}
+        if self.kd is not None:
+            ids, logprobs, tail = self.kd
+            row |= {"kd_ids": torch.from_numpy(ids[steps].astype(np.int64)), "kd_logprobs": torch.from_numpy(logprobs[steps].copy()),
+                    "kd_tail": torch.from_numpy(tail[steps].copy())}
         return row

@@ -20,10 +20,11 @@ OBJECTIVE_FIELDS = ("p0", "gate_temperature", "temperature")  # the `ObjectiveAr
 MAX_THREADS = 1024  # intra-op threads a build may ask for: more than any machine has cores, far fewer than would exhaust it
 
 
-def check_build_numbers(batch_size: int, rows_per_shard: int, threads: int | None, top_k: int | None, zstd_level: int) -> None:
+def check_build_numbers(batch_size: int, rows_per_shard: int, threads: int | None, top_k: int | None, zstd_level: int,
+                        kd_top_k: int | None = None) -> None:
     """Refuse numbers no build can use (`InvalidSetting` naming the field), before any work is done: the one check of
     `BuildArguments` and of `build_cache` called from Python."""
-    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard), ("top_k", top_k)):
+    for name, value in (("batch_size", batch_size), ("rows_per_shard", rows_per_shard), ("top_k", top_k), ("kd_top_k", kd_top_k)):
         if value is not None:
             check_setting(name, value, 1, integer=True)
     if threads is not None:
@@ -65,6 +66,13 @@ class BuildArguments(ExampleArguments):
     top_k: int | None = field(default=None, metadata={
         "help": "store only the K safety tokens with the largest w*exp(logit/T) per step (approximate; default: all with "
                 "weight > 0, exact)"})
+    kd_top_k: int | None = field(default=None, metadata={
+        "help": "also store, per response token, a teacher's top-K token ids, their log-probs and the exact log of its "
+                "remaining mass, for distillation (--objective kd or pact+kd; docs/distillation.md). K = 50 adds about "
+                "60 bytes per token"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "with --kd_top_k: the teacher (directory, hub id, .gguf), a model with the same tokenizer as --model, "
+                "e.g. a larger one of its family (default: --model itself)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N rows of the data"})
     skip_invalid: bool = field(default=False, metadata={"help": "skip rows that cannot be read or encoded instead of stopping"})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "examples per forward pass"})
@@ -92,7 +100,9 @@ class BuildArguments(ExampleArguments):
         """Refuse a value no build can use, naming the field."""
         if not self.out:
             raise InvalidSetting("out", "out is required: the cache directory to create")
-        check_build_numbers(self.batch_size, self.rows_per_shard, self.threads, self.top_k, self.zstd_level)
+        check_build_numbers(self.batch_size, self.rows_per_shard, self.threads, self.top_k, self.zstd_level, self.kd_top_k)
+        if self.teacher and self.kd_top_k is None:
+            raise InvalidSetting("teacher", "teacher needs kd_top_k: how many of the teacher's top tokens to store per step")
         self.check_example_settings()
         if self.limit is not None:
             check_setting("limit", self.limit, 1, integer=True)

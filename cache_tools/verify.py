@@ -24,16 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pact.cache_tools import codec
+from pact.cache_tools import codec, topk_codec
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
 from pact.cache_tools.reader import CacheReader
 from pact.cache_tools.schema import OTHER_COLUMN
 from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
+from pact.data.batch import collate_examples
 from pact.data.chat import EncodedExample
 from pact.models.loading import load_model, pad_token_id
+from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
 from pact.objective.reference import reference_targets
+from pact.objective.student import logsumexp_outside
 
 RECOMPUTE_ATOL = 2e-3
 RECOMPUTE_RTOL = 1e-3
@@ -127,6 +130,34 @@ def _check_shards(directory: Path, report: VerifyReport) -> CacheReader:
     return reader
 
 
+def _teacher_for_recompute(manifest: dict, loaded, report: VerifyReport):
+    """The model a distillation cache's top-K came from, when it is the reference itself (else a note: another teacher's
+    values are not recomputed); None for other caches."""
+    teacher = manifest.get("kd_teacher")
+    if not teacher:
+        return None
+    if teacher["fingerprint"] == loaded.fingerprint:
+        return loaded.model
+    report.notes.append(f"recompute: the teacher top-K came from {teacher['source']!r}, another model than the reference; "
+                        "they are not recomputed")
+    return None
+
+
+def _recomputed_teacher(teacher, example: EncodedExample, row: dict, pad: int) -> dict[str, torch.Tensor]:
+    """The teacher's log-probs at the stored top-K ids and the log of its mass outside them, recomputed ({} without a
+    teacher). Taken at the stored ids, not by a new top-K, so recompute noise cannot swap near-tied ids at the K-th
+    place: wrong ids show as wrong log-probs."""
+    if teacher is None:
+        return {}
+    _, head = causal_lm_parts(teacher)
+    batch = collate_examples([example], pad)
+    with torch.inference_mode():
+        logits = float32_logits(hidden_states_at(teacher, batch.input_ids, batch.attention_mask, batch.rows, batch.positions), head)
+        logp = torch.log_softmax(logits, dim=-1)
+        ids = row["kd_ids"].to(logp.device)
+        return {"kd_logprobs": logp.gather(1, ids).cpu(), "kd_tail": logsumexp_outside(logp, ids).clamp(max=0.0).cpu()}
+
+
 def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
     """Re-run the reference on `count` random rows and compare with what is stored."""
     manifest = reader.manifest
@@ -138,6 +169,7 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
     safety_ids = reader.safety_ids
     gate = manifest["gate"]
     pad = pad_token_id(loaded.tokenizer)
+    teacher = _teacher_for_recompute(manifest, loaded, report)
     for index in sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader)))):
         shard_index, row_index = reader.locate(index)
         shard = reader.shard(shard_index)
@@ -156,11 +188,14 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
                 other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
             recomputed |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
             stored_values |= {OTHER_COLUMN: row["reference_logits"][:, other], "rest_logprob": row["rest_logprob"]}
+        recomputed |= _recomputed_teacher(teacher, example, row, pad)
+        stored_values |= {name: row[name] for name in ("kd_logprobs", "kd_tail") if name in recomputed}
         where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
         steps = shard.step_range(row_index)
         for column, values in recomputed.items():
             stored = stored_values[column].numpy()
-            allowed = shard.storage_tolerance(column, steps) + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
+            storage = topk_codec.tolerance(stored) if column.startswith("kd_") else shard.storage_tolerance(column, steps)
+            allowed = storage + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
             ratio = float((np.abs(values.float().numpy() - stored) / allowed).max(initial=0.0))
             report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)
             if ratio > 1:

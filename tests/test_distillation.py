@@ -1,6 +1,6 @@
-"""Distillation from a teacher's top-K and tail (docs/distillation.md): the exact targets, each KD loss of the
-objectives `kd` and `pact+kd` against a float64 transcription from the full-vocabulary distributions, and the online
-teacher."""
+"""Distillation from a teacher's top-K and tail (docs/distillation.md): each KD loss of the objectives `kd` and
+`pact+kd` against a float64 transcription from the full-vocabulary distributions, and the online teacher (the exact
+targets, `teacher_topk`, are tested in tests/test_topk_codec.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,10 @@ from test_cache_support import one_thread, tiny, tiny_examples, tiny_safety  # n
 from pact.data.batch import collate_examples
 from pact.data.chat import assistant_header_ids
 from pact.errors import InvalidSetting, PactError
-from pact.objective.distillation import OnlineTeacher, teacher_topk
+from pact.objective.distillation import OnlineTeacher
 from pact.objective.loss import pact_batch_loss
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.targets import OnlineTargets
-
-
-def test_teacher_topk_is_exact_against_float64():
-    """Ids are the K most likely (descending, ties within them by id), log-probs the full log-softmax, and the tail the log of the
-    mass outside, also when the top-K hold all but ~e^-70 of it (where log(1 - sum p) would be -inf)."""
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(9, 300, generator=generator) * 3
-    logits[0, :5] += 80.0
-    logits[1, :] = 0.0
-    logits[1, [20, 3, 15, 7, 10]] = 5.0  # the top 5 tied: by ascending id
-    top = teacher_topk(logits, 5, chunk_rows=4)
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    order = torch.argsort(-logp, dim=1, stable=True)[:, :5]  # stable: ties keep ascending ids
-    assert torch.equal(top.ids, order)
-    assert top.ids[1].tolist() == [3, 7, 10, 15, 20]
-    torch.testing.assert_close(top.logprobs.double(), logp.gather(1, order), rtol=0, atol=1e-5)
-    outside = torch.ones_like(logp, dtype=torch.bool).scatter_(1, order, False)
-    tail = torch.logsumexp(logp.masked_fill(~outside, float("-inf")), dim=1)
-    torch.testing.assert_close(top.tail.double(), tail, rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(top.tail).all() and top.tail[0] < -60
-    with pytest.raises(PactError, match="kd_top_k 300 must be below the vocabulary size 300"):
-        teacher_topk(logits, 300)
 
 
 def coarse_divergence_float64(student_vocab, teacher_vocab, ids, loss: str, temperature: float, beta: float = 0.5):

@@ -1,5 +1,5 @@
 """The knowledge-distillation top-K codec (`pact.cache_tools.topk_codec`): exact round trip of the ids, log-probs and
-tail within the stated tolerance on synthetic and adversarial shards, the KL bound, `topk_targets` against an
+tail within the stated tolerance on synthetic and adversarial shards, the KL bound, `teacher_topk` against an
 independent float64 computation, the Arrow fields, and corrupt input refused with a message."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 import torch
 import zstandard
 from pact.cache_tools import topk_codec as tc
+from pact.objective.distillation import teacher_topk
 from pact.cache_tools.errors import CacheError
+from pact.errors import PactError
 from pyarrow import ipc
 
 # --- independent references (float64 numpy) --------------------------------------------------------
@@ -216,17 +218,17 @@ def test_fields_are_fixed_width_and_named():
     assert len(tc.step_fields(8, 256)) == 1 + 2 + 2 and len(tc.step_fields(8, 65537)) == 3 + 2 + 2
 
 
-# --- topk_targets -----------------------------------------------------------------------------------
+# --- teacher_topk -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_topk_targets_match_a_float64_computation(dtype):
+def test_teacher_topk_match_a_float64_computation(dtype):
     logits = torch.from_numpy(lm_like_logits(97, 3001, 12) * 1.5).to(dtype)
     logits[0] = 0.0  # ties: ids ascending
     logits[1, 5:] = -math.inf  # fewer finite logits than k: -inf entries and an empty tail
     logits[2, :40] = 80.0  # the top-k hold nearly all the mass: the tail is tiny but exact
     k = 40
-    ids, lp, tail = tc.topk_targets(logits, k, chunk_rows=16)
+    ids, lp, tail = teacher_topk(logits, k, chunk_rows=16)
     assert ids.dtype == torch.int64 and lp.dtype == tail.dtype == torch.float32
     want_ids, want_lp, want_tail = exact_targets(logits.double().numpy(), k)
     np.testing.assert_array_equal(ids.numpy(), want_ids)
@@ -237,22 +239,22 @@ def test_topk_targets_match_a_float64_computation(dtype):
     np.testing.assert_allclose(tail.numpy()[ok], want_tail[ok], atol=2e-5, rtol=1e-5)
     assert want_tail[2] < -60 and abs(tail[2].item() - want_tail[2]) < 1e-3  # never log(1 - sum p)
     # chunking does not change anything
-    again = tc.topk_targets(logits, k)
+    again = teacher_topk(logits, k)
     for a, b in zip((ids, lp, tail), again):
         assert torch.equal(a, b)
 
 
-def test_topk_targets_refuses_k_at_least_vocab_and_nan():
+def test_teacher_topk_refuses_k_at_least_vocab_and_nan():
     logits = torch.randn(3, 10)
-    with pytest.raises(CacheError, match="k = 10 must be below the vocabulary size 10"):
-        tc.topk_targets(logits, 10)
-    with pytest.raises(CacheError, match="positive integer"):
-        tc.topk_targets(logits, 0)
+    with pytest.raises(PactError, match="kd_top_k 10 must be below the vocabulary size 10"):
+        teacher_topk(logits, 10)
+    with pytest.raises(PactError, match="positive integer"):
+        teacher_topk(logits, 0)
     logits[1, 3] = math.nan
-    with pytest.raises(CacheError, match="row 1: .*non-finite"):
-        tc.topk_targets(logits, 3)
-    with pytest.raises(CacheError, match=r"\[n, V\]"):
-        tc.topk_targets(torch.randn(10), 3)
+    with pytest.raises(PactError, match="step 1 give non-finite"):
+        teacher_topk(logits, 3)
+    with pytest.raises(PactError, match=r"\[N, V\]"):
+        teacher_topk(torch.randn(10), 3)
 
 
 # --- a real sample -----------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _model_sample(loaded, texts, k):
         for text in texts:
             tokens = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
             logits = loaded.model(tokens).logits[0, :-1].float()
-            ids, lp, tail = tc.topk_targets(logits, k)
+            ids, lp, tail = teacher_topk(logits, k)
             ids_all.append(ids.numpy()), lp_all.append(lp.numpy()), tail_all.append(tail.numpy())
             lengths.append(len(ids))
     return np.concatenate(ids_all), np.concatenate(lp_all), np.concatenate(tail_all), offsets_of(lengths), \
@@ -293,7 +295,7 @@ def test_embedded_model_top50_fits_the_budget(embedded):
         for ex in examples:
             logits = embedded.model(torch.tensor([ex.input_ids])).logits[0].float()
             positions = torch.tensor([p - 1 for start, end in ex.spans for p in range(start, end)])
-            ids, lp, tail = tc.topk_targets(logits[positions], 50)
+            ids, lp, tail = teacher_topk(logits[positions], 50)
             ids_all.append(ids.numpy()), lp_all.append(lp.numpy()), tail_all.append(tail.numpy())
             lengths.append(len(positions))
     ids, lp, tail, offsets = np.concatenate(ids_all), np.concatenate(lp_all), np.concatenate(tail_all), offsets_of(lengths)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pact.cache_tools.settings import OBJECTIVE_FIELDS, BuildArguments
 from pact.cache_tools.writer import SAFETY_TOKENS_NAME
-from pact.cli.common import device_name, integer_in, positive_int
+from pact.cli.common import device_name, integer_in, positive_float, positive_int
 from pact.cli.flags import add_dataclass_flags, dataclasses_from_flags
 from pact.cli.main import CommandParser, dispatch
 from pact.data.rows import DataSourceArguments
@@ -67,6 +67,7 @@ def _build(flags) -> int:
             print(f"pact-cache: skipped {report.skipped} invalid row(s) of {report.path} (first: {report.errors[0]})", file=sys.stderr)
         safety_tokens = run_on_main(lambda: _safety_tokens(args, tokenizer))
         loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
+        teacher = load_model(args.teacher, device=str(device), dtype=args.model_dtype) if args.teacher else None
         if safety_tokens is None:
             safety_tokens = run_on_main(lambda: _default_safety_tokens(args, loaded))
         result = build_cache(
@@ -77,6 +78,7 @@ def _build(flags) -> int:
             batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, zstd_level=args.zstd_level,
             part_index=args.shard_index, part_count=args.num_shards,
             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, threads=args.threads,
+            kd_top_k=args.kd_top_k, teacher=teacher,
         )
         if main_rank:
             print(result.summary())
@@ -122,6 +124,18 @@ def _merge(args) -> int:
     t = manifest["totals"]
     print(f"merged {len(args.dirs)} cache(s) into {args.out}: {t['rows']} rows, {t['response_tokens']} response tokens, "
           f"{t['shards']} shards, {t['bytes']} bytes")
+    return 0
+
+
+def _export(args) -> int:
+    """Write a distillation cache as the dataset axolotl's KD trainer reads, and print the YAML that trains from it."""
+    from pact.cache_tools.kd_export import axolotl_config, export_axolotl
+    from pact.cache_tools.reader import CacheReader
+
+    out = export_axolotl(CacheReader(args.dir), args.out, args.file_format, progress=not args.quiet, overwrite=args.overwrite,
+                         kd_temperature=args.kd_temperature)
+    print(f"exported {args.dir} to {out}; an axolotl config that trains from it:\n")
+    print(axolotl_config(out, kd_temperature=args.kd_temperature))
     return 0
 
 
@@ -184,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", metavar="DIR", nargs="+", help="input cache directories (whole caches: in order)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT (refused if OUT holds files pact-cache did not write)")
     p.set_defaults(func=_merge)
+
+    p = subparsers.add_parser("export", help="write a --kd_top_k cache as a dataset other trainers distil from (axolotl)",
+                              description="Write the teacher top-K of a cache built with --kd_top_k as the pre-tokenized "
+                                          "dataset axolotl's knowledge-distillation trainer reads (columns input_ids, "
+                                          "attention_mask, labels, target_token_ids, target_logprobs, target_mask; checked "
+                                          "against axolotl 0.19.0), and print the YAML that trains from it. Written to a "
+                                          "temporary folder, then renamed: a crash leaves no half-written OUT.")
+    p.add_argument("dir", metavar="DIR", help="cache directory (built with --kd_top_k)")
+    p.add_argument("--format", dest="target", choices=("axolotl",), default="axolotl",
+                   help="whose dataset layout to write (default axolotl)")
+    p.add_argument("--out", required=True, help="folder to create (required)")
+    p.add_argument("--file-format", "--file_format", dest="file_format", choices=("arrow", "parquet", "jsonl"), default="arrow",
+                   help="arrow: datasets' save_to_disk folder (default); parquet or jsonl: train-NNNNN-of-NNNNN files")
+    p.add_argument("--kd-temperature", "--kd_temperature", dest="kd_temperature", type=positive_float, default=1.0,
+                   help="the teacher's log-probs are renormalised over its top-K at this temperature, as axolotl's own "
+                        "offline path does; give axolotl the same kd_temperature (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_export)
     return parser
 
 

@@ -33,6 +33,17 @@ def integer_in(low: int, high: int | None = None):
 positive_int = integer_in(1)  # counts: --limit, --batch-size, --max-new-tokens, ...
 
 
+def positive_float(text: str) -> float:
+    """An argparse `type=`: a finite number > 0 (temperatures); a bad value makes argparse exit 2 naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def device_name(text: str) -> str:
     """An argparse `type=`: `auto` or a torch device name (`cpu`, `cuda`, `cuda:1`); a bad value makes argparse exit 2
     naming the flag, before any model is loaded."""

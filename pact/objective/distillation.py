@@ -13,7 +13,6 @@ The same targets come from a cache (`pact-cache build --kd_top_k K`) or live fro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +27,7 @@ from pact.objective.settings import ObjectiveArguments
 
 @dataclass
 class TeacherTopK:
-    """A teacher's targets for N response steps: its top-K ids [N, K] (int64, by descending log-prob, ties among them by
-    id; which of several tokens tied at the K-th place are kept is `torch.topk`'s choice),
+    """A teacher's targets for N response steps: its top-K ids [N, K] (int64, by descending log-prob, ties by id),
     their log-probs at temperature 1 [N, K] (float32, log_softmax of the full logits) and the log of its remaining
     mass [N] (float32)."""
 
@@ -37,13 +35,32 @@ class TeacherTopK:
     logprobs: torch.Tensor
     tail: torch.Tensor
 
+    def __iter__(self):
+        """(ids, logprobs, tail), so the targets unpack like a tuple."""
+        return iter((self.ids, self.logprobs, self.tail))
+
+
+def _lowest_ids_first(x: torch.Tensor, cut: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the top-k of rows `x` whose k-th and (k+1)-th largest values tie at `cut` [r, 1]: every id above the cut
+    and the smallest ids at it, ascending."""
+    above = x > cut
+    at = x == cut
+    need = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (at & (at.cumsum(dim=1, dtype=torch.int32) <= need))
+    return chosen.nonzero()[:, 1].view(len(x), k)
+
 
 def teacher_topk(logits: torch.Tensor, k: int, chunk_rows: int | None = None) -> TeacherTopK:
     """The exact top-`k` targets of logits [N, V] at temperature 1, on the logits' device: what a KD cache stores and
-    what the online teacher gives. The tail is summed over the logits outside the top-k, so it is exact however much
-    mass the top-k hold. Rows go in chunks of `chunk_rows` (default: about 2^24 logits each), so the memory beyond
-    the input is a few chunk-sized float32 temporaries, never an [N, V] copy. Raises `PactError` for k >= V (the tail
-    would be empty) or logits that give non-finite log-probs."""
+    what the online teacher gives, so both paths see the same values. Canonical: entries by descending log-prob, ties
+    by ascending id, and a tie across the K-th place keeps the smallest ids.
+
+    The tail is summed over the logits outside the top-k (never log(1 - sum p)), so it is exact however much mass the
+    top-k hold. Rows go in chunks of `chunk_rows` (default: about 2^24 logits each), read twice (the top-k, then the
+    masked exp-sum), so the memory beyond the input is one chunk-sized float32 temporary (two for non-float32
+    logits), never an [N, V] copy. Raises `PactError` for k >= V (the tail would be empty) or logits that give
+    non-finite log-probs.
+    """
     if logits.ndim != 2:
         raise PactError(f"teacher logits must be [N, V], got shape {tuple(logits.shape)}")
     n, vocab = logits.shape
@@ -58,19 +75,22 @@ def teacher_topk(logits: torch.Tensor, k: int, chunk_rows: int | None = None) ->
     tail = torch.empty((n,), dtype=torch.float32, device=logits.device)
     for start in range(0, n, rows):
         x = logits[start:start + rows].float()
-        lse = torch.logsumexp(x, dim=1, keepdim=True)
         top, index = x.topk(k + 1, dim=1)
-        rest_max = top[:, k:]
+        tied = (top[:, k - 1] == top[:, k]).nonzero()[:, 0]
+        if len(tied):  # a tie across the cut: keep the smallest ids of the tied value, so the set is canonical
+            index[tied, :k] = _lowest_ids_first(x[tied], top[tied, k - 1:k], k)
+            top[tied, :k] = x[tied].gather(1, index[tied, :k])
+        rest_max = top[:, k:]  # the largest logit outside the top-k
         shift = torch.where(torch.isfinite(rest_max), rest_max, torch.zeros_like(rest_max))
-        outside = (x - shift).exp_().scatter_(1, index[:, :k], 0.0)
-        rest = torch.log(outside.sum(dim=1, keepdim=True)) + shift
+        outside = (x - shift).exp_().scatter_(1, index[:, :k], 0.0)  # the one chunk-sized temporary
+        log_rest = torch.log(outside.sum(dim=1, keepdim=True)) + shift
         del outside
+        lse = torch.logaddexp(torch.logsumexp(top[:, :k], dim=1, keepdim=True), log_rest)
         by_id_index, by_id = index[:, :k].sort(dim=1)  # canonical order: descending value, ties by ascending id
         values, by_value = top[:, :k].gather(1, by_id).sort(dim=1, descending=True, stable=True)
         ids[start:start + rows] = by_id_index.gather(1, by_value)
         logprobs[start:start + rows] = (values - lse).clamp_(max=0.0)
-        rest = torch.where(torch.isneginf(rest_max), torch.full_like(rest, -math.inf), rest - lse)
-        tail[start:start + rows] = rest[:, 0].clamp(max=0.0)  # float32 rounding can put a tiny top-K mass's tail above 0
+        tail[start:start + rows] = (log_rest - lse)[:, 0].clamp_(max=0.0)  # float32 rounding can put a tiny tail above 0
     bad = torch.isnan(logprobs).any(dim=1) | torch.isnan(tail)
     if bool(bad.any()):
         raise PactError(f"teacher logits of response step {int(bad.float().argmax())} give non-finite log-probs "

@@ -85,7 +85,8 @@ def check_compatibility(manifest: dict, student: StudentIdentity, cfg: Objective
 def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
     """Refuse a cache that lacks what the objective needs: the reference KL (refkl, refkl+tokenwise) reads the
     reference's logits on all of S and its probability outside S, which caches of format 3 and later built without --top-k hold;
-    older caches still train the other objectives."""
+    older caches still train the other objectives. Distillation (kd, pact+kd) reads a teacher's top-K, which a cache built
+    with --kd_top_k holds."""
     layout = reader.layout
     if cfg.uses_reference_kl and not layout.stores_reference:
         why = (f"it was built with --top-k {layout.top_k}" if layout.top_k else
@@ -94,3 +95,8 @@ def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
                         "reference logits on every safety token nor the reference's probability outside them; rebuild it "
                         f"with `pact-cache build --out {reader.directory} --overwrite` (with the same --model, --data and "
                         "--safety-tokens, without --top-k), or train an objective it holds (pact, tokenwise, pact+tokenwise)")
+    if cfg.uses_kd and layout.kd_top_k is None:
+        raise PactError(f"the cache {reader.directory} cannot train --objective {cfg.objective}: it holds no teacher top-K "
+                        "(it was built without --kd_top_k); rebuild it with `pact-cache build --out "
+                        f"{reader.directory} --overwrite --kd_top_k 50` (with the same --model, --data and --safety-tokens, "
+                        "and --teacher for a teacher other than the model)")
