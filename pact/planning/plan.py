@@ -2,7 +2,8 @@
 
 `plan(PlanArguments(model=..., ...)) -> Plan` runs the project's real training step for plain SFT (the same pipeline
 with the cross-entropy only), cached PACT and online PACT (a second, frozen reference model filling the batch's
-targets) on meta tensors (`pact.planning.step`); `pact.planning.memory` counts the bytes of every live tensor after
+targets), and cached and online distillation (a teacher's top-K from the cache, or from a teacher of the student's
+architecture in memory) on meta tensors (`pact.planning.step`); `pact.planning.memory` counts the bytes of every live tensor after
 every operator and keeps the peak, by category. What no tensor holds is not counted (the CUDA context, cuBLAS and
 attention workspaces, the caching allocator's free blocks and fragmentation): a run fits when its peak plus
 `MARGIN_BYTES` plus `MARGIN_FRACTION` of the peak fits in the GPU's memory. `plan_checkpointing` is the same plan for
@@ -23,7 +24,7 @@ from pact.planning.architecture import (
 from pact.planning.arguments import PlanArguments
 from pact.planning.memory import CATEGORIES, Peak
 from pact.planning.meta_run import HostShadows, fused_attention, fused_optimizers
-from pact.planning.step import VARIANTS, measure_step, synthetic_rows
+from pact.planning.step import KD_VARIANTS, REFERENCE_VARIANTS, VARIANTS, measure_step, synthetic_rows
 
 MARGIN_BYTES = 1 << 30  # CUDA context (~0.3-0.6 GiB) and cuBLAS/cuBLASLt and attention workspaces (tens of MiB)
 MARGIN_FRACTION = 0.10  # the caching allocator's rounding to blocks and its fragmentation (reserved over allocated)
@@ -62,7 +63,8 @@ class Plan:
     suggestions: dict[str, dict | None]
 
     def to_dict(self) -> dict:
-        """JSON-ready: `{"variants": {"sft": {...}, "cached_pact": {...}, "online_pact": {...}}, ...}`."""
+        """JSON-ready: `{"variants": {"sft": {...}, "cached_pact": {...}, "online_pact": {...}, "cached_kd": {...},
+        "online_kd": {...}}, ...}`."""
         return {"model": self.arguments.model, "architecture": self.architecture, "settings": dataclasses.asdict(self.arguments),
                 "gpu_memory_bytes": self.gpu_memory_bytes, "margin": {"bytes": MARGIN_BYTES, "fraction_of_peak": MARGIN_FRACTION},
                 "variants": {name: variant.to_dict() for name, variant in self.variants.items()},
@@ -105,13 +107,15 @@ def measure_variants(config, args: PlanArguments, variants=tuple(VARIANTS), buil
     with _quiet():
         if key not in built:
             built[key] = [trainable_model(meta_model(config, args), args), None]
-        if "online_pact" in variants and built[key][1] is None:
+        if set(variants) & set(REFERENCE_VARIANTS) and built[key][1] is None:
             built[key][1] = frozen_reference(meta_model(config, args))
     student, reference = built[key]
-    rows = synthetic_rows(args.per_device_train_batch_size, args.max_length, args.prompt_length, config.vocab_size,
-                          args.safety_tokens)
+    shape = (args.per_device_train_batch_size, args.max_length, args.prompt_length, config.vocab_size, args.safety_tokens)
+    rows = synthetic_rows(*shape)
+    kd_rows = synthetic_rows(*shape, kd_top_k=args.kd_top_k) if set(variants) & set(KD_VARIANTS) else None
     with HostShadows(), fused_attention(), fused_optimizers(), _quiet():
-        return {name: measure_step(student, rows, name, reference, args.ce_chunk_size) for name in variants}
+        return {name: measure_step(student, kd_rows if name in KD_VARIANTS else rows, name, reference, args.ce_chunk_size)
+                for name in variants}
 
 
 def _fitting(peak: Peak, budget: int) -> VariantPlan:
@@ -143,6 +147,8 @@ def plan(args: PlanArguments) -> Plan:
     config = load_architecture(args.model)
     if args.safety_tokens > config.vocab_size:
         raise InvalidSetting("safety_tokens", f"safety_tokens ({args.safety_tokens}) exceeds the vocabulary ({config.vocab_size})")
+    if args.kd_top_k >= config.vocab_size:
+        raise InvalidSetting("kd_top_k", f"kd_top_k ({args.kd_top_k}) must be below the vocabulary ({config.vocab_size})")
     budget = parse_bytes(args.gpu_memory)
     built: dict = {}
     try:

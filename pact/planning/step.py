@@ -1,22 +1,29 @@
 """One optimizer step measured: the peak of live tensor bytes, by category, of the project's real training step for
-plain SFT, cached PACT and online PACT, on meta tensors (a plan) or on real ones (what the tests check the plan
-against).
+plain SFT, cached PACT, online PACT, cached KD and online KD, on meta tensors (a plan) or on real ones (what the tests
+check the plan against).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from pact.data.batch import collate_spans
 from pact.errors import InvalidSetting
 from pact.models.parts import decoder_stack, head_device
+from pact.data.batch import collate_rows
+from pact.objective.distillation import OnlineTeacher
 from pact.objective.loss import cached_pact_loss, pact_batch_loss
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.student import student_outputs
 from pact.objective.targets import OnlineTargets
 from pact.planning.memory import LiveTensorBytes, Peak, tensors_in
 
-VARIANTS = {"sft": "plain SFT", "cached_pact": "cached PACT", "online_pact": "online PACT"}
+VARIANTS = {"sft": "plain SFT", "cached_pact": "cached PACT", "online_pact": "online PACT", "cached_kd": "cached KD",
+            "online_kd": "online KD"}
+KD_VARIANTS = ("cached_kd", "online_kd")  # distillation: the teacher's top-K from the cache's rows, or from a teacher in memory
+REFERENCE_VARIANTS = ("online_pact", "online_kd")  # a second, frozen model (reference or teacher) runs in the step
 HEADER_TOKENS = 4  # the assistant header that opens online PACT's post-only contexts (3 to 5 tokens in chat templates)
 
 
@@ -27,27 +34,28 @@ ROW_OVERHEAD = 4096  # bytes of Python objects per synthetic row, beyond its ten
 
 
 def synthetic_batch_bytes(batch_size: int, max_length: int, prompt_length: int, num_safety: int,
-                          reference_kl: bool = False) -> int:
-    """The host memory `synthetic_rows` takes: per row its token ids, its targets on the safety tokens per response step,
-    and the objects holding them."""
+                          reference_kl: bool = False, kd_top_k: int = 0) -> int:
+    """The host memory `synthetic_rows` takes: per row its token ids, its targets on the safety tokens (and a teacher's
+    top-K) per response step, and the objects holding them."""
     steps = max_length - prompt_length
-    per_step = 8 * num_safety + 24 + (4 * num_safety + 4 if reference_kl else 0)
+    per_step = 8 * num_safety + 24 + (4 * num_safety + 4 if reference_kl else 0) + 12 * kd_top_k + 4
     return batch_size * (ROW_OVERHEAD + 8 * max_length + steps * per_step + 16 * num_safety)
 
 
 def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_size: int, num_safety: int,
-                   reference_kl: bool = False) -> list[dict]:
+                   reference_kl: bool = False, kd_top_k: int = 0) -> list[dict]:
     """A micro-batch of cache rows (`CacheReader` items) of the planned shape: `max_length` tokens each, the response
     after the first `prompt_length`, targets on `num_safety` safety tokens (with `reference_kl`, also what the
-    reference KL reads: the logits on all of S and the log-mass outside S). The values are arbitrary but valid.
+    reference KL reads: the logits on all of S and the log-mass outside S; with `kd_top_k` K, a teacher's top-K ids,
+    log-probs and tail). The values are arbitrary but valid.
 
     The rows are real tensors on the host: a batch that would take more than
     `SYNTHETIC_BATCH_LIMIT` is refused (`InvalidSetting` naming the batch
     size, or the length when one row is too long) before anything is allocated.
     """
-    size = synthetic_batch_bytes(batch_size, max_length, prompt_length, num_safety, reference_kl)
+    size = synthetic_batch_bytes(batch_size, max_length, prompt_length, num_safety, reference_kl, kd_top_k)
     if size > SYNTHETIC_BATCH_LIMIT:
-        one_row = synthetic_batch_bytes(1, max_length, prompt_length, num_safety, reference_kl)
+        one_row = synthetic_batch_bytes(1, max_length, prompt_length, num_safety, reference_kl, kd_top_k)
         field_name = "max_length" if one_row > SYNTHETIC_BATCH_LIMIT else "per_device_train_batch_size"
         raise InvalidSetting(field_name, f"{batch_size} rows of {max_length} tokens with {num_safety} safety tokens are too "
                                          f"large to plan: the plan builds one such micro-batch in host memory, "
@@ -73,6 +81,11 @@ def synthetic_rows(batch_size: int, max_length: int, prompt_length: int, vocab_s
         for row in rows:
             row["reference_logits"] = torch.randn(steps, num_safety, generator=generator)
             row["rest_logprob"] = -torch.rand(steps, generator=generator)
+    for row in rows if kd_top_k else ():
+        start = torch.randint(0, vocab_size - kd_top_k + 1, (steps, 1), generator=generator)
+        row["kd_ids"] = start + torch.arange(kd_top_k)  # distinct ids at each step
+        row["kd_logprobs"] = -torch.rand(steps, kd_top_k, generator=generator).sort(dim=1).values * 10 - 1
+        row["kd_tail"] = -torch.rand(steps, generator=generator) - 1
     return rows
 
 
@@ -147,15 +160,18 @@ def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chu
     `sft`: the cross-entropy of the response tokens alone (`student_outputs`
     without safety tokens); `cached_pact`: `cached_pact_loss` on the rows,
     as `PactTrainer` computes it, under `objective` (default: PACT's); `online_pact`: `reference` fills the
-    batch's targets (`OnlineTargets`), then `pact_batch_loss`. The same
-    code measures real tensors and, under `plan`, meta tensors.
+    batch's targets (`OnlineTargets`), then `pact_batch_loss`; `cached_kd`: `cached_pact_loss` under `--objective
+    kd` on rows holding a teacher's top-K; `online_kd`: `reference`, as the teacher, fills their top-K
+    (`OnlineTeacher`) first. The same code measures real tensors and, under `plan`, meta tensors.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     safety_ids = rows[0]["safety_ids"]
     weights = torch.full((len(safety_ids),), 1.0 / len(safety_ids))
     cfg = objective if objective is not None else ObjectiveArguments()
-    models = [student] + ([reference] if variant == "online_pact" else [])
+    if variant in KD_VARIANTS:
+        cfg = dataclasses.replace(cfg, objective="kd")
+    models = [student] + ([reference] if variant in REFERENCE_VARIANTS else [])
     device = head_device(student)
     student.train()
     optimizer = trainer_optimizer(student)
@@ -172,8 +188,13 @@ def measure_step(student, rows: list[dict], variant: str, reference=None, ce_chu
             tracker.reset_peak("forward")
             if variant == "sft":
                 loss = student_outputs(student, collate_spans(*_token_side(rows)), None, ce_chunk_size=ce_chunk_size).ce
-            elif variant == "cached_pact":
+            elif variant in ("cached_pact", "cached_kd"):
                 loss = cached_pact_loss(student, rows, safety_ids, weights, cfg, 0, ce_chunk_size).loss
+            elif variant == "online_kd":
+                tracker.phase = "reference forward"
+                batch = OnlineTeacher(reference, rows[0]["kd_ids"].shape[1]).fill(collate_rows(rows, 0))
+                tracker.phase = "forward"
+                loss = pact_batch_loss(student, batch, safety_ids, weights, cfg, ce_chunk_size).loss
             else:
                 tracker.phase = "reference forward"
                 batch = OnlineTargets(reference, safety_ids, [0] * HEADER_TOKENS, cfg, 0).fill(collate_spans(*_token_side(rows)))
