@@ -87,6 +87,8 @@ def inspect_cache(directory: str | Path, row: int | None = None, top: int = TOP_
         "stored_columns": reader.layout.width,
         "top_weighted_safety_tokens": [{"token": t, "id": i, "weight": w} for w, t, i in ranked[:10]],
         "totals": m["totals"],
+        "kd_top_k": m.get("kd_top_k"),
+        "kd_teacher": m.get("kd_teacher"),
     }
     if row is not None:
         info["row"] = inspect_row(reader, row, top)
@@ -108,6 +110,8 @@ def format_inspection(info: dict) -> str:
         f"layout: dtype {info['dtype']}, {info['stored_columns']} of {info['safety_tokens']} safety tokens stored"
         + (f" (top-{info['top_k']} per step, chosen at T={info['objective_temperature']})" if info["top_k"] else " (all with weight > 0: exact)"),
         f"gate baked in: p0={info['gate']['p0']}, Tg={info['gate']['gate_temperature']}",
+        *([f"distillation: the top-{info['kd_top_k']} log-probs and tail of {info['kd_teacher']['source']} "
+           f"({info['kd_teacher']['fingerprint']}) per response token"] if info.get("kd_top_k") else []),
         "highest-weighted safety tokens: " + ", ".join(f"{s['token']!r} {s['weight']:.3f}" for s in info["top_weighted_safety_tokens"]),
     ]
     row = info.get("row")

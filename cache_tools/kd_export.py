@@ -237,7 +237,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> bool:
     if not names:
         return True
     if not overwrite:
-        raise CacheError(f"{out_dir} is not empty; pass overwrite=True to replace an earlier export there, "
+        raise CacheError(f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace an earlier export there, "
                          f"or choose a new folder")
     foreign = [n for n in names if not _OWN_FILE.fullmatch(n) or not (out_dir / n).is_file()]
     if foreign:

@@ -32,6 +32,12 @@ FAMILY = "pact-cache"
 SMALL = ("--max-length", str(TINY_MAX_LENGTH), "--rows-per-shard", "4", "--batch-size", "3", "--dtype", "float32", "--quiet")
 
 
+def _teacher_with_another_template(w) -> None:
+    """A copy of the tiny model whose tokenizer's chat template differs (another tokenizer fingerprint)."""
+    shutil.copytree(w.model, w.path("teacher"))
+    (w.path("teacher") / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+
+
 def _build(w, out, *extra) -> list[str]:
     """`pact-cache build` of the world's data with its safety tokens on the tiny model into `out`, plus `extra` flags."""
     return ["build", "--model", str(w.model), "--safety-tokens", str(w.safety), "--data", str(w.data), "--out", str(out),
@@ -315,6 +321,23 @@ CASES = [
          lambda w: _build(w, w.path("new"), "--rows", "4"), 2, "pact-cache build: error: unrecognized arguments: --rows 4"),
     Case("build-train-on-unknown", "`--train-on first`", "pact-cache",
          lambda w: _build(w, w.path("new"), "--train-on", "first"), 2, "--train-on: train_on must be one of all, last, got 'first'"),
+    # distillation
+    Case("build-kd-top-k-zero", "`--kd_top_k 0`", "pact-cache", lambda w: _build(w, w.path("new"), "--kd_top_k", "0"), 2,
+         "--kd_top_k: kd_top_k must be an integer >= 1, got 0"),
+    Case("build-kd-top-k-whole-vocabulary", "`--kd_top_k 100000`, more than the tiny model's 384 logits", "pact-cache",
+         lambda w: _build(w, w.path("new"), *SMALL, "--kd_top_k", "100000"), 2,
+         "--kd_top_k 100000 must be below the vocabulary size 384"),
+    Case("build-teacher-without-k", "`--teacher MODEL` without `--kd_top_k`", "pact-cache",
+         lambda w: _build(w, w.path("new"), "--teacher", str(w.model)), 2,
+         "--teacher: teacher needs kd_top_k: how many of the teacher's top tokens to store per step"),
+    Case("build-teacher-other-tokenizer", "`--teacher` a copy of the model whose chat template differs", "pact-cache",
+         lambda w: _build(w, w.path("new"), *SMALL, "--kd_top_k", "4", "--teacher", str(w.path("teacher"))), 2,
+         "has another tokenizer than the model", prepare=_teacher_with_another_template),
+    Case("export-plain-cache", "`export` of a cache built without `--kd_top_k`", "pact-cache",
+         lambda w: ["export", str(w.cache), "--out", str(w.path("exported"))], 2, "pact-cache build --kd_top_k"),
+    Case("export-into-a-folder-with-files", "`export --out` a folder holding `notes.txt`", "pact-cache",
+         lambda w: ["export", str(w.cache), "--out", str(w.path("mine"))], 2, "holds no teacher top-K",
+         prepare=lambda w: w.write("mine/notes.txt", "mine")),
 ]
 
 

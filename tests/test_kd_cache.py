@@ -122,6 +122,8 @@ def test_the_commands_build_train_and_refuse(tiny_model_dir, tiny_safety_file, t
     assert cache_main(["stats", str(tmp_path / "plain"), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)["bytes_per_response_token"]
     assert with_kd > plain
+    assert cache_main(["inspect", str(tmp_path / "kd")]) == 0
+    assert "distillation: the top-6 log-probs and tail of" in capsys.readouterr().out
     common = ["--max-steps", "2", "--batch-size", "3", "--device", "cpu", "--no-progress", "--lora-targets", "q_proj,v_proj"]
     for objective, extra in (("kd", []), ("pact+kd", ["--kd_loss", "reverse", "--kd_temperature", "2"])):
         out = tmp_path / ("run-" + objective.replace("+", "-"))

@@ -180,7 +180,7 @@ def test_an_existing_folder_is_refused_unless_overwrite(tmp_path):
     out.mkdir()
     export_axolotl(FakeKDReader(tmp_path / "cache", first), out, progress=False)  # an empty folder is fine
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(CacheError, match="is not empty; pass overwrite=True"):
+    with pytest.raises(CacheError, match=r"is not empty; pass --overwrite \(overwrite=True\)"):
         export_axolotl(FakeKDReader(tmp_path / "cache", second), out, "parquet", progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
     export_axolotl(FakeKDReader(tmp_path / "cache", second), out, "parquet", progress=False, overwrite=True)
