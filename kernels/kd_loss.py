@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import KD_LOSSES, check_kd_loss_inputs
 from .kd_reference import kd_loss_reference
-from .masked_kl import HAS_TRITON, _launch_config, _mask_u8
+from .masked_kl import HAS_TRITON, _launch_config, _mask_u8, _require_triton_for
 
 if HAS_TRITON:
     import triton
@@ -291,20 +291,6 @@ if HAS_TRITON:
         tl.store(dxt_ptr + rows, dxt.to(dxt_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _require_triton_for(t: torch.Tensor) -> None:
-    """Fail early, with a message that says what to do, when the kernel cannot run on t's device."""
-    if not HAS_TRITON:
-        raise RuntimeError("kd_loss_triton needs the `triton` package; use kd_loss on CPU")
-    if t.device.type != "cuda":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(_kd_fwd_kernel, InterpretedFunction):
-            raise RuntimeError(
-                "kd_loss_triton got CPU tensors but Triton is not in interpreter mode; "
-                "set TRITON_INTERPRET=1 before triton is first imported, or use kd_loss"
-            )
-
-
 def _loss_constants(loss: str, beta: float) -> dict:
     """The kernels' loss selector and beta terms (log(beta), log(1 - beta) computed once, in float64, on the host)."""
     return {"beta": beta, "log_beta": math.log(beta), "log_1m_beta": math.log1p(-beta), "LOSS": _LOSS_CODE[loss]}
@@ -408,7 +394,7 @@ def kd_loss_triton(
     for name, block in (("block_n", block_n), ("block_k", block_k)):
         if block is not None and (block < 1 or block & (block - 1)):
             raise ValueError(f"{name} must be a power of two, got {block}")
-    _require_triton_for(student_logits)
+    _require_triton_for(student_logits, _kd_fwd_kernel if HAS_TRITON else None, "kd_loss")
     K = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     out = KDLossFunction.apply(

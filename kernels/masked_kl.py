@@ -319,17 +319,18 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
     return (mask.detach() != 0).view(torch.uint8)
 
 
-def _require_triton_for(t: torch.Tensor) -> None:
-    """Fail early, with a message that says what to do, when the kernel cannot run on t's device."""
+def _require_triton_for(t: torch.Tensor, kernel=None, op: str = "masked_kl") -> None:
+    """Fail early, with a message that says what to do, when `kernel` (op `op`'s Triton forward kernel; default the
+    masked KL's) cannot run on t's device: no Triton, or CPU tensors outside the interpreter."""
     if not HAS_TRITON:
-        raise RuntimeError("masked_kl_triton needs the `triton` package; use masked_kl on CPU")
+        raise RuntimeError(f"{op}_triton needs the `triton` package; use {op} on CPU")
     if t.device.type != "cuda":
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(_masked_kl_fwd_kernel, InterpretedFunction):
+        if not isinstance(kernel if kernel is not None else _masked_kl_fwd_kernel, InterpretedFunction):
             raise RuntimeError(
-                "masked_kl_triton got CPU tensors but Triton is not in interpreter mode; "
-                "set TRITON_INTERPRET=1 before triton is first imported, or use masked_kl"
+                f"{op}_triton got CPU tensors but Triton is not in interpreter mode; "
+                f"set TRITON_INTERPRET=1 before triton is first imported, or use {op}"
             )
 
 
