@@ -29,11 +29,14 @@ _PUBLIC = {
     "TargetSource": "pact.objective.targets",
     "CachedTargets": "pact.objective.targets",
     "OnlineTargets": "pact.objective.targets",
+    "OnlineTeacher": "pact.objective.distillation",
+    "teacher_topk": "pact.objective.distillation",
     "SafetyTokens": "pact.objective.safety_tokens",
     "compute_safety_tokens": "pact.objective.safety_tokens",
     # the cache
     "CacheReader": "pact.cache_tools",
     "build_cache": "pact.cache_tools",
+    "export_axolotl": "pact.cache_tools.kd_export",
     # data and models
     "load_examples": "pact.data.chat",
     "load_conversations": "pact.data.rows",
