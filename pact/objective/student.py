@@ -179,15 +179,21 @@ class _LogprobAndRest(torch.autograd.Function):
     def backward(ctx, grad_logprob: torch.Tensor | None, grad_rest: torch.Tensor | None, grad_gathered: torch.Tensor | None):
         logp, targets, excluded, log_mass = ctx.saved_tensors
         grad = torch.empty_like(logp)
+        # Outside the excluded ids, d logprob / d logits = onehot - p and d rest / d logits = p / mass: both multiples of
+        # p, so one exp per element serves both, as share = p / mass (at most 1 there) times (g_rest - g_logprob * mass);
+        # the excluded columns, where the rest's term is 0, are then written exactly.
+        if grad_rest is None:
+            shift, coef = None, -grad_logprob
+        else:
+            shift = log_mass[:, None]
+            coef = grad_rest if grad_logprob is None else grad_rest - grad_logprob * torch.exp(log_mass)
         for columns in _column_blocks(logp.shape[1]):
             part = grad[:, columns]
-            if grad_logprob is None:
-                part.zero_()
-            else:
-                torch.exp(logp[:, columns], out=part).mul_(-grad_logprob[:, None])
-            if grad_rest is not None:
-                share = _set_at(torch.exp(logp[:, columns] - log_mass[:, None]), excluded, columns.start, 0.0)
-                part.add_(share.mul_(grad_rest[:, None]))
+            torch.exp(logp[:, columns] if shift is None else logp[:, columns] - shift, out=part).mul_(coef[:, None])
+        if grad_rest is not None:
+            at_excluded = torch.zeros_like(excluded, dtype=grad.dtype) if grad_logprob is None else \
+                torch.exp(logp.gather(1, excluded)).mul_(-grad_logprob[:, None])
+            grad.scatter_(1, excluded, at_excluded)
         if grad_logprob is not None:
             grad.scatter_add_(1, targets[:, None], grad_logprob[:, None])
         if grad_gathered is not None:
