@@ -47,56 +47,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce_small import Stages, read_jsonl, write_json, write_jsonl  # noqa: E402  (the stage runner and atomic files, shared)
 
 METHODS = ("sft", "kd", "online")
 LABELS = {"original": "original model (no fine-tuning)", "teacher": "teacher (full fine-tuning)",
           "sft": "SFT (`--objective pact --lam 0`)", "kd": "cached KD (`--objective kd`)",
           "online": "online KD (`OnlineTeacher`, teacher in memory)"}
 SPLITS = ("test", "dev")
-
-
-def _read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Written whole or not at all (a file is a stage's marker)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    staging.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    staging.replace(path)
-    return path
-
-
-def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    staging.replace(path)
-
-
-class Stages:
-    """Runs named stages once each, recording wall seconds in OUT/timings.json."""
-
-    def __init__(self, out: Path):
-        self.path = out / "timings.json"
-        self.timings = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.ran = False  # whether this invocation ran any stage
-
-    def run(self, name: str, done: Path | Callable[[], bool], work) -> None:
-        """Run `work()` unless `done` (a path) exists or `done()` says so."""
-        if done.exists() if isinstance(done, Path) else done():
-            return
-        print(f"[{name}] ...", flush=True)
-        self.ran = True
-        started = time.perf_counter()
-        work()
-        seconds = round(time.perf_counter() - started, 1)
-        self.timings[name] = seconds
-        _write_json(self.path, self.timings)
-        print(f"[{name}] {seconds} s", flush=True)
 
 
 # --- (a), (b): data slices, the teacher, the student's cache -------------------------------------------------------
@@ -114,10 +74,10 @@ def row_slices(args, total: int) -> dict[str, slice]:
 
 def write_data(args, out: Path) -> None:
     """OUT/data/{teacher,student}.jsonl: the training rows of each, sliced from --sst2 (kept under --out only)."""
-    rows = _read_jsonl(args.sst2)
+    rows = read_jsonl(args.sst2)
     slices = row_slices(args, len(rows))
-    _write_jsonl(out / "data" / "student.jsonl", rows[slices["student"]])
-    _write_jsonl(out / "data" / "teacher.jsonl", rows[slices["teacher"]])  # written last: the stage's marker
+    write_jsonl(out / "data" / "student.jsonl", rows[slices["student"]])
+    write_jsonl(out / "data" / "teacher.jsonl", rows[slices["teacher"]])  # written last: the stage's marker
 
 
 def _pact_cache(argv: list[str], what: str) -> None:
@@ -239,7 +199,7 @@ def worker(spec: dict) -> None:
     wall = time.perf_counter() - started
     seconds = [m["seconds"] for m in result.metrics]
     timed = seconds[1:] if len(seconds) > 1 else seconds
-    _write_json(Path(spec["result"]), {
+    write_json(Path(spec["result"]), {
         "flags": spec["flags"], "online_teacher": spec["teacher"], "steps": result.steps, "step_s": statistics.median(timed),
         "step_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "wall_s": wall,
         "final": result.metrics[-1] if result.metrics else {}})
@@ -266,7 +226,7 @@ def evaluate(args, out: Path, name: str, split: str, model: str | None, adapter:
     with torch.inference_mode():
         result = evaluate_task(loaded.model, loaded.tokenizer, rows, batch_size=16, progress=False,
                                labels=label_set(conversations, args.sst2))
-    _write_json(eval_path(out, name, split), {**result.to_dict(), "predicted": result.predicted, "gold": result.gold})
+    write_json(eval_path(out, name, split), {**result.to_dict(), "predicted": result.predicted, "gold": result.gold})
     del loaded
     gc.collect()
     print(f"  {name} ({split}): accuracy {result.accuracy:.3f}", flush=True)
@@ -342,7 +302,7 @@ def write_report(args, out: Path, split: str, stages: Stages) -> str:
     """OUT/report[-dev].md and .json from what has finished."""
     collected = collect(args, out, split)
     rows = collected["rows"]
-    slices = row_slices(args, len(_read_jsonl(args.sst2)))
+    slices = row_slices(args, len(read_jsonl(args.sst2)))
     heads = ["model", f"SST-2 accuracy ({split}, n={args.eval_rows})", "agreement with teacher", "step time / SFT",
              "peak RSS / SFT", "step s", "peak RSS MB", "seeds"]
     lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
@@ -375,7 +335,7 @@ def write_report(args, out: Path, split: str, stages: Stages) -> str:
     report = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
     suffix = "" if split == "test" else f"-{split}"
     (out / f"report{suffix}.md").write_text(report, encoding="utf-8")
-    _write_json(out / f"report{suffix}.json", {"split": split, "settings": settings_of(args), "slices": {
+    write_json(out / f"report{suffix}.json", {"split": split, "settings": settings_of(args), "slices": {
         k: [s.start, s.stop] for k, s in slices.items()}, **collected, "stage_seconds": stages.timings})
     return report
 
@@ -458,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         print(write_report(args, out, split, stages))
         return
     started = time.perf_counter()
-    _ = row_slices(args, len(_read_jsonl(args.sst2)))  # refuses overlapping slices before any work
+    _ = row_slices(args, len(read_jsonl(args.sst2)))  # refuses overlapping slices before any work
     stages.run("a data", out / "data" / "teacher.jsonl", lambda: write_data(args, out))
     stages.run("a safety tokens", out / "safety_tokens.json", lambda: make_safety_tokens(args, out))
     stages.run("a teacher cache", lambda: cache_done(out / "teacher-cache"),
@@ -490,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         key = f"total ({split})"
         count = sum(1 for k in stages.timings if k.startswith(key))
         stages.timings[key if not count else f"{key} #{count + 1}"] = round(time.perf_counter() - started, 1)
-        _write_json(stages.path, stages.timings)
+        write_json(stages.path, stages.timings)
     print(write_report(args, out, split, stages))
     suffix = "" if split == "test" else f"-{split}"
     print(f"report: {out / f'report{suffix}.md'}, {out / f'report{suffix}.json'}; wall time of this invocation "

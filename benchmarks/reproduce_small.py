@@ -76,17 +76,20 @@ METHODS: dict[str, dict[str, object]] = {  # name: the ObjectiveArguments settin
 SPLITS = ("test", "dev")
 
 
-def _read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Written whole or not at all (a file is a stage's marker)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staging.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    staging.replace(path)
     return path
 
 
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     staging.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
@@ -100,17 +103,19 @@ class Stages:
     def __init__(self, out: Path):
         self.path = out / "timings.json"
         self.timings = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.ran = False  # whether this invocation ran any stage
 
     def run(self, name: str, done: Path | Callable[[], bool], work) -> None:
         """Run `work()` unless `done` (a path) exists or `done()` says so."""
         if (done.exists() if isinstance(done, Path) else done()):
             return
         print(f"[{name}] ...", flush=True)
+        self.ran = True
         started = time.perf_counter()
         work()
         seconds = round(time.perf_counter() - started, 1)
         self.timings = {**(json.loads(self.path.read_text()) if self.path.exists() else {}), name: seconds}
-        _write_json(self.path, self.timings)  # re-read first: another process may run other stages into the same --out
+        write_json(self.path, self.timings)  # re-read first: another process may run other stages into the same --out
         print(f"[{name}] {seconds} s", flush=True)
 
 
@@ -127,11 +132,11 @@ def distill_benign(args, out: Path) -> None:
     loaded = load_model(args.model, device="cpu", dtype="float32")
     prompts, _ = load_prompts(args.benign)
     answers = generate_responses(loaded.model, loaded.tokenizer, [p.messages for p in prompts], args.distill_tokens, 16)
-    rows = _read_jsonl(args.benign)
+    rows = read_jsonl(args.benign)
     kept = [{"instruction": row["instruction"], "input": row.get("input", ""), "output": answer}
             for row, answer in zip(rows, answers) if answer and find_refusal_phrase(answer) is None]
     print(f"  kept {len(kept)}/{len(rows)} self-distilled answers (the rest were empty or refusals)")
-    _write_jsonl(out / "benign_distilled.jsonl", kept)
+    write_jsonl(out / "benign_distilled.jsonl", kept)
 
 
 def make_reference(args, out: Path) -> None:
@@ -141,10 +146,10 @@ def make_reference(args, out: Path) -> None:
     from pact.models.loading import load_model
     from pact.data.batch import collate_examples
 
-    rows = (_read_jsonl(args.refusals)[: args.ref_rows] + _read_jsonl(out / "benign_distilled.jsonl")
-            + _read_jsonl(args.sst2)[: args.ref_sst2])
+    rows = (read_jsonl(args.refusals)[: args.ref_rows] + read_jsonl(out / "benign_distilled.jsonl")
+            + read_jsonl(args.sst2)[: args.ref_sst2])
     random.Random(args.ref_seed).shuffle(rows)
-    data = _write_jsonl(out / "reference_data.jsonl", rows)
+    data = write_jsonl(out / "reference_data.jsonl", rows)
     loaded = load_model(args.model, device="cpu", dtype="float32")
     examples, _ = load_examples(data, loaded.tokenizer, max_length=args.max_length)
     torch.manual_seed(args.ref_seed)
@@ -189,7 +194,7 @@ def safety_tokens_file(out: Path, top: int = SAFETY_TOP) -> Path:
 
 def attack_rows(args, attack: str) -> list[dict]:
     """The rows of an attack: `mix` the first --mix-rows rows, `pure` the first --pure-rows harmful rows (no input)."""
-    rows = _read_jsonl(args.attack)
+    rows = read_jsonl(args.attack)
     if attack == "mix":
         return rows[: args.mix_rows]
     return [row for row in rows if not row.get("input")][: args.pure_rows]
@@ -198,7 +203,7 @@ def attack_rows(args, attack: str) -> list[dict]:
 def held_out_attack_rows(args) -> tuple[list[dict], list[dict]]:
     """(dev, test): harmful rows of the attack set that neither attack trains on, as prompts (their answers dropped):
     the first --eval-harmful for the dev split, the next --eval-attack for the test split."""
-    rows = _read_jsonl(args.attack)
+    rows = read_jsonl(args.attack)
     trained = {id(row) for attack in ("mix", "pure") for row in _attack_rows_of(args, rows, attack)}
     held_out = [{"instruction": row["instruction"]} for row in rows if not row.get("input") and id(row) not in trained]
     dev, test = held_out[: args.eval_harmful], held_out[args.eval_harmful : args.eval_harmful + args.eval_attack]
@@ -227,20 +232,20 @@ class EvalSet:
 
 def eval_sets(args, out: Path, split: str) -> list[EvalSet]:
     """The prompt sets of a split (module notes, (e)); held-out slices of the data files are written under OUT/prompts/."""
-    refusals = _read_jsonl(args.refusals)
+    refusals = read_jsonl(args.refusals)
     dev_attack, test_attack = held_out_attack_rows(args)
     first_dev = args.ref_rows + args.safety_rows
     prompts = out / "prompts"
     if split == "dev":
-        sets = [EvalSet("refusal", _write_jsonl(prompts / "dev-refusals.jsonl",
+        sets = [EvalSet("refusal", write_jsonl(prompts / "dev-refusals.jsonl",
                                                 refusals[first_dev : first_dev + args.eval_harmful]), True),
-                EvalSet("refusal_attack", _write_jsonl(prompts / "dev-attack-harmful.jsonl", dev_attack), True),
+                EvalSet("refusal_attack", write_jsonl(prompts / "dev-attack-harmful.jsonl", dev_attack), True),
                 EvalSet("refusal_unlike", DATA / "harmful_unlike_refusals_dev.jsonl", True),
                 EvalSet("over_refusal", DATA / "sensitive_harmless_dev.jsonl", False),
                 EvalSet("over_refusal_everyday", DATA / "everyday_dev.jsonl", False)]
         return sets
-    sets = [EvalSet("refusal", _write_jsonl(prompts / "test-refusals.jsonl", refusals[-args.eval_harmful :]), True),
-            EvalSet("refusal_attack", _write_jsonl(prompts / "test-attack-harmful.jsonl", test_attack), True),
+    sets = [EvalSet("refusal", write_jsonl(prompts / "test-refusals.jsonl", refusals[-args.eval_harmful :]), True),
+            EvalSet("refusal_attack", write_jsonl(prompts / "test-attack-harmful.jsonl", test_attack), True),
             EvalSet("refusal_unlike", DATA / "harmful_unlike_refusals.jsonl", True),
             EvalSet("over_refusal", DATA / "sensitive_harmless.jsonl", False),
             EvalSet("over_refusal_everyday", DEMO_BENIGN, False)]
@@ -356,7 +361,7 @@ def finetune(args, out: Path, run: Run) -> None:
 
     started = time.perf_counter()
     train(training_arguments(args, out, run), run.objective, online=run.online)
-    _write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
+    write_json(run.directory(out) / "train_seconds.json", {"seconds": time.perf_counter() - started})
 
 
 # --- (e) evaluation --------------------------------------------------------------------------------------------------
@@ -385,14 +390,14 @@ def evaluate(args, out: Path, run: Path, adapter: Path | None, split: str) -> No
         prompts, _ = load_prompts(item.path)
         outcome = evaluate_refusals(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                     batch_size=32, progress=False)
-        _write_jsonl(run / f"answers{suffix}-{item.key.replace(':', '-')}.jsonl", outcome.records())
+        write_jsonl(run / f"answers{suffix}-{item.key.replace(':', '-')}.jsonl", outcome.records())
         results[item.key] = {**outcome.summary(), "prompts": str(item.path)}
-        _write_json(path, results)
+        write_json(path, results)
     if "task" not in results:
         conversations, _ = load_conversations(args.sst2)
         results["task"] = evaluate_task(loaded.model, loaded.tokenizer, conversations[sst2_rows(args, split)], batch_size=16,
                                         progress=False).to_dict()
-        _write_json(path, results)
+        write_json(path, results)
     print(f"  {run.name} ({split}): " + ", ".join(f"{key} {_headline(results, key):.3f}" for key in results))
 
 
@@ -415,7 +420,7 @@ def measure_drift(out: Path, run: Path, adapter: Path | None) -> None:
 
     loaded = load_student(str(out / "reference"), str(adapter) if adapter else None, device="cpu", dtype="float32")
     result = safety_drift(loaded.model, CacheReader(out / "cache-heldout"), pad_token_id(loaded.tokenizer), progress=False)
-    _write_json(run / "drift.json", result.to_dict())
+    write_json(run / "drift.json", result.to_dict())
 
 
 COLUMNS = {"refusal": "refusal, held-out", "refusal_attack": "refusal, attack-like held-out",
@@ -718,9 +723,9 @@ def main() -> None:
     stages.run("a distill", out / "benign_distilled.jsonl", lambda: distill_benign(args, out))
     stages.run("a reference", out / "reference", lambda: make_reference(args, out))
     stages.run("b safety tokens", safety_tokens_file(out), lambda: make_safety_tokens(args, out))
-    held_out = _read_jsonl(args.refusals)[-args.eval_harmful :]
+    held_out = read_jsonl(args.refusals)[-args.eval_harmful :]
     stages.run("c cache heldout", out / "cache-heldout" / "manifest.json",
-               lambda: build_cache(out, _write_jsonl(out / "heldout_refusals.jsonl", held_out), out / "cache-heldout"))
+               lambda: build_cache(out, write_jsonl(out / "heldout_refusals.jsonl", held_out), out / "cache-heldout"))
     split = args.split
     reference = out / "reference-eval"
     stages.run(f"e reference {split}", lambda: evaluated(args, out, reference, split),
@@ -731,7 +736,7 @@ def main() -> None:
         return
     for attack in args.attacks:
         stages.run(f"c cache {attack}", attack_cache(out, attack) / "manifest.json",
-                   lambda: build_cache(out, _write_jsonl(out / f"attack-{attack}.jsonl", attack_rows(args, attack)),
+                   lambda: build_cache(out, write_jsonl(out / f"attack-{attack}.jsonl", attack_rows(args, attack)),
                                        attack_cache(out, attack)))
     report = ""
     for run in runs_of(args, methods, variants, split):

@@ -34,7 +34,7 @@ from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
 from pact.data.batch import collate_examples
 from pact.data.chat import EncodedExample
 from pact.models.loading import load_model, pad_token_id
-from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
+from pact.objective.distillation import teacher_logits
 from pact.objective.reference import reference_targets
 from pact.objective.student import logsumexp_outside
 
@@ -149,11 +149,8 @@ def _recomputed_teacher(teacher, example: EncodedExample, row: dict, pad: int) -
     place: wrong ids show as wrong log-probs."""
     if teacher is None:
         return {}
-    _, head = causal_lm_parts(teacher)
-    batch = collate_examples([example], pad)
     with torch.inference_mode():
-        logits = float32_logits(hidden_states_at(teacher, batch.input_ids, batch.attention_mask, batch.rows, batch.positions), head)
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(teacher_logits(teacher, collate_examples([example], pad)), dim=-1)
         ids = row["kd_ids"].to(logp.device)
         return {"kd_logprobs": logp.gather(1, ids).cpu(), "kd_tail": logsumexp_outside(logp, ids).clamp(max=0.0).cpu()}
 

@@ -55,9 +55,7 @@ def check_masked_kl_inputs(
     }
     if student_rest is not None:
         tensors.update(student_rest=student_rest, target_rest=target_rest)
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require_tensors(tensors)
     if student_logits.dim() < 2:
         raise ValueError(
             f"student_logits must be [N, S] (or [..., S]), got shape {tuple(student_logits.shape)}"
@@ -90,12 +88,7 @@ def check_masked_kl_inputs(
             )
     if not weights.dtype.is_floating_point:
         raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
-    if mask.dtype.is_complex:
-        raise ValueError(f"mask must be bool (or 0/1 numbers), got {mask.dtype}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        where = ", ".join(f"{n}: {t.device}" for n, t in tensors.items())
-        raise ValueError(f"all inputs must be on one device ({where})")
+    _check_mask_and_devices(tensors)
     if isinstance(temperature, torch.Tensor):
         raise ValueError("temperature must be a Python number, not a tensor")
     try:
@@ -151,9 +144,7 @@ def check_kd_loss_inputs(
         "teacher_tail": teacher_tail,
         "mask": mask,
     }
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require_tensors(tensors)
     if student_logits.dim() < 2:
         raise ValueError(f"student_logits must be [N, K] (or [..., K]), got shape {tuple(student_logits.shape)}")
     if student_logits.shape[-1] == 0:
@@ -175,12 +166,7 @@ def check_kd_loss_inputs(
     for name in ("teacher_logprobs", "teacher_tail"):
         if tensors[name].dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {tensors[name].dtype}")
-    if mask.dtype.is_complex:
-        raise ValueError(f"mask must be bool (or 0/1 numbers), got {mask.dtype}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        where = ", ".join(f"{n}: {t.device}" for n, t in tensors.items())
-        raise ValueError(f"all inputs must be on one device ({where})")
+    _check_mask_and_devices(tensors)
     if not _finite_number("temperature", temperature) > 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     if not 0.0 < _finite_number("beta", beta) < 1.0:
@@ -192,6 +178,23 @@ def check_kd_loss_inputs(
         if not (bool(torch.isfinite(teacher_logprobs.detach()[rows]).all())
                 and bool(torch.isfinite(teacher_tail.detach()[rows]).all())):
             raise ValueError("teacher_logprobs and teacher_tail must be finite on unmasked rows")
+
+
+def _require_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """`ValueError` naming the first input (by name) that is not a tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_mask_and_devices(tensors: dict[str, torch.Tensor]) -> None:
+    """`ValueError` for a complex `mask` among `tensors`, or inputs on more than one device (each named)."""
+    if tensors["mask"].dtype.is_complex:
+        raise ValueError(f"mask must be bool (or 0/1 numbers), got {tensors['mask'].dtype}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        where = ", ".join(f"{n}: {t.device}" for n, t in tensors.items())
+        raise ValueError(f"all inputs must be on one device ({where})")
 
 
 def _finite_number(name: str, value) -> float:

@@ -101,23 +101,34 @@ def teacher_topk(logits: torch.Tensor, k: int, chunk_rows: int | None = None) ->
 
 
 @torch.inference_mode()
-def teacher_batch_topk(teacher: PreTrainedModel, batch: CacheBatch, k: int) -> TeacherTopK:
-    """The teacher's top-`k` targets at every response position of `batch` (full context, one forward pass; only the
-    response positions' rows of full-vocabulary logits are made)."""
+def teacher_logits(teacher: PreTrainedModel, batch: CacheBatch) -> torch.Tensor:
+    """The teacher's float32 full-vocabulary logits at every response position of `batch` [N, V] (full context, one
+    forward pass; only the response positions are projected)."""
     _, head = causal_lm_parts(teacher)
-    hidden = hidden_states_at(teacher, batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
-    return teacher_topk(float32_logits(hidden, head), k)
+    return float32_logits(hidden_states_at(teacher, batch.input_ids, batch.attention_mask, batch.rows, batch.positions), head)
+
+
+def teacher_batch_topk(teacher: PreTrainedModel, batch: CacheBatch, k: int) -> TeacherTopK:
+    """The teacher's top-`k` targets at every response position of `batch` (`teacher_logits`, then `teacher_topk`)."""
+    return teacher_topk(teacher_logits(teacher, batch), k)
+
+
+def teacher_ids(batch: CacheBatch) -> torch.Tensor:
+    """The teacher's top-K ids of each response token [N, K], which a KD cache's rows and `OnlineTeacher` give (with
+    their log-probs and tail: `CacheBatch.with_distillation` sets the three together); `PactError` when the batch
+    has none."""
+    if batch.kd_ids is None:
+        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no teacher top-K targets to distil from; "
+                        "build the cache with `pact-cache build --kd_top_k K`, or fill the batch with `OnlineTeacher`")
+    return batch.kd_ids
 
 
 def kd_per_position(kd_logits: torch.Tensor, student_tail: torch.Tensor, batch: CacheBatch, mask: torch.Tensor,
                     cfg: ObjectiveArguments) -> torch.Tensor:
     """The divergence `cfg.kd_loss` between the teacher's and the student's distributions over the teacher's top-K
     and the tail, at temperature `cfg.kd_temperature` (times its square), per response position [N]; 0 where `mask`
-    is False. `kd_logits` [N, K] and `student_tail` [N] carry the gradient."""
-    if batch.kd_ids is None or batch.kd_logprobs is None or batch.kd_tail is None:
-        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no teacher top-K targets, which the objective "
-                        f"{cfg.objective} needs; build the cache with `pact-cache build --kd_top_k K`, or fill the batch "
-                        "with `OnlineTeacher`")
+    is False. `kd_logits` [N, K] and `student_tail` [N] carry the gradient; `batch` holds the targets (its ids were
+    taken with `teacher_ids`)."""
     device = kd_logits.device
     return kd_loss(kd_logits, student_tail, batch.kd_logprobs.to(device), batch.kd_tail.to(device), mask,
                    cfg.kd_temperature, loss=cfg.kd_loss, beta=cfg.kd_jsd_beta)

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from pact.data.batch import CacheBatch
 from pact.errors import PactError
-from pact.objective.distillation import kd_per_position
+from pact.objective.distillation import kd_per_position, teacher_ids
 from pact.objective.kl import pact_kl, reference_kl
 from pact.objective.settings import ObjectiveArguments
 from pact.objective.student import student_outputs
@@ -56,7 +56,7 @@ def pact_batch_loss(
     `safety_ids` is S, the columns of the student's logits.
     """
     student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size,
-                              with_rest=cfg.uses_reference_kl, kd_ids=_kd_ids(batch) if cfg.uses_kd else None)
+                              with_rest=cfg.uses_reference_kl, kd_ids=teacher_ids(batch) if cfg.uses_kd else None)
     device = student.safety_logits.device
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
     kd = torch.zeros((), dtype=torch.float32, device=device)
@@ -92,14 +92,6 @@ def _reference_distribution(batch: CacheBatch, device: torch.device) -> tuple[to
                         "log-probabilities, which the reference KL needs; rebuild the cache with this pact (format version "
                         "3, without --top-k)")
     return batch.reference_logits.to(device), batch.rest_logprob.to(device)
-
-
-def _kd_ids(batch: CacheBatch) -> torch.Tensor:
-    """The teacher's top-K ids of each response token, which a KD cache's rows and `OnlineTeacher` give."""
-    if batch.kd_ids is None:
-        raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no teacher top-K targets to distil from; "
-                        "build the cache with `pact-cache build --kd_top_k K`, or fill the batch with `OnlineTeacher`")
-    return batch.kd_ids
 
 
 def _reference_logprob(batch: CacheBatch) -> torch.Tensor:
