@@ -55,7 +55,7 @@ from pact.files import atomic_write
 from pact.models.loading import LoadedModel, pad_token_id, tokenizer_matches
 from pact.models.parts import causal_lm_parts
 from pact.objective.distillation import teacher_batch_topk
-from pact.objective.reference import ReferenceTargets, reference_targets
+from pact.objective.reference import ReferenceTargets, distillation_batch, reference_targets
 from pact.objective.safety_tokens import SafetyTokens
 from pact.objective.settings import ObjectiveArguments
 
@@ -112,12 +112,15 @@ def _note(message: str) -> None:
     print(f"pact-cache: {message}", file=sys.stderr)
 
 
-def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, vocab_size: int, part_index: int, part_count: int) -> None:
+def _check_arguments(examples, safety_tokens: SafetyTokens | None, model: LoadedModel, vocab_size: int, part_index: int,
+                     part_count: int) -> None:
     """Refuse a build that cannot work: no examples, a part outside the split, safety tokens not made for this model."""
     if not examples:
         raise CacheError("no examples to cache")
     if part_count < 1 or not 0 <= part_index < part_count:
         raise CacheError(f"--shard-index {part_index} is not in 0..{part_count - 1} (--num-shards {part_count})")
+    if safety_tokens is None:
+        return
     if max(safety_tokens.ids) >= vocab_size:
         raise CacheError(f"safety token id {max(safety_tokens.ids)} is outside the model's vocabulary (size {vocab_size})")
     if not any(w > 0 for w in safety_tokens.weights):
@@ -131,9 +134,16 @@ def _check_arguments(examples, safety_tokens: SafetyTokens, model: LoadedModel, 
         _note(f"warning: the safety tokens were computed for another model ({aligned}), building anyway")
 
 
-def _check_teacher(model: LoadedModel, teacher: LoadedModel | None, kd_top_k: int | None, vocab_size: int) -> None:
-    """Refuse a distillation setting no build can use: a teacher without --kd_top_k, a K not below the vocabulary, or a
-    teacher whose tokenizer or vocabulary differs from the reference's (its top-K ids would name other tokens)."""
+def _check_teacher(model: LoadedModel, teacher: LoadedModel | None, kd_top_k: int | None, vocab_size: int,
+                   safety_targets: bool) -> None:
+    """Refuse a distillation setting no build can use: nothing to store, a teacher without --kd_top_k or beside a
+    distillation-only build's model (which is the teacher), a K not below the vocabulary, or a teacher whose tokenizer
+    or vocabulary differs from the reference's (its top-K ids would name other tokens)."""
+    if not safety_targets and kd_top_k is None:
+        raise CacheError("a cache without safety targets needs --kd_top_k: otherwise it would store nothing")
+    if teacher is not None and not safety_targets:
+        raise CacheError(f"a distillation-only cache (no safety targets) runs one model, --model, as the teacher: give "
+                         f"{teacher.source} as --model rather than --teacher")
     if teacher is not None and kd_top_k is None:
         raise CacheError("a teacher was given without --kd_top_k: say how many of its top tokens to store per step")
     if kd_top_k is not None and kd_top_k >= vocab_size:
@@ -224,10 +234,10 @@ def _prepare_directory(out: Path, manifest: dict, resume: bool, overwrite: bool)
     return olds[0]["created_at"], finished
 
 
-def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume: bool, overwrite: bool,
+def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens | None, resume: bool, overwrite: bool,
            held: contextlib.ExitStack) -> tuple[str, dict[int, dict]]:
     """Rank 0's part of starting a build: check the ranks agree, create and lock `out` (the lock stays in `held`),
-    prepare it, then write the (empty, incomplete) manifest and the safety tokens before any shard.
+    prepare it, then write the (empty, incomplete) manifest and the safety tokens (if any) before any shard.
 
     The manifest comes first, so every later file of the build is one a
     manifest in `out` accounts for (see `manifest.cache_files`).
@@ -238,7 +248,8 @@ def _start(out: Path, manifests: list[dict], safety_tokens: SafetyTokens, resume
     created_at, finished = _prepare_directory(out, manifests[0], resume, overwrite)
     if not (out / MANIFEST_NAME).exists():
         save_manifest(out, {**manifests[0], "created_at": created_at})
-    atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode(), CacheWriteError)
+    if safety_tokens is not None:
+        atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(safety_tokens.to_dict(), indent=1) + "\n").encode(), CacheWriteError)
     return created_at, finished
 
 
@@ -266,46 +277,75 @@ def length_batches(examples: list[EncodedExample], batch_size: int) -> list[list
     return [order[begin:begin + batch_size] for begin in range(0, len(order), batch_size)]
 
 
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
+
+
 def encode_reference(refs: list[ReferenceTargets], safety_tokens: SafetyTokens, layout: Layout, temperature: float) -> list[dict[str, np.ndarray]]:
     """Reduce reference values (all of S, one entry per example) to `layout`'s stored columns and encode them, per example."""
-    numpy = lambda t: t.cpu().numpy()  # noqa: E731
     full, post, index = select_columns(torch.cat([r.full_logits for r in refs]), torch.cat([r.post_logits for r in refs]),
                                        safety_tokens.weights, layout, temperature)
     reference = layout.stores_reference
-    values = StepValues(numpy(full), numpy(post), numpy(torch.cat([r.post_count for r in refs])),
-                        numpy(torch.cat([r.target_logprob for r in refs])), numpy(torch.cat([r.logsumexp for r in refs])),
-                        None if index is None else numpy(index),
-                        numpy(torch.cat([r.full_logits for r in refs])[:, list(layout.other_positions)]) if reference else None,
-                        numpy(torch.cat([r.rest_logprob for r in refs])) if reference else None)
+    values = StepValues(_numpy(torch.cat([r.target_logprob for r in refs])), _numpy(torch.cat([r.logsumexp for r in refs])),
+                        _numpy(full), _numpy(post), _numpy(torch.cat([r.post_count for r in refs])),
+                        None if index is None else _numpy(index),
+                        _numpy(torch.cat([r.full_logits for r in refs])[:, list(layout.other_positions)]) if reference else None,
+                        _numpy(torch.cat([r.rest_logprob for r in refs])) if reference else None)
     if layout.kd_top_k is not None:
-        values.kd_ids, values.kd_logprobs, values.kd_tail = (numpy(torch.cat([getattr(r, name) for r in refs]))
+        values.kd_ids, values.kd_logprobs, values.kd_tail = (_numpy(torch.cat([getattr(r, name) for r in refs]))
                                                              for name in ("kd_ids", "kd_logprobs", "kd_tail"))
-    bounds = np.cumsum([len(r.post_count) for r in refs])[:-1]
-    split = {name: np.split(array, bounds) for name, array in encode_steps(values, layout).items()}
-    return [{name: parts[i] for name, parts in split.items()} for i in range(len(refs))]
+    return _encode_per_example(values, layout, [len(r.post_count) for r in refs])
 
 
-def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
+def _encode_per_example(values: StepValues, layout: Layout, sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """The steps of consecutive examples of `sizes` steps each, encoded (`encode_steps`) and split per example."""
+    split = {name: np.split(array, np.cumsum(sizes)[:-1]) for name, array in encode_steps(values, layout).items()}
+    return [{name: parts[i] for name, parts in split.items()} for i in range(len(sizes))]
+
+
+def _encode_distillation(model: LoadedModel, examples: list[EncodedExample], layout: Layout, pad_id: int
+                         ) -> list[dict[str, np.ndarray]]:
+    """A distillation-only layout's values of `examples` (the model is the teacher, one full-context pass), encoded per
+    example."""
+    top, target_logprob, logsumexp = distillation_batch(model.model, collate_examples(examples, pad_id), layout.kd_top_k)
+    values = StepValues(_numpy(target_logprob), _numpy(logsumexp), kd_ids=_numpy(top.ids), kd_logprobs=_numpy(top.logprobs),
+                        kd_tail=_numpy(top.tail))
+    return _encode_per_example(values, layout, [len(ex.response_ids) for ex in examples])
+
+
+def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safety_tokens: SafetyTokens | None, layout: Layout,
                         objective: ObjectiveArguments, header_ids: list[int], batch_size: int, progress: _ProgressBar,
                         teacher: LoadedModel | None = None) -> list[dict[str, np.ndarray]]:
     """Reference values of a shard's examples, encoded per example (in example order), batched by length; a
-    distillation layout's top-K come from the reference's own logits, or from a forward pass of `teacher`."""
-    ids = safety_tokens.id_tensor()
+    distillation layout's top-K come from the reference's own logits, or from a forward pass of `teacher`; a
+    distillation-only layout's from the model's full-context pass alone."""
     pad_id = pad_token_id(model.tokenizer)
     steps: list[dict[str, np.ndarray] | None] = [None] * len(examples)
     for chosen in length_batches(examples, batch_size):
         batch = [examples[i] for i in chosen]
-        refs = reference_targets(model.model, batch, ids, header_ids, objective.p0, objective.gate_temperature, pad_id,
-                                 layout.kd_top_k if teacher is None else None)
-        if teacher is not None:
-            top = teacher_batch_topk(teacher.model, collate_examples(batch, pad_id), layout.kd_top_k)
-            sizes = [len(ex.response_ids) for ex in batch]
-            refs = [dataclasses.replace(ref, kd_ids=i, kd_logprobs=lp, kd_tail=t)
-                    for ref, i, lp, t in zip(refs, top.ids.split(sizes), top.logprobs.split(sizes), top.tail.split(sizes))]
-        for position, encoded in zip(chosen, encode_reference(refs, safety_tokens, layout, objective.temperature)):
+        if safety_tokens is None:
+            steps_of = _encode_distillation(model, batch, layout, pad_id)
+        else:
+            steps_of = _encode_reference_pass(model, batch, safety_tokens, layout, objective, header_ids, pad_id, teacher)
+        for position, encoded in zip(chosen, steps_of):
             steps[position] = encoded
         progress.advance(batch)
     return steps
+
+
+def _encode_reference_pass(model: LoadedModel, batch: list[EncodedExample], safety_tokens: SafetyTokens, layout: Layout,
+                           objective: ObjectiveArguments, header_ids: list[int], pad_id: int, teacher: LoadedModel | None
+                           ) -> list[dict[str, np.ndarray]]:
+    """A batch's reference values (full and post-only contexts) and, in a distillation layout, the top-K of the
+    reference or of `teacher`, encoded per example."""
+    refs = reference_targets(model.model, batch, safety_tokens.id_tensor(), header_ids, objective.p0,
+                             objective.gate_temperature, pad_id, layout.kd_top_k if teacher is None else None)
+    if teacher is not None:
+        top = teacher_batch_topk(teacher.model, collate_examples(batch, pad_id), layout.kd_top_k)
+        sizes = [len(ex.response_ids) for ex in batch]
+        refs = [dataclasses.replace(ref, kd_ids=i, kd_logprobs=lp, kd_tail=t)
+                for ref, i, lp, t in zip(refs, top.ids.split(sizes), top.logprobs.split(sizes), top.tail.split(sizes))]
+    return encode_reference(refs, safety_tokens, layout, objective.temperature)
 
 
 @dataclass
@@ -392,7 +432,7 @@ def _finish(out: Path, manifest: dict, progress: list[dict]) -> dict:
 def build_cache(
     model: LoadedModel,
     examples: list[EncodedExample],
-    safety_tokens: SafetyTokens,
+    safety_tokens: SafetyTokens | None,
     out_dir: str | Path,
     *,
     data: dict | None = None,
@@ -448,7 +488,9 @@ def build_cache(
     log-probs and the log of its remaining mass (docs/distillation.md): the
     reference's own, from the logits it computes anyway, or those of `teacher`,
     a model with the same tokenizer (checked by fingerprint), in one more
-    forward pass per batch.
+    forward pass per batch. With `safety_tokens` None the cache is
+    distillation-only: `model` is the teacher, and only its full-context pass
+    runs (no post-only pass, no safety-token values, no gate).
     """
     started = time.perf_counter()
     check_dtype(dtype)
@@ -456,20 +498,23 @@ def build_cache(
     out = Path(out_dir).expanduser()
     vocab_size = int(causal_lm_parts(model.model)[1].shape[0])
     _check_arguments(examples, safety_tokens, model, vocab_size, part_index, part_count)
-    _check_teacher(model, teacher, kd_top_k, vocab_size)
-    layout = Layout.create(dtype, safety_tokens.ids, safety_tokens.weights, vocab_size, top_k, kd_top_k)
+    _check_teacher(model, teacher, kd_top_k, vocab_size, safety_tokens is not None)
+    if safety_tokens is None and top_k is not None:
+        raise CacheError("top_k chooses among safety tokens, which a distillation-only cache does not store")
+    layout = Layout.create(dtype, safety_tokens.ids if safety_tokens else [], safety_tokens.weights if safety_tokens else [],
+                           vocab_size, top_k, kd_top_k)
     distiller = teacher or model
-    header_ids = assistant_header_ids(model.tokenizer)
+    header_ids = assistant_header_ids(model.tokenizer) if safety_tokens else []
     parameter = next(model.model.parameters())
     manifest = new_manifest(
         layout=layout,
-        safety_tokens=safety_tokens.to_dict(),
+        safety_tokens=safety_tokens.to_dict() if safety_tokens else None,
         model_source=model.source,
         fingerprints={"model": model.fingerprint, "tokenizer": model.tokenizer_fingerprint,
                       "data": (data or {}).get("fingerprint"), "examples": examples_fingerprint(examples)},
         header_ids=header_ids,
-        gate={"p0": objective.p0, "gate_temperature": objective.gate_temperature},
-        objective_temperature=objective.temperature,
+        gate={"p0": objective.p0, "gate_temperature": objective.gate_temperature} if safety_tokens else None,
+        objective_temperature=objective.temperature if safety_tokens else None,
         params={"dtype": dtype, "top_k": top_k, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
                 "zstd_level": zstd_level, "threads": threads or torch.get_num_threads(), "device": str(parameter.device), "model_dtype": dtype_name(parameter.dtype)},
         data=data,

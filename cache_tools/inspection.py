@@ -3,11 +3,13 @@
 The manifest summary, and optionally one row decoded: each response token
 with the reference's log-prob of it and the safety tokens the reference
 found most likely at that step (probabilities over the full vocabulary,
-exp(logit - logsumexp), from the full-context logits).
+exp(logit - logsumexp), from the full-context logits), or in a
+distillation-only cache the tokens the teacher found most likely.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -28,18 +30,15 @@ def _tokenizer(model_source: str):
 
 
 def inspect_row(reader: CacheReader, index: int, top: int = TOP_SAFETY) -> dict:
-    """Row `index` decoded: every response step with its token, the reference's log-prob of it and the top safety tokens."""
+    """Row `index` decoded: every response step with its token, the reference's log-prob of it and the top safety tokens
+    (in a distillation-only cache, the teacher's top tokens instead)."""
     row = reader[index]
-    names = dict(zip(reader.manifest["safety_tokens"]["ids"], reader.manifest["safety_tokens"]["tokens"]))
     tokenizer = _tokenizer(reader.manifest["model_source"])
     decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: " ".join(f"<{i}>" for i in ids))
     spans = row["response_spans"].tolist()
     response = [token for start, end in spans for token in row["input_ids"][start:end].tolist()]
     turns = [turn for turn, (start, end) in enumerate(spans) for _ in range(end - start)]
-    steps = len(response)
-    safety_ids = row["safety_ids"].expand(steps, -1) if row["safety_ids"].dim() == 1 else row["safety_ids"]
-    probs = torch.exp(row["full_logits"] - row["logsumexp"][:, None])
-    best = probs.topk(min(top, probs.shape[1]), dim=1)
+    most_likely = _top_safety(reader, row, top) if reader.layout.stores_safety else _top_teacher(row, top, decode)
     return {
         "row": index,
         "example_id": row["example_id"],
@@ -52,22 +51,38 @@ def inspect_row(reader: CacheReader, index: int, top: int = TOP_SAFETY) -> dict:
                 "token_id": token,
                 "token": decode([token]),
                 "target_logprob": float(row["target_logprob"][t]),
-                "post_count": int(row["post_count"][t]),
-                "top_safety": [
-                    {"token_id": int(safety_ids[t, j]), "token": names[int(safety_ids[t, j])], "prob": float(p)}
-                    for p, j in zip(best.values[t].tolist(), best.indices[t].tolist())
-                ],
+                **(most_likely[t] if most_likely else {}),
             }
             for t, token in enumerate(response)
         ],
     }
 
 
+def _top_safety(reader: CacheReader, row: dict, top: int) -> list[dict]:
+    """Per step of a row with safety targets: the post-only count and the `top` safety tokens the reference found most
+    likely, with their probabilities."""
+    names = dict(zip(reader.manifest["safety_tokens"]["ids"], reader.manifest["safety_tokens"]["tokens"]))
+    steps = len(row["post_count"])
+    safety_ids = row["safety_ids"].expand(steps, -1) if row["safety_ids"].dim() == 1 else row["safety_ids"]
+    best = torch.exp(row["full_logits"] - row["logsumexp"][:, None]).topk(min(top, row["full_logits"].shape[1]), dim=1)
+    return [{"post_count": int(row["post_count"][t]),
+             "top_safety": [{"token_id": int(safety_ids[t, j]), "token": names[int(safety_ids[t, j])], "prob": float(p)}
+                            for p, j in zip(best.values[t].tolist(), best.indices[t].tolist())]}
+            for t in range(steps)]
+
+
+def _top_teacher(row: dict, top: int, decode) -> list[dict]:
+    """Per step of a distillation-only row: the teacher's `top` most likely tokens with their probabilities."""
+    return [{"top_teacher": [{"token_id": int(i), "token": decode([int(i)]), "prob": float(math.exp(p))}
+                             for i, p in zip(ids[:top].tolist(), logprobs[:top].tolist())]}
+            for ids, logprobs in zip(row["kd_ids"], row["kd_logprobs"])]
+
+
 def inspect_cache(directory: str | Path, row: int | None = None, top: int = TOP_SAFETY) -> dict:
     """Manifest summary of a cache (incomplete builds included), plus row `row` decoded when given."""
     reader = CacheReader(directory, allow_incomplete=True)
     m = reader.manifest
-    tokens = m["safety_tokens"]
+    tokens = m["safety_tokens"] or {"ids": [], "weights": [], "tokens": []}
     ranked = sorted(zip(tokens["weights"], tokens["tokens"], tokens["ids"]), reverse=True)
     info = {
         "directory": str(reader.directory),
@@ -107,19 +122,29 @@ def format_inspection(info: dict) -> str:
         f"rows {t['rows']}, response tokens {t['response_tokens']}, shards {t['shards']}, {t['bytes']} bytes"
         + (f" ({t['bytes_per_response_token']:.1f} per response token, {t['compression_ratio']:.1f}x smaller than raw float32)"
            if t["response_tokens"] else ""),
-        f"layout: dtype {info['dtype']}, {info['stored_columns']} of {info['safety_tokens']} safety tokens stored"
-        + (f" (top-{info['top_k']} per step, chosen at T={info['objective_temperature']})" if info["top_k"] else " (all with weight > 0: exact)"),
-        f"gate baked in: p0={info['gate']['p0']}, Tg={info['gate']['gate_temperature']}",
+        *(_safety_lines(info) if info["safety_tokens"] else ["layout: no safety targets (a distillation-only cache)"]),
         *([f"distillation: the top-{info['kd_top_k']} log-probs and tail of {info['kd_teacher']['source']} "
            f"({info['kd_teacher']['fingerprint']}) per response token"] if info.get("kd_top_k") else []),
-        "highest-weighted safety tokens: " + ", ".join(f"{s['token']!r} {s['weight']:.3f}" for s in info["top_weighted_safety_tokens"]),
     ]
     row = info.get("row")
     if row:
         lines.append(f"row {row['row']} (example_id {row['example_id']}), prompt of {row['prompt_tokens']} tokens:")
         lines.append("  " + row["prompt"].replace("\n", "\n  "))
-        lines.append("  step  token                 logp   count  top safety tokens (reference probability)")
+        safety = info["safety_tokens"] > 0
+        lines.append("  step  token                 logp   " + ("count  top safety tokens (reference probability)" if safety
+                                                                else "top tokens (teacher probability)"))
         for step in row["steps"]:
-            top = ", ".join(f"{s['token']!r} {s['prob']:.3f}" for s in step["top_safety"])
-            lines.append(f"  {step['step']:4d}  {step['token']!r:20.20s} {step['target_logprob']:7.3f}  {step['post_count']:5d}  {top}")
+            top = ", ".join(f"{s['token']!r} {s['prob']:.3f}" for s in step["top_safety" if safety else "top_teacher"])
+            count = f"{step['post_count']:5d}  " if safety else ""
+            lines.append(f"  {step['step']:4d}  {step['token']!r:20.20s} {step['target_logprob']:7.3f}  {count}{top}")
     return "\n".join(lines)
+
+
+def _safety_lines(info: dict) -> list[str]:
+    """The lines of `format_inspection` on a cache's safety targets: its layout, the gate and the heaviest tokens."""
+    return [
+        f"layout: dtype {info['dtype']}, {info['stored_columns']} of {info['safety_tokens']} safety tokens stored"
+        + (f" (top-{info['top_k']} per step, chosen at T={info['objective_temperature']})" if info["top_k"] else " (all with weight > 0: exact)"),
+        f"gate baked in: p0={info['gate']['p0']}, Tg={info['gate']['gate_temperature']}",
+        "highest-weighted safety tokens: " + ", ".join(f"{s['token']!r} {s['weight']:.3f}" for s in info["top_weighted_safety_tokens"]),
+    ]

@@ -15,6 +15,9 @@ those other logits as 8-bit log-probabilities against the step's logsumexp
 (`codec.encode_logprob`): they only enter the reference KL, at temperature 1,
 where a log-probability below -20 is worth nothing, and the bytes they cost
 fall by about a third.
+
+A distillation-only layout (`pact-cache build --kd_top_k K --safety_targets false`) has no safety tokens (|S| = 0): its
+steps hold the teacher's top-K and the two scalars of the full-context pass only, and no post-only pass is run.
 """
 
 from __future__ import annotations
@@ -66,14 +69,11 @@ class Layout:
     other_positions: tuple[int, ...] = ()
     kd_top_k: int | None = None
 
-    def __post_init__(self):
-        check_dtype(self.dtype)
-
     @classmethod
     def create(cls, dtype: str, ids: list[int], weights: list[float], vocab_size: int, top_k: int | None,
                kd_top_k: int | None = None) -> "Layout":
-        """The layout for safety tokens `ids`/`weights`; a `top_k` >= |S+| means all of S+ (exact); `kd_top_k` K adds
-        a teacher's top-K per step."""
+        """The layout for safety tokens `ids`/`weights` (none: a distillation-only layout, which needs `kd_top_k`); a
+        `top_k` >= |S+| means all of S+ (exact); `kd_top_k` K adds a teacher's top-K per step."""
         stored = tuple(int(i) for i, w in zip(ids, weights) if w > 0)
         return cls(dtype, stored, len(ids), int(vocab_size), top_k if top_k is not None and top_k < len(stored) else None,
                    positive_positions(weights), other_positions=other_positions(weights), kd_top_k=kd_top_k)
@@ -81,15 +81,26 @@ class Layout:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Layout":
         """The layout a manifest describes (of the manifest's format version)."""
-        weights = manifest["safety_tokens"]["weights"]
+        weights = (manifest["safety_tokens"] or {"weights": []})["weights"]
         return cls(manifest["dtype"], tuple(manifest["stored_ids"]), len(weights), manifest["vocab_size"], manifest["top_k"],
                    positive_positions(weights), manifest["format_version"], other_positions(weights), manifest.get("kd_top_k"))
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if not self.stores_safety and self.kd_top_k is None:
+            raise ValueError("a layout without safety tokens stores nothing: give it kd_top_k")
+
+    @property
+    def stores_safety(self) -> bool:
+        """Whether the shards hold the PACT targets (the reference's logits on the safety tokens in both contexts and
+        the gate's post-only count); a distillation-only layout does not."""
+        return self.num_safety > 0
 
     @property
     def stores_reference(self) -> bool:
         """Whether the shards hold the reference's logits on all of S and its log-probability outside S (format 3
         without top-k): what the reference-KL objectives need."""
-        return self.format_version >= 3 and self.top_k is None
+        return self.stores_safety and self.format_version >= 3 and self.top_k is None
 
     @property
     def other_as_logprob(self) -> bool:
@@ -119,8 +130,9 @@ class Layout:
 
     @property
     def raw_float32_bytes_per_token(self) -> int:
-        """Bytes per response token of the plain float32 reference: logits on all of S in both contexts plus two scalars."""
-        return 4 * (2 * self.num_safety + 2)
+        """Bytes per response token of the plain float32 values: logits on all of S in both contexts, two scalars, and a
+        distillation layout's K int32 ids, K log-probs and tail."""
+        return 4 * (2 * self.num_safety + 2 + (2 * self.kd_top_k + 1 if self.kd_top_k else 0))
 
 
 def select_columns(

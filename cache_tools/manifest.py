@@ -278,24 +278,54 @@ def _safety_token_problems(tokens) -> list[str]:
 def _value_problems(m: dict) -> list[str]:
     """The fields of a manifest (all REQUIRED present) whose values no pact-cache build writes."""
     vocab = m["vocab_size"] if is_integer(m["vocab_size"], 1) else math.inf
-    gate = m["gate"] if isinstance(m["gate"], dict) else {}
-    p0 = gate.get("p0")
     checks = [
         (isinstance(m["complete"], bool), "complete", "is not true or false"),
         (m["dtype"] in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}"),
+        (vocab != math.inf, "vocab_size", "is not an integer >= 1"),
+        (_int_list(m["header_ids"], 0, vocab), "header_ids", "is not a list of token ids"),
+        (isinstance(m["shards"], list), "shards", "is not a list"),
+    ]
+    if m["safety_tokens"] is None:
+        return _failed(m, checks + _distillation_only_checks(m, vocab)) + _shard_problems(m)
+    return _failed(m, checks + _safety_checks(m, vocab)) + _safety_token_problems(m["safety_tokens"]) + _shard_problems(m)
+
+
+def _safety_checks(m: dict, vocab: float) -> list[tuple[bool, str, str]]:
+    """The (ok, field, what) checks of the fields of a manifest with safety tokens: its layout and the gate it bakes in."""
+    gate = m["gate"] if isinstance(m["gate"], dict) else {}
+    p0 = gate.get("p0")
+    return [
         (m["top_k"] is None or is_integer(m["top_k"], 1), "top_k", "is neither null nor an integer >= 1"),
         (m.get("kd_top_k") is None or (is_integer(m["kd_top_k"], 1) and m["kd_top_k"] < vocab), "kd_top_k",
          "is neither null nor an integer in 1..vocab_size - 1"),
-        (vocab != math.inf, "vocab_size", "is not an integer >= 1"),
         (_int_list(m["stored_ids"], 0, vocab), "stored_ids", f"is not a list of token ids below vocab_size {m['vocab_size']}"),
-        (_int_list(m["header_ids"], 0, vocab), "header_ids", "is not a list of token ids"),
         (_is_positive(p0) and p0 <= 1, "gate.p0", "is not in (0, 1]"),
         (_is_positive(gate.get("gate_temperature")), "gate.gate_temperature", "is not a finite number > 0"),
         ("objective_temperature" not in m or _is_positive(m["objective_temperature"]), "objective_temperature", "is not a finite number > 0"),
-        (isinstance(m["shards"], list), "shards", "is not a list"),
     ]
-    problems = [f"{field} {_lookup(m, tuple(field.split('.')))!r} {what}" for ok, field, what in checks if not ok]
-    problems += _safety_token_problems(m["safety_tokens"])
+
+
+def _distillation_only_checks(m: dict, vocab: float) -> list[tuple[bool, str, str]]:
+    """The (ok, field, what) checks of a distillation-only manifest (`safety_tokens` null): it stores a teacher's top-K
+    and nothing of safety tokens or a gate."""
+    return [
+        (is_integer(m.get("kd_top_k"), 1) and m["kd_top_k"] < vocab, "kd_top_k",
+         "is not an integer in 1..vocab_size - 1, which a cache without safety tokens needs"),
+        (m["top_k"] is None, "top_k", "is not null in a cache without safety tokens"),
+        (m["stored_ids"] == [], "stored_ids", "is not empty in a cache without safety tokens"),
+        (m["gate"] is None, "gate", "is not null in a cache without safety tokens"),
+        (m.get("objective_temperature") is None, "objective_temperature", "is not null in a cache without safety tokens"),
+    ]
+
+
+def _failed(m: dict, checks: list[tuple[bool, str, str]]) -> list[str]:
+    """The messages of the failed (ok, field, what) checks of manifest `m`, each naming the field and its value."""
+    return [f"{field} {_lookup(m, tuple(field.split('.')))!r} {what}" for ok, field, what in checks if not ok]
+
+
+def _shard_problems(m: dict) -> list[str]:
+    """What is wrong with a manifest's shard entries: each entry's fields, and files listed twice."""
+    problems = []
     entries = m["shards"] if isinstance(m["shards"], list) else []
     for index, entry in enumerate(entries):
         problems += _shard_entry_problems(index, entry)

@@ -193,7 +193,8 @@ def merge_caches(out_dir: str | Path, directories: list[str | Path], overwrite: 
             delete_files(out, own_files(out, "--overwrite"))
         merged = _merged_manifest(inputs, manifests, offsets, parts)
         save_manifest(out, merged)
-        atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(merged["safety_tokens"], indent=1) + "\n").encode(), CacheWriteError)
+        if merged["safety_tokens"] is not None:
+            atomic_write(out / SAFETY_TOKENS_NAME, (json.dumps(merged["safety_tokens"], indent=1) + "\n").encode(), CacheWriteError)
         for directory, manifest, offset in zip(inputs, manifests, offsets):
             level = manifest["params"].get("zstd_level", DEFAULT_ZSTD_LEVEL)
             for entry in manifest["shards"]:

@@ -110,15 +110,18 @@ class CacheReader:
     sequence), `response_start` (int, index of the first response token),
     `response_spans` (int64 [m, 2], the (start, end) token range of each
     response, one per assistant turn trained on; the n_resp response steps are
-    their tokens in order), `safety_ids` (int64 vocabulary ids of the logit
+    their tokens in order), `target_logprob` and `logsumexp` (float32
+    [n_resp]); unless the cache is distillation-only (built with
+    `--safety_targets false`), `safety_ids` (int64 vocabulary ids of the logit
     columns: [k], the same at every step, or [n_resp, k] for top-k caches),
     `columns` (int64 positions of those columns in S, same shape, from the
     layout), `full_logits` and
-    `post_logits` (float32 [n_resp, k]), `post_count` (int64 [n_resp]),
-    `target_logprob` and `logsumexp` (float32 [n_resp]); caches of format 3 and later built
-    without top-k also hold `reference_logits` (float32 [n_resp, |S|], the
-    full-context logits on all of S) and `rest_logprob` (float32 [n_resp], the
-    log of the reference's probability outside S).
+    `post_logits` (float32 [n_resp, k]) and `post_count` (int64 [n_resp]);
+    caches of format 3 and later built with safety targets and without top-k
+    also hold `reference_logits` (float32 [n_resp, |S|], the full-context
+    logits on all of S) and `rest_logprob` (float32 [n_resp], the log of the
+    reference's probability outside S); distillation caches (`--kd_top_k`)
+    `kd_ids`, `kd_logprobs` and `kd_tail` (`ShardRows.row`).
 
     `buffer_bytes` bounds the memory of decoded shards (least recently used
     first out; one shard is always held). Random access across more shards
@@ -144,13 +147,14 @@ class CacheReader:
 
     @property
     def safety_ids(self) -> torch.Tensor:
-        """All safety-token ids S (int64), the columns the student's logits are taken on."""
-        return torch.tensor(self.manifest["safety_tokens"]["ids"], dtype=torch.long)
+        """All safety-token ids S (int64), the columns the student's logits are taken on (none in a distillation-only
+        cache)."""
+        return torch.tensor((self.manifest["safety_tokens"] or {"ids": []})["ids"], dtype=torch.long)
 
     @property
     def safety_weights(self) -> torch.Tensor:
         """The weights w of S (float32), aligned with `safety_ids`."""
-        return torch.tensor(self.manifest["safety_tokens"]["weights"], dtype=torch.float32)
+        return torch.tensor((self.manifest["safety_tokens"] or {"weights": []})["weights"], dtype=torch.float32)
 
     def __len__(self) -> int:
         return self._row_starts[-1]
@@ -244,13 +248,12 @@ class CacheReader:
             "input_ids": List(Value("int64")),
             "response_start": Value("int64"),
             "response_spans": List(List(Value("int64"))),
-            "safety_ids": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
-            "columns": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
-            "full_logits": per_step,
-            "post_logits": per_step,
-            "post_count": List(Value("int64")),
             "target_logprob": List(Value("float32")),
             "logsumexp": List(Value("float32")),
+            **({"safety_ids": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
+                "columns": List(List(Value("int64"))) if self.layout.top_k else List(Value("int64")),
+                "full_logits": per_step, "post_logits": per_step, "post_count": List(Value("int64"))}
+               if self.layout.stores_safety else {}),
             **({"reference_logits": per_step, "rest_logprob": List(Value("float32"))} if self.layout.stores_reference else {}),
             **({"kd_ids": List(List(Value("int64"))), "kd_logprobs": per_step, "kd_tail": List(Value("float32"))}
                if self.layout.kd_top_k else {}),

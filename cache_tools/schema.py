@@ -43,7 +43,10 @@ def is_matrix(name: str) -> bool:
 
 
 def logit_columns(layout: Layout) -> tuple[str, ...]:
-    """The logit fields a shard of `layout` stores in its logit dtype (each with the codec's side parts)."""
+    """The logit fields a shard of `layout` stores in its logit dtype (each with the codec's side parts); none in a
+    distillation-only layout."""
+    if not layout.stores_safety:
+        return ()
     return (*LOGIT_COLUMNS, OTHER_COLUMN) if layout.stores_reference and not layout.other_as_logprob else LOGIT_COLUMNS
 
 
@@ -51,19 +54,20 @@ def logit_columns(layout: Layout) -> tuple[str, ...]:
 class StepValues:
     """Reference values to store for a run of response steps (one row per step).
 
-    full_logits/post_logits: [n, width] float32 on the stored columns;
-    post_count, target_logprob, logsumexp: [n]; index: [n, K] positions in S+
-    of the kept columns (top-k layouts) or None; other_logits [n, |S| - |S+|]
-    and rest_logprob [n] where the layout stores the reference (else None);
+    target_logprob, logsumexp: [n]; full_logits/post_logits: [n, width]
+    float32 on the stored columns and post_count [n] (None in a
+    distillation-only layout); index: [n, K] positions in S+ of the kept
+    columns (top-k layouts) or None; other_logits [n, |S| - |S+|] and
+    rest_logprob [n] where the layout stores the reference (else None);
     kd_ids [n, K], kd_logprobs [n, K], kd_tail [n]: a distillation layout's
     teacher top-K (else None).
     """
 
-    full_logits: np.ndarray
-    post_logits: np.ndarray
-    post_count: np.ndarray
     target_logprob: np.ndarray
     logsumexp: np.ndarray
+    full_logits: np.ndarray | None = None
+    post_logits: np.ndarray | None = None
+    post_count: np.ndarray | None = None
     index: np.ndarray | None = None
     other_logits: np.ndarray | None = None
     rest_logprob: np.ndarray | None = None
@@ -76,7 +80,7 @@ def step_columns(layout: Layout) -> list[tuple[str, pa.DataType, int]]:
     """The fields of a step in `layout` as (name, Arrow value type, values per step)."""
     logit_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.uint8()}[layout.dtype]
     extras = pa.from_numpy_dtype(np.dtype(codec.extras_dtype(layout.dtype)))
-    columns = [("post_count", layout.count_type, 1)]
+    columns = [("post_count", layout.count_type, 1)] if layout.stores_safety else []
     for name in logit_columns(layout):
         columns.append((name, logit_type, len(layout.other_positions) if name == OTHER_COLUMN else layout.width))
         columns += [(f"{name}_{part}", pa.float16(), 1) for part in codec.side_parts(layout.dtype)]
@@ -113,7 +117,7 @@ def encode_steps(values: StepValues, layout: Layout) -> dict[str, np.ndarray]:
     count_dtype = np.uint8 if layout.count_type == pa.uint8() else np.uint16
     extras = codec.extras_dtype(layout.dtype)
     convert = codec.to_float16 if extras == "float16" else (lambda x: np.asarray(x, dtype=np.float32))
-    out = {"post_count": values.post_count.astype(count_dtype)}
+    out = {"post_count": values.post_count.astype(count_dtype)} if layout.stores_safety else {}
     for name in logit_columns(layout):
         encoded = codec.encode(getattr(values, name), layout.dtype)
         out[name] = encoded.pop("values")
@@ -283,8 +287,9 @@ class ShardRows:
         if layout.token_type == pa.int32():
             bad_token |= self.input_ids < 0
         self._check_items(bad_token, self.token_offsets, "token", f"id outside the vocabulary (size {layout.vocab_size})")
-        count = self.columns["post_count"]
-        self._check_items((count < 1) | (count > layout.num_safety), steps, "response step", f"post_count outside 1..{layout.num_safety}")
+        if layout.stores_safety:
+            count = self.columns["post_count"]
+            self._check_items((count < 1) | (count > layout.num_safety), steps, "response step", f"post_count outside 1..{layout.num_safety}")
         for column_name, values in self.columns.items():
             if values.dtype.kind == "f":
                 self._check_items(~np.isfinite(values), steps, "response step", f"{column_name} holds a non-finite value")
@@ -351,43 +356,52 @@ class ShardRows:
             return codec.tolerance(self._parts(column, steps), self.layout.dtype)
         return codec.tolerance({"values": self.columns[column][steps]}, codec.extras_dtype(self.layout.dtype))
 
-    def step_range(self, index: int) -> slice:
-        """The response steps of row `index` in the shard's per-step arrays."""
-        return slice(int(self.step_offsets[index]), int(self.step_offsets[index + 1]))
-
-    def row(self, index: int) -> dict:
-        """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids); where the layout
-        stores the reference (format 3 without top-k), also `reference_logits`, the full-context logits on all of S in
-        S's order, and `rest_logprob`, the log of the reference's probability outside S; with a distillation layout,
-        `kd_ids` (int64 [n_resp, K], by descending log-prob), `kd_logprobs` (float32 [n_resp, K]) and `kd_tail`
-        (float32 [n_resp]), the teacher's top-K and the log of its remaining mass."""
-        tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
-        steps = self.step_range(index)
+    def _safety_targets(self, steps: slice) -> dict[str, torch.Tensor]:
+        """A row's PACT targets over `steps` (see `row`)."""
         if self.layout.top_k is None:
             safety_ids, columns = self._stored_ids, self._stored_positions
         else:
             kept = torch.from_numpy(self.columns["safety_index"][steps].astype(np.int64))
             safety_ids, columns = self._stored_ids[kept], self._stored_positions[kept]
         full = self.logits("full_logits", steps)
-        row = {
-            "example_id": int(self.example_id[index]),
-            "input_ids": torch.from_numpy(self.input_ids[tokens].astype(np.int64)),
-            "response_start": int(self.response_start[index]),
-            "response_spans": torch.from_numpy(self.spans[self.span_offsets[index]:self.span_offsets[index + 1]].copy()),
+        targets = {
             "safety_ids": safety_ids,
             "columns": columns,
             "full_logits": torch.from_numpy(full),
             "post_logits": torch.from_numpy(self.logits("post_logits", steps)),
             "post_count": torch.from_numpy(self.columns["post_count"][steps].astype(np.int64)),
-            "target_logprob": torch.from_numpy(self.columns["target_logprob"][steps].astype(np.float32)),
-            "logsumexp": torch.from_numpy(self.columns["logsumexp"][steps].astype(np.float32)),
         }
         if self.layout.stores_reference:
             reference = np.empty((len(full), self.layout.num_safety), dtype=np.float32)
             reference[:, list(self.layout.stored_positions)] = full
             reference[:, list(self.layout.other_positions)] = self.logits(OTHER_COLUMN, steps)
-            row |= {"reference_logits": torch.from_numpy(reference),
-                    "rest_logprob": torch.from_numpy(self.columns["rest_logprob"][steps].astype(np.float32))}
+            targets |= {"reference_logits": torch.from_numpy(reference),
+                        "rest_logprob": torch.from_numpy(self.columns["rest_logprob"][steps].astype(np.float32))}
+        return targets
+
+    def step_range(self, index: int) -> slice:
+        """The response steps of row `index` in the shard's per-step arrays."""
+        return slice(int(self.step_offsets[index]), int(self.step_offsets[index + 1]))
+
+    def row(self, index: int) -> dict:
+        """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids): the tokens, spans,
+        `target_logprob` and `logsumexp`; unless the layout is distillation-only, the PACT targets `safety_ids`,
+        `columns`, `full_logits`, `post_logits` and `post_count`; where the layout stores the reference (format 3 without top-k), also `reference_logits`, the full-context logits on all of S in
+        S's order, and `rest_logprob`, the log of the reference's probability outside S; with a distillation layout,
+        `kd_ids` (int64 [n_resp, K], by descending log-prob), `kd_logprobs` (float32 [n_resp, K]) and `kd_tail`
+        (float32 [n_resp]), the teacher's top-K and the log of its remaining mass."""
+        tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
+        steps = self.step_range(index)
+        row = {
+            "example_id": int(self.example_id[index]),
+            "input_ids": torch.from_numpy(self.input_ids[tokens].astype(np.int64)),
+            "response_start": int(self.response_start[index]),
+            "response_spans": torch.from_numpy(self.spans[self.span_offsets[index]:self.span_offsets[index + 1]].copy()),
+            "target_logprob": torch.from_numpy(self.columns["target_logprob"][steps].astype(np.float32)),
+            "logsumexp": torch.from_numpy(self.columns["logsumexp"][steps].astype(np.float32)),
+        }
+        if self.layout.stores_safety:
+            row |= self._safety_targets(steps)
         if self.kd is not None:
             ids, logprobs, tail = self.kd
             row |= {"kd_ids": torch.from_numpy(ids[steps].astype(np.int64)), "kd_logprobs": torch.from_numpy(logprobs[steps].copy()),

@@ -70,6 +70,10 @@ class BuildArguments(ExampleArguments):
         "help": "also store, per response token, a teacher's top-K token ids, their log-probs and the exact log of its "
                 "remaining mass, for distillation (--objective kd or pact+kd; docs/distillation.md). K = 50 adds about "
                 "60 bytes per token"})
+    safety_targets: bool = field(default=True, metadata={
+        "help": "store PACT's targets (the reference's logits on the safety tokens, full and post-only contexts). false, "
+                "with --kd_top_k: a distillation-only cache of --model's top-K, one forward pass per batch and no safety "
+                "tokens (trains --objective kd only)"})
     teacher: str | None = field(default=None, metadata={
         "help": "with --kd_top_k: the teacher (directory, hub id, .gguf), a model with the same tokenizer as --model, "
                 "e.g. a larger one of its family (default: --model itself)"})
@@ -103,6 +107,8 @@ class BuildArguments(ExampleArguments):
         check_build_numbers(self.batch_size, self.rows_per_shard, self.threads, self.top_k, self.zstd_level, self.kd_top_k)
         if self.teacher and self.kd_top_k is None:
             raise InvalidSetting("teacher", "teacher needs kd_top_k: how many of the teacher's top tokens to store per step")
+        if not self.safety_targets:
+            self._check_distillation_only()
         self.check_example_settings()
         if self.limit is not None:
             check_setting("limit", self.limit, 1, integer=True)
@@ -114,3 +120,17 @@ class BuildArguments(ExampleArguments):
         check_device("device", self.device)
         if self.resume and self.overwrite:
             raise InvalidSetting("overwrite", "resume and overwrite exclude each other: continue the build in --out, or replace it")
+
+    def _check_distillation_only(self) -> None:
+        """Refuse what a cache without safety targets cannot use: no --kd_top_k (it would store nothing), a separate
+        teacher (its one model, --model, is the teacher), safety tokens or their top_k."""
+        if self.kd_top_k is None:
+            raise InvalidSetting("safety_targets", "safety_targets false needs kd_top_k: without safety targets the cache "
+                                                   "holds only a teacher's top-K")
+        if self.teacher:
+            raise InvalidSetting("teacher", "with safety_targets false the cache runs one model, the teacher: give "
+                                            f"{self.teacher} as --model rather than --teacher")
+        for name in ("safety_tokens", "top_k"):
+            if getattr(self, name) is not None:
+                raise InvalidSetting(name, f"{name} chooses safety tokens, which a cache with safety_targets false does not "
+                                           "store")

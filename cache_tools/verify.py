@@ -35,7 +35,7 @@ from pact.data.batch import collate_examples
 from pact.data.chat import EncodedExample
 from pact.models.loading import load_model, pad_token_id
 from pact.objective.distillation import teacher_logits
-from pact.objective.reference import reference_targets
+from pact.objective.reference import reference_targets, token_logprobs
 from pact.objective.student import logsumexp_outside
 
 RECOMPUTE_ATOL = 2e-3
@@ -76,8 +76,9 @@ def _check_manifest(manifest: dict, report: VerifyReport) -> None:
     """Consistency of the manifest with itself: completeness, stored columns, totals."""
     if not manifest["complete"]:
         report.problems.append(f"{MANIFEST_NAME}: the build is incomplete (complete: false); finish it with `pact-cache build ... --resume`")
-    tokens = manifest["safety_tokens"]
-    expected = Layout.create(manifest["dtype"], tokens["ids"], tokens["weights"], manifest["vocab_size"], manifest["top_k"])
+    tokens = manifest["safety_tokens"] or {"ids": [], "weights": []}
+    expected = Layout.create(manifest["dtype"], tokens["ids"], tokens["weights"], manifest["vocab_size"], manifest["top_k"],
+                             manifest.get("kd_top_k"))
     if list(expected.stored_ids) != manifest["stored_ids"]:
         report.problems.append(f"{MANIFEST_NAME}: stored_ids are not the safety tokens with positive weight")
     totals = set_totals(copy.deepcopy(manifest))["totals"]
@@ -90,6 +91,10 @@ def _check_manifest(manifest: dict, report: VerifyReport) -> None:
 def _check_safety_file(directory: Path, manifest: dict, report: VerifyReport) -> None:
     """`safety_tokens.json` must hold exactly the manifest's `safety_tokens` (a resume reads it)."""
     path = directory / SAFETY_TOKENS_NAME
+    if manifest["safety_tokens"] is None:
+        if path.exists():
+            report.notes.append(f"{SAFETY_TOKENS_NAME} is ignored: the cache holds no safety targets")
+        return
     if not path.is_file():
         report.notes.append(f"{SAFETY_TOKENS_NAME} is missing (readers use the manifest's copy; a --resume needs --safety-tokens)")
         return
@@ -163,8 +168,6 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
         report.problems.append(f"recompute: the model {manifest['model_source']!r} now has fingerprint {loaded.fingerprint}, "
                                f"the cache was built with {manifest['fingerprints']['model']}")
         return
-    safety_ids = reader.safety_ids
-    gate = manifest["gate"]
     pad = pad_token_id(loaded.tokenizer)
     teacher = _teacher_for_recompute(manifest, loaded, report)
     for index in sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader)))):
@@ -173,21 +176,18 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
         row = shard.row(row_index)
         spans = [(int(start), int(end)) for start, end in row["response_spans"].tolist()]
         example = EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"], spans)
-        ref = reference_targets(loaded.model, [example], safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"], pad)[0]
-        columns = row["columns"].expand_as(row["full_logits"])
-        recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
-                      "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
-        stored_values = {column: row[column] for column in recomputed}
-        if reader.layout.stores_reference:
-            other = list(reader.layout.other_positions)
-            other_logits = ref.full_logits.cpu()[:, other]
-            if reader.layout.other_as_logprob:
-                other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
-            recomputed |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
-            stored_values |= {OTHER_COLUMN: row["reference_logits"][:, other], "rest_logprob": row["rest_logprob"]}
-        recomputed |= _recomputed_teacher(teacher, example, row, pad)
-        stored_values |= {name: row[name] for name in ("kd_logprobs", "kd_tail") if name in recomputed}
         where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
+        if reader.layout.stores_safety:
+            recomputed = _recomputed_reference(loaded.model, reader, example, row, pad, where, report)
+        else:
+            batch = collate_examples([example], pad)
+            with torch.inference_mode():
+                logsumexp, target_logprob = token_logprobs(teacher_logits(loaded.model, batch), batch.labels)
+            recomputed = {"target_logprob": target_logprob.cpu(), "logsumexp": logsumexp.cpu()}
+        recomputed |= _recomputed_teacher(teacher, example, row, pad)
+        stored_values = {column: row[column] for column in recomputed if column != OTHER_COLUMN}
+        if OTHER_COLUMN in recomputed:
+            stored_values[OTHER_COLUMN] = row["reference_logits"][:, list(reader.layout.other_positions)]
         steps = shard.step_range(row_index)
         for column, values in recomputed.items():
             stored = stored_values[column].numpy()
@@ -197,9 +197,27 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
             report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)
             if ratio > 1:
                 report.problems.append(f"{where}: recomputed {column} differs from the stored value by {ratio:.2f}x the allowed difference")
-        if not torch.equal(ref.post_count.cpu(), row["post_count"]):
-            report.problems.append(f"{where}: recomputed post_count differs at {int((ref.post_count.cpu() != row['post_count']).sum())} step(s)")
         report.recomputed_rows += 1
+
+
+def _recomputed_reference(model, reader: CacheReader, example: EncodedExample, row: dict, pad: int, where: str,
+                          report: VerifyReport) -> dict[str, torch.Tensor]:
+    """The reference's values of a row with safety targets, recomputed at its stored columns (a post_count that differs
+    is reported here: it is compared exactly)."""
+    manifest, layout = reader.manifest, reader.layout
+    gate = manifest["gate"]
+    ref = reference_targets(model, [example], reader.safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"], pad)[0]
+    columns = row["columns"].expand_as(row["full_logits"])
+    recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
+                  "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
+    if layout.stores_reference:
+        other_logits = ref.full_logits.cpu()[:, list(layout.other_positions)]
+        if layout.other_as_logprob:
+            other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
+        recomputed |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
+    if not torch.equal(ref.post_count.cpu(), row["post_count"]):
+        report.problems.append(f"{where}: recomputed post_count differs at {int((ref.post_count.cpu() != row['post_count']).sum())} step(s)")
+    return recomputed
 
 
 def verify_cache(directory: str | Path, recompute: int = 0, seed: int = 0, device: str = "auto", model=None) -> VerifyReport:

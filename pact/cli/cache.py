@@ -65,10 +65,10 @@ def _build(flags) -> int:
                                          limit=args.limit, train_on=args.train_on, **source.data_options())
         if report.skipped and main_rank:
             print(f"pact-cache: skipped {report.skipped} invalid row(s) of {report.path} (first: {report.errors[0]})", file=sys.stderr)
-        safety_tokens = run_on_main(lambda: _safety_tokens(args, tokenizer))
+        safety_tokens = run_on_main(lambda: _safety_tokens(args, tokenizer)) if args.safety_targets else None
         loaded = load_model(args.model, device=str(device), dtype=args.model_dtype)
         teacher = load_model(args.teacher, device=str(device), dtype=args.model_dtype) if args.teacher else None
-        if safety_tokens is None:
+        if safety_tokens is None and args.safety_targets:
             safety_tokens = run_on_main(lambda: _default_safety_tokens(args, loaded))
         result = build_cache(
             loaded, examples, safety_tokens, args.out,
@@ -144,7 +144,8 @@ def _add_build(subparsers) -> None:
         "build", help="run the reference model once over a training set and store its targets",
         description="Run the reference model once over a training set and store, for every response step, what the PACT "
                     "objective needs from it (logits on the safety tokens for the full and post-only contexts, the gate's "
-                    "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards. "
+                    "post-only top-p count, the target token's log-prob and the logsumexp) in zstd-compressed Arrow shards; "
+                    "with --kd_top_k also a teacher's top-K for distillation, or only that with --safety_targets false. "
                     "Under `torchrun --nproc-per-node N $(which pact-cache) build ...` the N processes (one GPU each) share "
                     "the work and write one cache; see docs/scaling.md. Every flag is accepted with - or _ between words; "
                     "a YAML/JSON --config file may hold them.",

@@ -142,17 +142,20 @@ def _stacked(parts: list[torch.Tensor], steps: list[int]) -> torch.Tensor:
 
 
 def collate_rows(rows: list[dict], pad_id: int) -> CacheBatch:
-    """A batch of cache rows (`CacheReader` items) with its cached targets.
+    """A batch of cache rows (`CacheReader` items) with its cached targets (a distillation-only cache's rows: the
+    teacher's top-K and log-probs of the tokens, no safety targets).
 
     The column positions come from the rows (`columns`, made from the layout
     by the reader); nothing is searched here.
     """
     batch = collate_spans([r["input_ids"] for r in rows], [r["response_spans"] for r in rows],
                           [int(r["example_id"]) for r in rows], pad_id)
-    steps = [len(r["post_count"]) for r in rows]
+    steps = [len(r["target_logprob"]) for r in rows]
     if all("kd_ids" in r for r in rows):
         batch = batch.with_distillation(torch.cat([r["kd_ids"] for r in rows]), torch.cat([r["kd_logprobs"] for r in rows]),
                                         torch.cat([r["kd_tail"] for r in rows]))
+    if not all("full_logits" in r for r in rows):  # a distillation-only cache's rows: a teacher's top-K, no safety targets
+        return dataclasses.replace(batch, target_logprob=torch.cat([r["target_logprob"] for r in rows]).float())
     return batch.with_targets(
         full_logits=torch.cat([r["full_logits"] for r in rows]).float(),
         post_logits=torch.cat([r["post_logits"] for r in rows]).float(),

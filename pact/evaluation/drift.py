@@ -81,6 +81,9 @@ def safety_drift(model: PreTrainedModel, reader, pad_id: int, cfg: ObjectiveArgu
     For the unmodified reference model the KL is not zero (the gate mixes in the
     post-only context's logits); the log-prob shift is, within the cache's precision.
     """
+    if not reader.layout.stores_safety:
+        raise PactError(f"the cache {reader.directory} is distillation-only (built with --safety_targets false): it holds no "
+                        "safety targets to measure the drift from; give a cache built with them")
     safety_ids, weights = reader.safety_ids, reader.safety_weights
     kl_sums = PositionSums()
     shift_sums = PositionSums()

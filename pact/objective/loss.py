@@ -26,7 +26,8 @@ class PactOutput:
     """The batch loss and its parts; `kl_per_position` [N] is a_t KL_t (PACT's, times T^2, or the reference KL);
     `tokenwise` the mean token-wise constrained loss (docs/objective.md section 4). Parts the objective leaves out of
     `loss` are computed without gradient, for the logs: PACT's KL under `tokenwise`, the token-wise loss under `pact`
-    and `refkl`, PACT's KL under `kd`; `kd` the mean distillation loss (0 unless the objective distils)."""
+    and `refkl`, PACT's KL under `kd` (0 when the run has no safety tokens, as from a distillation-only cache); `kd` the mean
+    distillation loss (0 unless the objective distils)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -55,14 +56,19 @@ def pact_batch_loss(
     `OnlineTargets`), the reference log-probs `target_logprob` among them;
     `safety_ids` is S, the columns of the student's logits.
     """
-    student = student_outputs(model, batch, safety_ids, with_ce=True, ce_chunk_size=ce_chunk_size,
+    if not len(safety_ids) and (cfg.uses_kl or cfg.uses_tokenwise):
+        raise PactError(f"--objective {cfg.objective} needs safety tokens and their targets, and this run has none (a "
+                        "distillation-only cache): train --objective kd")
+    student = student_outputs(model, batch, safety_ids if len(safety_ids) else None, with_ce=True, ce_chunk_size=ce_chunk_size,
                               with_rest=cfg.uses_reference_kl, kd_ids=teacher_ids(batch) if cfg.uses_kd else None)
-    device = student.safety_logits.device
+    device = student.steps.device
     mask = torch.ones(student.steps.shape, dtype=torch.bool, device=device)
     kd = torch.zeros((), dtype=torch.float32, device=device)
     if cfg.uses_kd:
         kd = kd_per_position(student.kd_logits, student.rest, batch, mask, cfg).sum() / mask.sum().clamp(min=1)
-    if cfg.uses_reference_kl:
+    if student.safety_logits is None:  # distillation alone: no safety targets, so no KL to log
+        kl_per_position = torch.zeros(student.steps.shape, dtype=torch.float32, device=device)
+    elif cfg.uses_reference_kl:
         kl_per_position = reference_kl(student.safety_logits, student.rest, *_reference_distribution(batch, device), mask)
     else:
         columns = None if batch.columns is None else batch.columns.to(device)

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from pact.data.batch import CacheBatch, collate_examples, collate_spans
 from pact.data.chat import EncodedExample
 from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
-from pact.objective.distillation import teacher_topk
+from pact.objective.distillation import TeacherTopK, teacher_logits, teacher_topk
 from pact.objective.kl import log_mass_outside, topp_count
 
 
@@ -103,8 +103,7 @@ def reference_batch(
     full_hidden, post_hidden = hidden[:batch.tokens], hidden[batch.tokens:]
     safety_ids = safety_ids.to(device)
     logits = float32_logits(full_hidden, head)
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    target_logprob = logits.gather(1, batch.labels.to(device)[:, None]).squeeze(1) - logsumexp
+    logsumexp, target_logprob = token_logprobs(logits, batch.labels)
     full_logits = logits[:, safety_ids]
     rest_logprob = log_mass_outside(logits, safety_ids)
     teacher = None if kd_top_k is None else teacher_topk(logits, kd_top_k)
@@ -113,6 +112,23 @@ def reference_batch(
     post_count = topp_count(post_logits, p0, gate_temperature)
     return ReferenceTargets(full_logits, post_logits, post_count, target_logprob, logsumexp, rest_logprob,
                             *((teacher.ids, teacher.logprobs, teacher.tail) if teacher else ()))
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp [N], log-prob of each response token [N]) of full-vocabulary logits [N, V] and the tokens `labels`."""
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    return logsumexp, logits.gather(1, labels.to(logits.device)[:, None]).squeeze(1) - logsumexp
+
+
+@torch.inference_mode()
+def distillation_batch(teacher: PreTrainedModel, batch: "CacheBatch", kd_top_k: int
+                       ) -> tuple[TeacherTopK, torch.Tensor, torch.Tensor]:
+    """What a distillation-only cache stores for every response token of `batch` (flattened, batch order), from one
+    full-context forward pass of `teacher` and no post-only one: its top-K targets (`teacher_topk`), its log-prob of the
+    token and its logsumexp."""
+    logits = teacher_logits(teacher, batch)
+    logsumexp, target_logprob = token_logprobs(logits, batch.labels)
+    return teacher_topk(logits, kd_top_k), target_logprob, logsumexp
 
 
 def reference_targets(

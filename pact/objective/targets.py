@@ -64,7 +64,7 @@ class CachedTargets:
 
     def fill(self, batch: CacheBatch) -> CacheBatch:
         """`batch` as `collate` made it (a batch without cached targets is refused)."""
-        if batch.full_logits is None:
+        if batch.full_logits is None and batch.kd_ids is None:
             raise PactError(f"batch of example_ids {batch.example_ids.tolist()}: no cached targets; collate cache rows "
                             "with `CachedTargets.collate`, or fill the batch with `OnlineTargets`")
         return batch

@@ -70,7 +70,7 @@ def check_compatibility(manifest: dict, student: StudentIdentity, cfg: Objective
     Returns warnings (fingerprint differences overridden by `force`); raises `PactError` otherwise. The gate's p0 and
     Tg and the top-k temperature are baked into the cache and never overridable.
     """
-    gate = manifest.get("gate", {})
+    gate = manifest.get("gate") or {}
     for key, value in (("p0", cfg.p0), ("gate_temperature", cfg.gate_temperature)):
         if key in gate and not math.isclose(float(gate[key]), float(value)):
             raise PactError(f"the cache was built with gate {key}={gate[key]} but training asks for {value}; rebuild the cache")
@@ -86,8 +86,13 @@ def check_cache_serves(reader: CacheReader, cfg: ObjectiveArguments) -> None:
     """Refuse a cache that lacks what the objective needs: the reference KL (refkl, refkl+tokenwise) reads the
     reference's logits on all of S and its probability outside S, which caches of format 3 and later built without --top-k hold;
     older caches still train the other objectives. Distillation (kd, pact+kd) reads a teacher's top-K, which a cache built
-    with --kd_top_k holds."""
+    with --kd_top_k holds; a distillation-only cache (--safety_targets false) holds nothing else, so it trains kd alone."""
     layout = reader.layout
+    if not layout.stores_safety and cfg.objective != "kd":
+        raise PactError(f"the cache {reader.directory} cannot train --objective {cfg.objective}: it is a distillation-only "
+                        "cache (built with --safety_targets false), which holds a teacher's top-K and no safety targets; "
+                        "train --objective kd from it, or build a cache with safety targets (`pact-cache build` without "
+                        "--safety_targets false, adding --kd_top_k for pact+kd)")
     if cfg.uses_reference_kl and not layout.stores_reference:
         why = (f"it was built with --top-k {layout.top_k}" if layout.top_k else
                f"it is a format version {layout.format_version} cache, older than this pact's {FORMAT_VERSION}")

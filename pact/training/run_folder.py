@@ -41,7 +41,7 @@ def cache_identity(manifest: dict) -> str:
     """A sha256 of what makes a cache's training targets what they are: its fingerprints, safety tokens, gate,
     objective temperature and every shard's sha256 (paths and build times left out, so a copied cache is the same)."""
     content = {key: manifest.get(key) for key in ("fingerprints", "gate", "objective_temperature", "top_k", "dtype")}
-    content["safety_tokens"] = {key: manifest["safety_tokens"].get(key) for key in ("ids", "weights")}
+    content["safety_tokens"] = {key: (manifest["safety_tokens"] or {}).get(key) for key in ("ids", "weights")}
     content["shards"] = [shard["sha256"] for shard in manifest["shards"]]
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

@@ -373,7 +373,7 @@ def _parts(result: PactOutput) -> torch.Tensor:
 
 def _check_same_safety_tokens(train: CacheReader, evaluation: CacheReader) -> None:
     """Refuse an eval cache whose safety tokens differ from the training cache's (its KL would measure another set)."""
-    key = lambda r: (r.manifest["safety_tokens"].get("ids"), r.manifest["safety_tokens"].get("weights"))  # noqa: E731
+    key = lambda r: (r.safety_ids.tolist(), r.safety_weights.tolist())  # noqa: E731
     if key(train) != key(evaluation):
         raise PactError(f"the eval cache {evaluation.directory} has other safety tokens than the training cache {train.directory}; "
                         "build both with the same --safety-tokens file")
