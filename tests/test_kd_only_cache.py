@@ -126,7 +126,7 @@ def make_safety(tiny):
 
 def test_the_commands(tiny_model_dir, tmp_path, capsys, one_thread):
     """`pact-cache build --kd_top_k 6 --safety_targets false` builds without computing safety tokens; stats, inspect and
-    export read it; `pact train --objective kd` trains from it and logs the KD part; pact+kd is refused naming kd; the
+    export read it; `pact train --objective kd` trains from it, logs the KD part and says so on its model card; pact+kd is refused naming kd; the
     flag's misuses are refused naming the field."""
     import datasets
 
@@ -153,6 +153,8 @@ def test_the_commands(tiny_model_dir, tmp_path, capsys, one_thread):
     assert pact_main(["train", "--cache", str(cache), "--out", str(out), "--objective", "kd", *common]) == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged and all(entry["kd"] > 0 and entry["kl"] == 0 for entry in logged)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"distilled with the `kd` objective from the top-6 log-probs of the teacher `{tiny_model_dir}`" in card
     capsys.readouterr()
     assert pact_main(["train", "--cache", str(cache), "--out", str(tmp_path / "no"), "--objective", "pact+kd", *common]) != 0
     assert "is a distillation-only cache (built with --safety_targets false)" in capsys.readouterr().err

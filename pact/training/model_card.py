@@ -117,6 +117,19 @@ def _embedded_note(record: dict) -> list[str]:
                  "model is not in the local Hugging Face cache.")]
 
 
+def _method(objective: str, manifest: dict) -> str:
+    """What the run trained toward, in a sentence: the safety-token targets of the cache's reference, a teacher's top-K
+    from it, or both (`--objective pact+kd`)."""
+    teacher = (manifest.get("kd_teacher") or {}).get("source")
+    if objective == "kd":
+        return (f"distilled with the `kd` objective from the top-{manifest.get('kd_top_k')} log-probs of the teacher "
+                f"`{teacher}`, stored in an offline cache (no teacher at train time).")
+    distilling = (f", and distilled from the top-{manifest.get('kd_top_k')} log-probs of the teacher `{teacher}` stored "
+                  "beside them" if objective == "pact+kd" else "")
+    return (f"fine-tuning that keeps the model's safety refusals with the `{objective}` objective, whose targets come from "
+            f"an offline cache of the reference model's safety-token logits{distilling} (no reference model at train time).")
+
+
 def model_card(folder: Path, run: Path, manifest: dict, metrics: list[dict]) -> str:
     """The text of the model card of the outputs saved in `folder` for the run folder `run` (its `pact_config.json`),
     trained on the cache whose manifest is `manifest`, with its logged `metrics` (one record per logged step)."""
@@ -129,9 +142,8 @@ def model_card(folder: Path, run: Path, manifest: dict, metrics: list[dict]) -> 
     final = ", ".join(f"{key} {last[key]:.4f}" for key in _METRICS if isinstance(last.get(key), (int, float))) or "none logged"
     lines = [
         _metadata(base, full), "", f"# {run.name}", "",
-        (f"{what} for `{base}`, trained with pact-cache: fine-tuning that keeps the model's safety refusals "
-         f"with the `{objective.get('objective', 'pact')}` objective, whose targets come from an offline cache of the "
-         "reference model's safety-token logits (no reference model at train time)."), *_embedded_note(record), "",
+        f"{what} for `{base}`, trained with pact-cache: {_method(objective.get('objective', 'pact'), manifest)}",
+        *_embedded_note(record), "",
         "## Training", "",
         f"- base model: `{base}` (loaded as `{record['model_source']}`, fingerprint `{record.get('model_fingerprint')}`)",
         f"- objective: `{objective.get('objective', 'pact')}`, " + ", ".join(
