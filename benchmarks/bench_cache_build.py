@@ -8,6 +8,10 @@ Prints, for the same examples:
 * the same build with `--kd_top_k K` (the reference as its own teacher: its
   top-K from the logits it computes anyway, encoded per shard) against the
   build without, and against the bare pass. Target <= 1.05.
+* a distillation-only build (`--kd_top_k K --safety_targets false`: the
+  model's full-context pass, its top-K, no safety targets) against a bare
+  teacher forward (the same batches' full-vocabulary logits at the response
+  positions, nothing kept). Target <= 1.05.
 * per layout (dtype x all of S+ / top-k): bytes per response token for the
   whole shard and for the per-step values alone, against raw float32
   (4 * (2|S| + 2) bytes per response token) and uncompressed Arrow, and the
@@ -39,10 +43,12 @@ from pact.cache_tools.quality import objective_error
 from pact.cache_tools.schema import ShardRows, build_table
 from pact.cache_tools.writer import DEFAULT_ZSTD_LEVEL, serialize_table
 from pact.data.sources import DEMO_BENIGN, DEMO_REFUSALS, demo_data_path
+from pact.data.batch import collate_examples
 from pact.data.chat import assistant_header_ids, load_examples
 from pact.data.rows import load_conversations
 from pact.models.loading import load_model
 from pact.objective.settings import ObjectiveArguments
+from pact.objective.distillation import teacher_logits
 from pact.objective.reference import reference_targets
 from pact.objective.safety_tokens import SafetyTokens, compute_safety_tokens
 
@@ -59,6 +65,13 @@ def _reference_pass(loaded, examples, safety, batch_size):
         for i, ref in zip(chosen, batch_refs):
             refs[i] = ref
     return refs
+
+
+def _teacher_pass(loaded, examples, batch_size) -> None:
+    """The bare teacher forward over the builder's batches: full-vocabulary logits at the response positions, dropped."""
+    pad = pad_token_id(loaded.tokenizer)
+    for chosen in length_batches(examples, batch_size):
+        teacher_logits(loaded.model, collate_examples([examples[i] for i in chosen], pad))
 
 
 def _leaves(array: pa.Array) -> list[np.ndarray]:
@@ -122,8 +135,15 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "cache"
-        bare_times, build_times, kd_times = [], [], []
+        bare_times, build_times, kd_times, teacher_times, kd_only_times = [], [], [], [], []
         for _ in range(args.repeats):
+            started = time.perf_counter()
+            _teacher_pass(loaded, examples, args.batch_size)
+            teacher_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            build_cache(loaded, examples, None, Path(scratch) / "kd-only", batch_size=args.batch_size,
+                        zstd_level=args.zstd_level, overwrite=True, progress=False, kd_top_k=args.kd_top_k)
+            kd_only_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             exact = _reference_pass(loaded, examples, safety, args.batch_size)
             bare_times.append(time.perf_counter() - started)
@@ -142,9 +162,17 @@ def main(argv=None) -> int:
         print(f"build with --kd_top_k {args.kd_top_k} {min(kd_times):.2f} s: {min(kd_times) / min(build_times):.3f}x the build "
               f"without (target <= 1.05), {min(kd_times) / min(bare_times):.3f}x the bare pass; all runs {[round(t, 2) for t in kd_times]}; "
               f"{kd_bytes:.1f} vs {plain_bytes:.1f} bytes per response token (+{kd_bytes - plain_bytes:.1f})")
+        kd_only_bytes = CacheReader(Path(scratch) / "kd-only").manifest["totals"]["bytes_per_response_token"]
+        kd_only_ratio = min(kd_only_times) / min(teacher_times)
+        print(f"distillation-only build (--kd_top_k {args.kd_top_k} --safety_targets false) {min(kd_only_times):.2f} s vs bare "
+              f"teacher forward {min(teacher_times):.2f} s: ratio {kd_only_ratio:.3f} (target <= 1.05); all runs: build "
+              f"{[round(t, 2) for t in kd_only_times]}, bare {[round(t, 2) for t in teacher_times]}; "
+              f"{kd_only_bytes:.1f} bytes per response token")
         results["timing"] = {"build_s": build_times, "bare_s": bare_times, "ratio": ratio, "kd_build_s": kd_times,
                              "kd_ratio_to_build": min(kd_times) / min(build_times), "kd_top_k": args.kd_top_k,
-                             "kd_bytes_added_per_response_token": kd_bytes - plain_bytes}
+                             "kd_bytes_added_per_response_token": kd_bytes - plain_bytes, "kd_only_build_s": kd_only_times,
+                             "teacher_forward_s": teacher_times, "kd_only_ratio_to_teacher_forward": kd_only_ratio,
+                             "kd_only_bytes_per_response_token": kd_only_bytes}
 
         reader = CacheReader(out)
         started = time.perf_counter()

@@ -15,6 +15,9 @@ and peak memory as ratios to plain SFT:
                     the methods of benchmarks/reproduce_small.py, timed side by side
 * pact-train-kd, pact-train-pact+kd
                  -- the same loop distilling from the cache's teacher top-K (`--objective kd`, `pact+kd`)
+* pact-train-kd-only
+                 -- `--objective kd` from a distillation-only cache of the same rows (`--safety_targets false`:
+                    the top-K alone, no safety targets, so no safety-token logits in the step)
 * cached-kd      -- `--objective kd` from the cache in the hand loop above (no teacher in memory)
 * online-kd      -- the same with the teacher in memory (a second copy of the model, one more forward per
                     step, `OnlineTeacher`): what a KD cache saves
@@ -54,7 +57,9 @@ TRAIN_OBJECTIVES = {  # `pact train` variants: (objective, lambda)
     "pact-train-refkl+tokenwise": ("refkl+tokenwise", 1.0),
     "pact-train-kd": ("kd", 1.0),
     "pact-train-pact+kd": ("pact+kd", 1.0),
+    "pact-train-kd-only": ("kd", 1.0),
 }
+KD_ONLY = "pact-train-kd-only"  # the variant that reads the distillation-only cache
 VARIANTS = ("sft", "online-separate", "online-adapter", "cached", "cached-kd", "online-kd", *TRAIN_OBJECTIVES)
 
 
@@ -166,6 +171,18 @@ def _run_variant(variant: str, dtype: str, args, cache: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _build_cache(out: Path, args, *extra: str) -> None:
+    """`pact-cache build --kd_top_k K` of the first --rows rows of --data into `out`, plus `extra` flags."""
+    build = [sys.executable, "-m", "pact.cli.cache", "build", "--out", str(out), "--max-length", str(args.max_length),
+             "--limit", str(args.rows), "--dtype", "float32", "--kd_top_k", str(args.kd_top_k), *extra]
+    if args.data:
+        build += ["--data", args.data]
+    if args.model:
+        build += ["--model", args.model]
+    # PYTHONSAFEPATH: `-m` started in a checkout's root would import its pact/ folder, not an installed wheel.
+    subprocess.run(build, check=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="training data file (default: the project's demo benign data)")
@@ -195,20 +212,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
+        kd_only = Path(tmp) / "cache-kd-only"
+        variants = [v for v in args.variants.split(",") if v]
+        if KD_ONLY in variants and args.cache:
+            parser.error(f"{KD_ONLY} builds its own distillation-only cache of --data: leave out --cache")
         if not args.cache:
-            build = [sys.executable, "-m", "pact.cli.cache", "build", "--out", str(cache), "--max-length", str(args.max_length),
-                     "--limit", str(args.rows), "--dtype", "float32", "--kd_top_k", str(args.kd_top_k)]
-            if args.data:
-                build += ["--data", args.data]
-            if args.model:
-                build += ["--model", args.model]
-            # PYTHONSAFEPATH: `-m` started in a checkout's root would import its pact/ folder, not an installed wheel.
-            subprocess.run(build, check=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
-        runs = [(v, d) for v in args.variants.split(",") if v for d in dtypes]
+            _build_cache(cache, args)
+        if KD_ONLY in variants:
+            _build_cache(kd_only, args, "--safety_targets", "false")
+        runs = [(v, d) for v in variants for d in dtypes]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for _ in range(args.repeats):
             for variant, dtype in runs:
-                results[variant, dtype].append(_run_variant(variant, dtype, args, cache))
+                results[variant, dtype].append(_run_variant(variant, dtype, args, kd_only if variant == KD_ONLY else cache))
                 print(f"  {variant} {dtype}: {results[variant, dtype][-1]}", file=sys.stderr)
     summary = {run: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)}
                for run, rs in results.items()}
