@@ -60,7 +60,7 @@ def _reference_pass(loaded, examples, safety, batch_size):
     cfg = ObjectiveArguments()
     ids, header, pad = safety.id_tensor(), assistant_header_ids(loaded.tokenizer), pad_token_id(loaded.tokenizer)
     refs = [None] * len(examples)
-    for chosen in length_batches(examples, batch_size):
+    for chosen in length_batches([len(ex.input_ids) for ex in examples], batch_size):
         batch_refs = reference_targets(loaded.model, [examples[i] for i in chosen], ids, header, cfg.p0, cfg.gate_temperature, pad)
         for i, ref in zip(chosen, batch_refs):
             refs[i] = ref
@@ -70,7 +70,7 @@ def _reference_pass(loaded, examples, safety, batch_size):
 def _teacher_pass(loaded, examples, batch_size) -> None:
     """The bare teacher forward over the builder's batches: full-vocabulary logits at the response positions, dropped."""
     pad = pad_token_id(loaded.tokenizer)
-    for chosen in length_batches(examples, batch_size):
+    for chosen in length_batches([len(ex.input_ids) for ex in examples], batch_size):
         teacher_logits(loaded.model, collate_examples([examples[i] for i in chosen], pad))
 
 

@@ -271,9 +271,10 @@ def _software() -> dict:
     return {"pact": importlib.metadata.version("pact-cache"), "torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
-def length_batches(examples: list[EncodedExample], batch_size: int) -> list[list[int]]:
-    """Indices of `examples` grouped into batches of similar length (longest first), so padding stays small."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of sequences of `lengths` tokens grouped into batches of similar length (longest first, ties in order), so
+    padding stays small: how a build batches a shard's examples, and so how `verify` recomputes them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     return [order[begin:begin + batch_size] for begin in range(0, len(order), batch_size)]
 
 
@@ -321,7 +322,7 @@ def _encode_shard_steps(model: LoadedModel, examples: list[EncodedExample], safe
     distillation-only layout's from the model's full-context pass alone."""
     pad_id = pad_token_id(model.tokenizer)
     steps: list[dict[str, np.ndarray] | None] = [None] * len(examples)
-    for chosen in length_batches(examples, batch_size):
+    for chosen in length_batches([len(ex.input_ids) for ex in examples], batch_size):
         batch = [examples[i] for i in chosen]
         if safety_tokens is None:
             steps_of = _encode_distillation(model, batch, layout, pad_id)

@@ -5,8 +5,10 @@ fields and shard entries, its own consistency (totals, stored columns), and
 `safety_tokens.json` against the manifest's copy. Then every shard is read and
 decoded as the reader does (size, sha256, schema, row and response-token
 counts, row invariants) and example ids are checked unique across shards;
-optionally the reference is re-run on random rows and compared with the
-stored values within the storage dtype's tolerance plus recompute noise.
+optionally the reference is re-run on random rows, each in the forward batch
+the build ran it in and with the build's thread count (so on the build's
+device type it repeats the build's arithmetic), and compared with the stored
+values within the storage dtype's tolerance plus recompute noise.
 
 Exit codes of `pact-cache verify`: 1 when it finds a problem in a pact cache
 (damaged, edited, incomplete); 2 when DIR is not a pact cache it can read at
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from pact.cache_tools import codec, topk_codec
+from pact.cache_tools.builder import intra_op_threads, length_batches
 from pact.cache_tools.errors import CacheError
 from pact.cache_tools.layout import Layout
 from pact.cache_tools.manifest import edited_fields, manifest_problems, read_manifest, set_totals
@@ -33,10 +36,10 @@ from pact.cache_tools.schema import OTHER_COLUMN
 from pact.cache_tools.writer import LOCK_NAME, MANIFEST_NAME, SAFETY_TOKENS_NAME
 from pact.data.batch import collate_examples
 from pact.data.chat import EncodedExample
+from pact.devices import dtype_name
 from pact.models.loading import load_model, pad_token_id
-from pact.objective.distillation import teacher_logits
+from pact.objective.distillation import teacher_at, teacher_logits
 from pact.objective.reference import reference_targets, token_logprobs
-from pact.objective.student import logsumexp_outside
 
 RECOMPUTE_ATOL = 2e-3
 RECOMPUTE_RTOL = 1e-3
@@ -135,33 +138,106 @@ def _check_shards(directory: Path, report: VerifyReport) -> CacheReader:
     return reader
 
 
-def _teacher_for_recompute(manifest: dict, loaded, report: VerifyReport):
-    """The model a distillation cache's top-K came from, when it is the reference itself (else a note: another teacher's
-    values are not recomputed); None for other caches."""
+def _recomputes_teacher(manifest: dict, loaded, report: VerifyReport) -> bool:
+    """Whether a distillation cache's top-K came from the reference itself, so they are recomputed with it (another
+    teacher's are not: a note says so); False for other caches."""
     teacher = manifest.get("kd_teacher")
     if not teacher:
-        return None
+        return False
     if teacher["fingerprint"] == loaded.fingerprint:
-        return loaded.model
+        return True
     report.notes.append(f"recompute: the teacher top-K came from {teacher['source']!r}, another model than the reference; "
                         "they are not recomputed")
-    return None
+    return False
 
 
-def _recomputed_teacher(teacher, example: EncodedExample, row: dict, pad: int) -> dict[str, torch.Tensor]:
-    """The teacher's log-probs at the stored top-K ids and the log of its mass outside them, recomputed ({} without a
-    teacher). Taken at the stored ids, not by a new top-K, so recompute noise cannot swap near-tied ids at the K-th
-    place: wrong ids show as wrong log-probs."""
-    if teacher is None:
-        return {}
-    with torch.inference_mode():
-        logp = torch.log_softmax(teacher_logits(teacher, collate_examples([example], pad)), dim=-1)
-        ids = row["kd_ids"].to(logp.device)
-        return {"kd_logprobs": logp.gather(1, ids).cpu(), "kd_tail": logsumexp_outside(logp, ids).clamp(max=0.0).cpu()}
+def _note_another_device(manifest: dict, loaded, report: VerifyReport) -> None:
+    """Say when a 16-bit model is recomputed on another device type than the build's: its rounding then differs by
+    about 1% of a logit, which may exceed the tolerance (on the build's device type the values are reproduced exactly)."""
+    built_on = str(manifest["params"].get("device", "cpu")).split(":")[0]
+    parameter = next(loaded.model.parameters())
+    if parameter.dtype in (torch.bfloat16, torch.float16) and parameter.device.type != built_on:
+        report.notes.append(f"recompute: the cache was built on {built_on} and is recomputed on {parameter.device.type}; a "
+                            f"{dtype_name(parameter.dtype)} model's values are reproduced exactly only on the build's device "
+                            "type, so differences of its rounding (about 1% of a logit) may be reported")
+
+
+def _build_batches(reader: CacheReader, chosen: list[int]) -> dict[tuple[int, tuple[int, ...]], list[int]]:
+    """The chosen rows grouped by the forward batch the build ran them in: (shard, that batch's rows in the shard) ->
+    the chosen rows among them. Recomputing a row in its own batch repeats the build's arithmetic exactly (the same
+    padding and batch shape), where a 16-bit model's values otherwise move by about 1% of a logit."""
+    batch_size = reader.manifest["params"]["batch_size"]
+    grouped: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for index in chosen:
+        shard_index, row_index = reader.locate(index)
+        lengths = np.diff(reader.shard(shard_index).token_offsets).tolist()
+        batch = next(tuple(rows) for rows in length_batches(lengths, batch_size) if row_index in rows)
+        grouped.setdefault((shard_index, batch), []).append(row_index)
+    return grouped
+
+
+def _example(row: dict) -> EncodedExample:
+    """The encoded example a cache row was built from."""
+    spans = [(int(start), int(end)) for start, end in row["response_spans"].tolist()]
+    return EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"], spans)
+
+
+def _recomputed_batch(model, reader: CacheReader, rows: list[dict], pad: int, teacher: bool) -> list[dict[str, torch.Tensor]]:
+    """Every stored value of a build batch's rows recomputed, as the build computed it (the teacher's top-K at the
+    stored ids, `teacher_at`, when `teacher`), per row; a row with safety targets also gets its `post_count`."""
+    examples = [_example(row) for row in rows]
+    sizes = [len(ex.response_ids) for ex in examples]
+    kd_ids = torch.cat([row["kd_ids"] for row in rows]) if teacher else None
+    if not reader.layout.stores_safety:
+        batch = collate_examples(examples, pad)
+        logits = teacher_logits(model, batch)
+        logsumexp, target_logprob = token_logprobs(logits, batch.labels)
+        values = {"target_logprob": target_logprob, "logsumexp": logsumexp}
+        if teacher:
+            at = teacher_at(logits, kd_ids)
+            values |= {"kd_logprobs": at.logprobs, "kd_tail": at.tail}
+        return [dict(zip(values, parts)) for parts in zip(*(v.cpu().split(sizes) for v in values.values()))]
+    manifest, layout = reader.manifest, reader.layout
+    gate = manifest["gate"]
+    refs = reference_targets(model, examples, reader.safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"],
+                             pad, kd_ids=kd_ids)
+    recomputed = []
+    for ref, row in zip(refs, rows):
+        columns = row["columns"].expand_as(row["full_logits"])
+        values = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
+                  "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu(), "post_count": ref.post_count.cpu()}
+        if layout.stores_reference:
+            other_logits = ref.full_logits.cpu()[:, list(layout.other_positions)]
+            if layout.other_as_logprob:
+                other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
+            values |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
+        if teacher:
+            values |= {"kd_logprobs": ref.kd_logprobs.cpu(), "kd_tail": ref.kd_tail.cpu()}
+        recomputed.append(values)
+    return recomputed
+
+
+def _compare(shard, row_index: int, row: dict, recomputed: dict[str, torch.Tensor], report: VerifyReport) -> None:
+    """Report every stored value of a row that differs from its recomputed value by more than the storage tolerance plus
+    recompute noise (the post-only count: at all)."""
+    where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
+    steps = shard.step_range(row_index)
+    count = recomputed.pop("post_count", None)
+    if count is not None and not torch.equal(count, row["post_count"]):
+        report.problems.append(f"{where}: recomputed post_count differs at {int((count != row['post_count']).sum())} step(s)")
+    for column, values in recomputed.items():
+        stored = (row["reference_logits"][:, list(shard.layout.other_positions)] if column == OTHER_COLUMN else row[column]).numpy()
+        storage = topk_codec.tolerance(stored) if column.startswith("kd_") else shard.storage_tolerance(column, steps)
+        allowed = storage + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
+        ratio = float((np.abs(values.float().numpy() - stored) / allowed).max(initial=0.0))
+        report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)
+        if ratio > 1:
+            report.problems.append(f"{where}: recomputed {column} differs from the stored value by {ratio:.2f}x the allowed difference")
 
 
 def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, report: VerifyReport) -> None:
-    """Re-run the reference on `count` random rows and compare with what is stored."""
+    """Re-run the reference on `count` random rows, each in the batch the build ran it in and with the build's thread
+    count, and compare with what is stored."""
     manifest = reader.manifest
     loaded = model or load_model(manifest["model_source"], device=device, dtype=manifest["params"]["model_dtype"])
     if loaded.fingerprint != manifest["fingerprints"]["model"]:
@@ -169,55 +245,17 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
                                f"the cache was built with {manifest['fingerprints']['model']}")
         return
     pad = pad_token_id(loaded.tokenizer)
-    teacher = _teacher_for_recompute(manifest, loaded, report)
-    for index in sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader)))):
-        shard_index, row_index = reader.locate(index)
-        shard = reader.shard(shard_index)
-        row = shard.row(row_index)
-        spans = [(int(start), int(end)) for start, end in row["response_spans"].tolist()]
-        example = EncodedExample(row["example_id"], row["input_ids"].tolist(), row["response_start"], spans)
-        where = f"{shard.name}: row {row_index} (example_id {row['example_id']})"
-        if reader.layout.stores_safety:
-            recomputed = _recomputed_reference(loaded.model, reader, example, row, pad, where, report)
-        else:
-            batch = collate_examples([example], pad)
-            with torch.inference_mode():
-                logsumexp, target_logprob = token_logprobs(teacher_logits(loaded.model, batch), batch.labels)
-            recomputed = {"target_logprob": target_logprob.cpu(), "logsumexp": logsumexp.cpu()}
-        recomputed |= _recomputed_teacher(teacher, example, row, pad)
-        stored_values = {column: row[column] for column in recomputed if column != OTHER_COLUMN}
-        if OTHER_COLUMN in recomputed:
-            stored_values[OTHER_COLUMN] = row["reference_logits"][:, list(reader.layout.other_positions)]
-        steps = shard.step_range(row_index)
-        for column, values in recomputed.items():
-            stored = stored_values[column].numpy()
-            storage = topk_codec.tolerance(stored) if column.startswith("kd_") else shard.storage_tolerance(column, steps)
-            allowed = storage + RECOMPUTE_ATOL + RECOMPUTE_RTOL * np.abs(stored)
-            ratio = float((np.abs(values.float().numpy() - stored) / allowed).max(initial=0.0))
-            report.worst_recompute_ratio = max(report.worst_recompute_ratio, ratio)
-            if ratio > 1:
-                report.problems.append(f"{where}: recomputed {column} differs from the stored value by {ratio:.2f}x the allowed difference")
-        report.recomputed_rows += 1
-
-
-def _recomputed_reference(model, reader: CacheReader, example: EncodedExample, row: dict, pad: int, where: str,
-                          report: VerifyReport) -> dict[str, torch.Tensor]:
-    """The reference's values of a row with safety targets, recomputed at its stored columns (a post_count that differs
-    is reported here: it is compared exactly)."""
-    manifest, layout = reader.manifest, reader.layout
-    gate = manifest["gate"]
-    ref = reference_targets(model, [example], reader.safety_ids, manifest["header_ids"], gate["p0"], gate["gate_temperature"], pad)[0]
-    columns = row["columns"].expand_as(row["full_logits"])
-    recomputed = {"full_logits": ref.full_logits.cpu().gather(1, columns), "post_logits": ref.post_logits.cpu().gather(1, columns),
-                  "target_logprob": ref.target_logprob.cpu(), "logsumexp": ref.logsumexp.cpu()}
-    if layout.stores_reference:
-        other_logits = ref.full_logits.cpu()[:, list(layout.other_positions)]
-        if layout.other_as_logprob:
-            other_logits = torch.from_numpy(codec.floor_logprob(other_logits.float().numpy(), row["logsumexp"].numpy()))
-        recomputed |= {OTHER_COLUMN: other_logits, "rest_logprob": ref.rest_logprob.cpu()}
-    if not torch.equal(ref.post_count.cpu(), row["post_count"]):
-        report.problems.append(f"{where}: recomputed post_count differs at {int((ref.post_count.cpu() != row['post_count']).sum())} step(s)")
-    return recomputed
+    teacher = _recomputes_teacher(manifest, loaded, report)
+    _note_another_device(manifest, loaded, report)
+    chosen = sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader))))
+    with intra_op_threads(manifest["params"].get("threads")), torch.inference_mode():
+        for (shard_index, batch), picked in _build_batches(reader, chosen).items():
+            shard = reader.shard(shard_index)
+            rows = [shard.row(i) for i in batch]
+            for row_index, row, recomputed in zip(batch, rows, _recomputed_batch(loaded.model, reader, rows, pad, teacher)):
+                if row_index in picked:
+                    _compare(shard, row_index, row, recomputed, report)
+                    report.recomputed_rows += 1
 
 
 def verify_cache(directory: str | Path, recompute: int = 0, seed: int = 0, device: str = "auto", model=None) -> VerifyReport:

@@ -83,6 +83,36 @@ def test_a_bf16_cache_is_within_bf16_tolerance_of_the_float32_one_and_records_it
     assert _not_bf16_rounded(stored), "the bf16 model's cached logits were projected in bfloat16"
 
 
+def test_verify_recomputes_a_bf16_cache_in_the_batches_it_was_built_in(tmp_path):
+    """`verify --recompute` of every row of a cache the embedded model built in bfloat16 (the default on a GPU), rows of
+    different lengths in one batch: each row recomputed in its build batch repeats the build's arithmetic (the same
+    values, stored in float32); recomputed alone (as verify did before), a row's logits move beyond the allowed
+    difference."""
+    from pact.cache_tools.verify import RECOMPUTE_ATOL, RECOMPUTE_RTOL, _example, verify_cache
+    from pact.data.chat import assistant_header_ids, load_examples
+    from pact.data.sources import DEMO_BENIGN, demo_data_path
+    from pact.objective.reference import reference_targets
+    from test_cache_support import make_safety_tokens
+
+    loaded = load_model(None, device="cpu", dtype="bfloat16")
+    examples, _ = load_examples(demo_data_path(DEMO_BENIGN), loaded.tokenizer, limit=4)
+    assert len({len(ex.input_ids) for ex in examples}) > 1  # padding differs between a row's batch and the row alone
+    safety = make_safety_tokens(loaded)
+    build_cache(loaded, examples, safety, tmp_path / "cache", dtype="float32", batch_size=8, progress=False)
+    reader = CacheReader(tmp_path / "cache")
+    report = verify_cache(reader.directory, recompute=len(reader), model=loaded)
+    assert report.ok, report.problems
+    assert report.recomputed_rows == len(reader) and report.worst_recompute_ratio < 1e-3  # float32 storage: the same values
+    gate, header, pad = reader.manifest["gate"], assistant_header_ids(loaded.tokenizer), loaded.tokenizer.pad_token_id
+    worst = 0.0
+    for row in reader:
+        alone = reference_targets(loaded.model, [_example(row)], reader.safety_ids, header, gate["p0"], gate["gate_temperature"],
+                                  pad)[0].full_logits.gather(1, row["columns"].expand_as(row["full_logits"]))
+        allowed = RECOMPUTE_ATOL + RECOMPUTE_RTOL * row["full_logits"].abs()
+        worst = max(worst, float(((alone - row["full_logits"]).abs() / allowed).max()))
+    assert worst > 1
+
+
 def test_student_logits_and_loss_are_float32_under_bf16_weights(tiny, tiny_bf16, float32_cache):
     reader = CacheReader(float32_cache)
     rows = [reader[i] for i in range(4)]

@@ -23,6 +23,7 @@ from pact.errors import PactError
 from pact.kernels import kd_loss
 from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
 from pact.objective.settings import ObjectiveArguments
+from pact.objective.student import logsumexp_outside
 
 
 @dataclass
@@ -111,6 +112,15 @@ def teacher_logits(teacher: PreTrainedModel, batch: CacheBatch) -> torch.Tensor:
 def teacher_batch_topk(teacher: PreTrainedModel, batch: CacheBatch, k: int) -> TeacherTopK:
     """The teacher's top-`k` targets at every response position of `batch` (`teacher_logits`, then `teacher_topk`)."""
     return teacher_topk(teacher_logits(teacher, batch), k)
+
+
+def teacher_at(logits: torch.Tensor, ids: torch.Tensor) -> TeacherTopK:
+    """A teacher's targets at given ids [N, K] from its logits [N, V]: its log-probs there and the log of its mass
+    outside them. What `pact-cache verify` recomputes a stored top-K with: at the stored ids, not by a new top-K, so
+    recompute noise cannot swap near-tied ids at the K-th place (wrong ids show as wrong log-probs)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = ids.to(logp.device)
+    return TeacherTopK(ids, logp.gather(1, ids), logsumexp_outside(logp, ids).clamp(max=0.0))
 
 
 def teacher_ids(batch: CacheBatch) -> torch.Tensor:

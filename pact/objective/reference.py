@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from pact.data.batch import CacheBatch, collate_examples, collate_spans
 from pact.data.chat import EncodedExample
 from pact.models.parts import causal_lm_parts, float32_logits, hidden_states_at
-from pact.objective.distillation import TeacherTopK, teacher_logits, teacher_topk
+from pact.objective.distillation import TeacherTopK, teacher_at, teacher_logits, teacher_topk
 from pact.objective.kl import log_mass_outside, topp_count
 
 
@@ -87,10 +87,12 @@ def reference_batch(
     gate_temperature: float,
     pad_id: int,
     kd_top_k: int | None = None,
+    kd_ids: torch.Tensor | None = None,
 ) -> ReferenceTargets:
     """Reference values for every response token of `batch` (flattened, batch order), full and post-only contexts
     in one batched forward pass (the post-only context of a token is the header followed by its turn so far); with
-    `kd_top_k`, also the model's own top-K as a distillation teacher, from the same full-vocabulary logits."""
+    `kd_top_k`, also the model's own top-K as a distillation teacher, from the same full-vocabulary logits; with
+    `kd_ids` [N, K] instead, its targets at those ids (`teacher_at`: a stored top-K recomputed)."""
     _, head = causal_lm_parts(model)
     device = head.device
     post_ids, post_mask, post_positions = post_only_batch(batch, header_ids, pad_id)
@@ -106,7 +108,10 @@ def reference_batch(
     logsumexp, target_logprob = token_logprobs(logits, batch.labels)
     full_logits = logits[:, safety_ids]
     rest_logprob = log_mass_outside(logits, safety_ids)
-    teacher = None if kd_top_k is None else teacher_topk(logits, kd_top_k)
+    if kd_top_k is not None:
+        teacher = teacher_topk(logits, kd_top_k)
+    else:
+        teacher = None if kd_ids is None else teacher_at(logits, kd_ids)
     del logits
     post_logits = float32_logits(post_hidden, head[safety_ids])
     post_count = topp_count(post_logits, p0, gate_temperature)
@@ -140,10 +145,11 @@ def reference_targets(
     gate_temperature: float,
     pad_id: int,
     kd_top_k: int | None = None,
+    kd_ids: torch.Tensor | None = None,
 ) -> list[ReferenceTargets]:
     """`reference_batch` for a list of examples, split back into one `ReferenceTargets` per example."""
     values = reference_batch(model, collate_examples(examples, pad_id), safety_ids, header_ids, p0, gate_temperature, pad_id,
-                             kd_top_k)
+                             kd_top_k, kd_ids)
     sizes = [len(ex.response_ids) for ex in examples]
     fields = [t for t in (getattr(values, f.name) for f in dataclasses.fields(values)) if t is not None]
     return [ReferenceTargets(*parts) for parts in zip(*(t.split(sizes) for t in fields))]
