@@ -386,8 +386,9 @@ class ShardRows:
     def row(self, index: int) -> dict:
         """Row `index` as the dict `CacheReader` returns (torch tensors, float32 logits, int64 ids): the tokens, spans,
         `target_logprob` and `logsumexp`; unless the layout is distillation-only, the PACT targets `safety_ids`,
-        `columns`, `full_logits`, `post_logits` and `post_count`; where the layout stores the reference (format 3 without top-k), also `reference_logits`, the full-context logits on all of S in
-        S's order, and `rest_logprob`, the log of the reference's probability outside S; with a distillation layout,
+        `columns`, `full_logits`, `post_logits` and `post_count`; where the layout stores the reference (format 3
+        without top-k), also `reference_logits`, the full-context logits on all of S in S's order, and `rest_logprob`,
+        the log of the reference's probability outside S; with a distillation layout,
         `kd_ids` (int64 [n_resp, K], by descending log-prob), `kd_logprobs` (float32 [n_resp, K]) and `kd_tail`
         (float32 [n_resp]), the teacher's top-K and the log of its remaining mass."""
         tokens = slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))

@@ -69,7 +69,7 @@ class BuildArguments(ExampleArguments):
     kd_top_k: int | None = field(default=None, metadata={
         "help": "also store, per response token, a teacher's top-K token ids, their log-probs and the exact log of its "
                 "remaining mass, for distillation (--objective kd or pact+kd; docs/distillation.md). K = 50 adds about "
-                "60 bytes per token"})
+                "85 bytes per response token"})
     safety_targets: bool = field(default=True, metadata={
         "help": "store PACT's targets (the reference's logits on the safety tokens, full and post-only contexts). false, "
                 "with --kd_top_k: a distillation-only cache of --model's top-K, one forward pass per batch and no safety "
