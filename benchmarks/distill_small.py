@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_small import Stages, read_jsonl, write_json, write_jsonl  # noqa: E402  (the stage runner and atomic files, shared)
+from reproduce_small import Stages, mean_std_cell, read_jsonl, write_json, write_jsonl  # noqa: E402  (the stage runner, atomic files, cells)
 
 METHODS = ("sft", "kd", "online")
 LABELS = {"original": "original model (no fine-tuning)", "teacher": "teacher (full fine-tuning)",
@@ -235,14 +235,6 @@ def evaluate(args, out: Path, name: str, split: str, model: str | None, adapter:
 # --- (e) the report ----------------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
@@ -309,11 +301,11 @@ def write_report(args, out: Path, split: str, stages: Stages) -> str:
     for name, entry in rows.items():
         student = name in METHODS
         n = len(entry["seeds"]) if student else 1
-        cells = [LABELS[name], _mean_std(entry["accuracy"], 3), _mean_std(entry["agreement"], 3),
-                 _mean_std(entry.get("time_ratio", []), 2) if student else "-",
-                 _mean_std(entry.get("memory_ratio", []), 2) if student else "-",
-                 _mean_std(entry.get("step_s", []), 2) if student else "-",
-                 _mean_std(entry.get("peak_rss_mb", []), 0) if student else "-", str(n) if student else "-"]
+        cells = [LABELS[name], mean_std_cell(entry["accuracy"], 3), mean_std_cell(entry["agreement"], 3),
+                 mean_std_cell(entry.get("time_ratio", []), 2) if student else "-",
+                 mean_std_cell(entry.get("memory_ratio", []), 2) if student else "-",
+                 mean_std_cell(entry.get("step_s", []), 2) if student else "-",
+                 mean_std_cell(entry.get("peak_rss_mb", []), 0) if student else "-", str(n) if student else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     same = collected["cached_vs_online_same_label"]
     teacher_cost = out / "teacher" / "train_result.json"
@@ -330,7 +322,7 @@ def write_report(args, out: Path, split: str, stages: Stages) -> str:
          f"((1 - alpha) CE + alpha KD). Step time: median seconds per step of `metrics.jsonl` (first step left out); "
          f"peak RSS: the training process's; ratios to the SFT run of the same seed, then mean ± std over seeds."),
         (f"Cached-KD and online-KD students of the same seed give the same label on "
-         f"{_mean_std(same, 3)} of the rows.") if same else "",
+         f"{mean_std_cell(same, 3)} of the rows.") if same else "",
     ]
     report = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
     suffix = "" if split == "test" else f"-{split}"

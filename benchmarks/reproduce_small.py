@@ -453,7 +453,8 @@ def column_name(key: str) -> str:
 # --- (f) the report --------------------------------------------------------------------------------------------------
 
 
-def _cell(values: list[float], digits: int = 2) -> str:
+def mean_std_cell(values: list[float], digits: int = 2) -> str:
+    """A table cell of seeds' values: mean ± sample std ("-" for none, the value alone for one)."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -521,7 +522,7 @@ def markdown(table: dict[str, dict[str, list[float]]], keys: list[str], with_goa
     heads = [column_name(k) for k in keys] + (["goals met"] if with_goals else [])
     lines = ["| method | " + " | ".join(heads) + " | seeds |", "|---|" + "---:|" * len(keys) + ("---|" if with_goals else "") + "---:|"]
     for name, values in table.items():
-        cells = [_cell(values.get(k, []), 4 if k == "drift" else 2) for k in keys]
+        cells = [mean_std_cell(values.get(k, []), 4 if k == "drift" else 2) for k in keys]
         if with_goals:
             finished = any(values.get(k) for k in keys)
             cells.append(goals(table, values) if finished and name != "reference" else "-")

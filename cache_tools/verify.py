@@ -162,17 +162,12 @@ def _note_another_device(manifest: dict, loaded, report: VerifyReport) -> None:
                             "type, so differences of its rounding (about 1% of a logit) may be reported")
 
 
-def _build_batches(reader: CacheReader, chosen: list[int]) -> dict[tuple[int, tuple[int, ...]], list[int]]:
-    """The chosen rows grouped by the forward batch the build ran them in: (shard, that batch's rows in the shard) ->
-    the chosen rows among them. Recomputing a row in its own batch repeats the build's arithmetic exactly (the same
-    padding and batch shape), where a 16-bit model's values otherwise move by about 1% of a logit."""
-    batch_size = reader.manifest["params"]["batch_size"]
-    grouped: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+def _rows_by_shard(reader: CacheReader, chosen: list[int]) -> dict[int, set[int]]:
+    """The chosen rows (global indices) as shard -> rows within it, shards in order."""
+    grouped: dict[int, set[int]] = {}
     for index in chosen:
         shard_index, row_index = reader.locate(index)
-        lengths = np.diff(reader.shard(shard_index).token_offsets).tolist()
-        batch = next(tuple(rows) for rows in length_batches(lengths, batch_size) if row_index in rows)
-        grouped.setdefault((shard_index, batch), []).append(row_index)
+        grouped.setdefault(shard_index, set()).add(row_index)
     return grouped
 
 
@@ -249,13 +244,19 @@ def _recompute(reader: CacheReader, count: int, seed: int, device: str, model, r
     _note_another_device(manifest, loaded, report)
     chosen = sorted(random.Random(seed).sample(range(len(reader)), min(count, len(reader))))
     with intra_op_threads(manifest["params"].get("threads")), torch.inference_mode():
-        for (shard_index, batch), picked in _build_batches(reader, chosen).items():
+        for shard_index, picked in _rows_by_shard(reader, chosen).items():
             shard = reader.shard(shard_index)
-            rows = [shard.row(i) for i in batch]
-            for row_index, row, recomputed in zip(batch, rows, _recomputed_batch(loaded.model, reader, rows, pad, teacher)):
-                if row_index in picked:
-                    _compare(shard, row_index, row, recomputed, report)
-                    report.recomputed_rows += 1
+            # The shard's forward batches as the build formed them: in its own batch a row's recompute repeats the
+            # build's arithmetic (the same padding and batch shape), where a 16-bit model's values otherwise move by
+            # about 1% of a logit.
+            for batch in length_batches(np.diff(shard.token_offsets).tolist(), manifest["params"]["batch_size"]):
+                if picked.isdisjoint(batch):
+                    continue
+                rows = [shard.row(i) for i in batch]
+                for row_index, row, recomputed in zip(batch, rows, _recomputed_batch(loaded.model, reader, rows, pad, teacher)):
+                    if row_index in picked:
+                        _compare(shard, row_index, row, recomputed, report)
+                        report.recomputed_rows += 1
 
 
 def verify_cache(directory: str | Path, recompute: int = 0, seed: int = 0, device: str = "auto", model=None) -> VerifyReport:
